@@ -1,0 +1,122 @@
+"""Configuration as data: one frozen dataclass per concern; defaults are PRISM's published settings."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class InversionMethod(str, enum.Enum):
+    """How the source image is inverted (PRISM_METHOD §4)."""
+
+    NULL_TEXT = "null-text"
+    """PRISM's own: per-step optimised null embeddings. Best reconstruction of the CFG path, ~600
+    UNet forwards + 500 backwards per image; needs autograd (torch backend only)."""
+    NEGATIVE_PROMPT = "negative-prompt"
+    """Miyake et al. 2023: the source prompt replaces the null embedding. Free, approximate."""
+    DIRECT = "direct"
+    """Ju et al. 2024: the source branch is pinned to the stored inversion path. Free, exact
+    source reconstruction; the source's noise prediction is never used."""
+    DDIM = "ddim"
+    """Plain DDIM inversion, no correction: for comparison only."""
+
+
+class Fit(str, enum.Enum):
+    """How an input image is fitted to the model's square size (PRISM_METHOD §3)."""
+
+    RESIZE = "resize"
+    """Stretch to the model size without cropping: how PRISM trained. Default."""
+    CROP = "crop"
+    """Centre-crop to a square, then resize: the published inference code; cuts off the
+    costophrenic angles on portrait radiographs."""
+    PAD = "pad"
+    """Pad to a square with the image's edge mean, then resize: keeps the aspect ratio."""
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """DDIM sampler (PRISM_METHOD §2).
+
+    steps: more steps = slower (linear) and closer inversion; PRISM uses 50.
+    guidance: classifier-free guidance scale w; PRISM uses 7.5. Higher = stronger edits, larger
+    inversion drift without null-text/direct correction.
+    """
+
+    steps: int = 50
+    guidance: float = 7.5
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+
+    def __post_init__(self):
+        if not 1 <= self.steps <= self.num_train_timesteps:
+            raise ValueError(f"steps must be in 1..{self.num_train_timesteps}, got {self.steps}")
+        if self.guidance < 1.0:
+            raise ValueError(f"guidance must be >= 1, got {self.guidance}")
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    """Inversion settings (PRISM_METHOD §4).
+
+    null_inner_steps / null_epsilon / null_lr: null-text optimisation; fewer inner steps = faster,
+    worse reconstruction. The threshold is an absolute MSE on latents.
+    """
+
+    method: InversionMethod = InversionMethod.NULL_TEXT
+    null_inner_steps: int = 10
+    null_epsilon: float = 1e-5
+    null_lr: float = 1e-2
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """Prompt-to-prompt attention control (PRISM_METHOD §5).
+
+    cross_replace: fraction of the steps (from the start) in which cross-attention of the edits is
+      replaced by the source's. Longer = closer to the source, weaker edit. PRISM: 0.8.
+    self_replace: the self-attention window(s); each value s replaces self-attention during the
+      first s of the steps. Several values are run as extra items of one batch. PRISM sweeps
+      0.4…0.8. Longer = more of the source's structure kept.
+    self_max_queries: only self-attention layers with at most this many queries are replaced
+      (PRISM: 32²; the original prompt-to-prompt code: 16²). Larger layers keep fused attention.
+    edit_weight: reweighting of the edit words (PRISM: 2.0); None or 1.0 = no reweighting.
+    edit_words: the words reweighted; None = the words of each target not in the source.
+    blend_words: (source word, edit word) for LocalBlend; None = no LocalBlend.
+    blend_threshold / blend_start: LocalBlend mask threshold (0.3) and the fraction of steps
+      after which the blend applies (0.2).
+    legacy: reproduce the published PRISM code (no attention control, no blend: null-text +
+      plain prompt swap).
+    """
+
+    cross_replace: float = 0.8
+    self_replace: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
+    self_max_queries: int = 32 * 32
+    edit_weight: float | None = 2.0
+    edit_words: tuple[str, ...] | None = None
+    blend_words: tuple[str, str] | None = None
+    blend_threshold: float = 0.3
+    blend_start: float = 0.2
+    mode: str = "refine"
+    legacy: bool = False
+
+    def __post_init__(self):
+        if not 0.0 <= self.cross_replace <= 1.0:
+            raise ValueError(f"cross_replace must be in [0, 1], got {self.cross_replace}")
+        if not self.self_replace:
+            raise ValueError("self_replace needs at least one value")
+        for s in self.self_replace:
+            if not 0.0 <= s <= 1.0:
+                raise ValueError(f"self_replace values must be in [0, 1], got {s}")
+        if self.mode not in ("refine", "replace"):
+            raise ValueError(f"mode must be refine or replace, got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """max_batch: the largest UNet batch run at once; larger edit batches are split into chunks,
+    each carrying the source branch (costs one extra source item per chunk)."""
+
+    max_batch: int = 32
