@@ -74,3 +74,7 @@ class NonFiniteError(PrismError):
         )
         self.graph = graph
         self.step = step
+
+
+class OutputError(PrismError):
+    """The output location cannot be written."""

@@ -1,0 +1,182 @@
+"""``prism-rt``: edit, invert, info. Errors print one ``error: …`` line and exit non-zero."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import ControlConfig, Fit, InversionConfig, InversionMethod, RunLimits
+from .errors import OutputError, PrismError, PromptError
+
+EXIT_INTERNAL = 70
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.4,0.6; got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _pair(text: str) -> tuple[str, str]:
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"expected SRC_WORD,EDIT_WORD such as devices,devices; got {text!r}")
+    return parts[0], parts[1]
+
+
+def _model_args(p: argparse.ArgumentParser):
+    p.add_argument("--model", required=True, help="diffusers SD v1.x folder or single-file .safetensors checkpoint")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--unet-weights", type=Path, help="fine-tuned UNet state dict (e.g. PRISM's model.safetensors)")
+    p.add_argument("--config", type=Path, help="diffusers SD folder giving configs and tokenizer for a single-file checkpoint")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickle weights (they can execute code)")
+    p.add_argument("--self-max-queries", type=int, default=32 * 32,
+                   help="self-attention layers with at most this many queries are controlled (PRISM 1024, p2p 256)")
+
+
+def _invert_args(p: argparse.ArgumentParser, required_prompt: bool):
+    p.add_argument("--image", type=Path, required=required_prompt, help="PNG, JPEG (8/16 bit) or DICOM radiograph")
+    p.add_argument("--prompt", required=required_prompt, help="the source caption")
+    p.add_argument("--inversion", default="null-text", choices=[m.value for m in InversionMethod])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--fit", default="resize", choices=[f.value for f in Fit])
+    p.add_argument("--null-inner-steps", type=int, default=10)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prism-rt", description="PRISM counterfactual chest X-ray engine")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    edit = sub.add_parser("edit", help="invert an image and write its counterfactuals")
+    _model_args(edit)
+    _invert_args(edit, required_prompt=False)
+    edit.add_argument("--inversion-file", type=Path, help="reuse an inversion written by `prism-rt invert --save`")
+    edit.add_argument("--target", action="append", required=True, help="an edited caption; repeat for several edits")
+    edit.add_argument("--out", type=Path, required=True)
+    edit.add_argument("--mode", default="refine", choices=["refine", "replace"], help="refine (PRISM) or word swap")
+    edit.add_argument("--cross-replace", type=float, default=0.8)
+    edit.add_argument("--self-replace", type=_floats, default=(0.4, 0.5, 0.6, 0.7, 0.8))
+    edit.add_argument("--edit-weight", type=float, default=2.0)
+    edit.add_argument("--edit-words", type=lambda s: tuple(w for w in s.split(",") if w), help="words to reweight (default: new words of the target)")
+    edit.add_argument("--blend-words", type=_pair, help="SRC_WORD,EDIT_WORD: turn LocalBlend on")
+    edit.add_argument("--blend-threshold", type=float, default=0.3)
+    edit.add_argument("--legacy", action="store_true", help="the published code's behaviour: no attention control, no blend")
+    edit.add_argument("--max-batch", type=int, default=32, help="largest UNet batch; more edit items are chunked")
+    edit.add_argument("--seed", type=int, default=0, help="recorded; every step is deterministic (η = 0)")
+    edit.add_argument("--no-progress", action="store_true")
+
+    inv = sub.add_parser("invert", help="invert an image once and save it for many edits")
+    _model_args(inv)
+    _invert_args(inv, required_prompt=True)
+    inv.add_argument("--save", type=Path, required=True, help="the .npz file to write")
+    inv.add_argument("--no-progress", action="store_true")
+
+    info = sub.add_parser("info", help="describe a model")
+    _model_args(info)
+    return parser
+
+
+def _check_out(out: Path):
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} exists and is not a folder; choose another --out")
+
+
+def _control(args) -> ControlConfig:
+    try:
+        return ControlConfig(cross_replace=args.cross_replace, self_replace=tuple(args.self_replace),
+                             self_max_queries=args.self_max_queries, edit_weight=args.edit_weight,
+                             edit_words=args.edit_words, blend_words=args.blend_words,
+                             blend_threshold=args.blend_threshold, mode=args.mode, legacy=args.legacy)
+    except ValueError as exc:
+        raise PromptError(str(exc)) from None
+
+
+def _load(args):
+    from .engine import Engine
+
+    return Engine.load(args.model, backend=args.backend, device=args.device, unet_weights=args.unet_weights,
+                       allow_pickle=args.allow_pickle, config=args.config, self_max_queries=args.self_max_queries)
+
+
+def _invert(engine, args, source):
+    sampler = engine.sampler(steps=args.steps, guidance=args.guidance)
+    return engine.invert(source, args.prompt, method=args.inversion, sampler=sampler,
+                         inversion=InversionConfig(null_inner_steps=args.null_inner_steps), fit=args.fit,
+                         progress=not args.no_progress)
+
+
+def cmd_edit(args) -> int:
+    from .imageio import load_image
+    from .inversion import Inversion
+    from .outputs import write_edit_outputs
+
+    _check_out(args.out)
+    control = _control(args)
+    if args.inversion_file is None and (args.image is None or args.prompt is None):
+        raise PromptError("give --image and --prompt (or --inversion-file from `prism-rt invert --save`)")
+    saved = Inversion.load(args.inversion_file) if args.inversion_file else None
+    source = load_image(args.image) if saved is None else None  # bad images fail before the model loads
+    start = time.perf_counter()
+    engine = _load(args)
+    load_s = time.perf_counter() - start
+    inversion = saved or _invert(engine, args, source)
+    result = engine.edit(inversion, args.target, control, RunLimits(max_batch=args.max_batch), progress=not args.no_progress)
+    result.timings["load_s"] = load_s
+    parameters = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("func",)}
+    write_edit_outputs(args.out, result, inversion, parameters)
+    print(f"wrote {len(result.edits)} counterfactual(s) to {args.out} "
+          f"(reconstruction error {result.reconstruction_error:.2e}, {result.counts['unet_items']} UNet items)")
+    return 0
+
+
+def cmd_invert(args) -> int:
+    from .imageio import load_image
+
+    source = load_image(args.image)
+    engine = _load(args)
+    inversion = _invert(engine, args, source)
+    path = inversion.save(args.save)
+    print(f"wrote the {inversion.method.value} inversion of {args.image} to {path}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    engine = _load(args)
+    info = engine.backend.info
+    print(json.dumps({"model": str(args.model), "image_size": info.image_size, "latent_size": info.latent_size,
+                      "text_width": info.text_width, "backend": engine.backend.describe(),
+                      "provenance": info.provenance}, indent=2, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = {"edit": cmd_edit, "invert": cmd_invert, "info": cmd_info}[args.command]
+    try:
+        return handler(args)
+    except PrismError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not bad input: say so plainly
+        if args.debug:
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback and report it)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The Python API: ``Engine.load(path, backend=...)``, ``engine.invert(image, prompt)``,
+``engine.edit(inversion, targets)``. No global state; one engine per thread."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .backend import BackendKind
+from .blend import nearest_resize
+from .config import ControlConfig, Fit, InversionConfig, InversionMethod, RunLimits, SamplerConfig
+from .errors import BackendError, InputImageError, InversionFileError, MissingExtraError
+from .inversion import Inversion
+from .loop import Counter, EditInputs, ddim_inversion, decode_latents, edit_loop, encode_image, encode_prompts
+from .schedule import DDIMSchedule
+
+
+@dataclass
+class EditResult:
+    """Model-space outputs ([3,S,S] in [-1,1]) and what is needed to map them back."""
+
+    items: tuple  # control.EditItem, one per edit × self-window value
+    reconstruction: np.ndarray  # the source branch, decoded
+    edits: list[np.ndarray]
+    masks: list[np.ndarray | None]  # per item, the last LocalBlend mask at image size [S,S], or None
+    reconstruction_error: float
+    counts: dict
+    timings: dict
+    plan_words: tuple = ()
+    settings: dict = field(default_factory=dict)
+
+    def item_stats(self) -> list[dict]:
+        """Mean |Δ| (on the [0,1] scale, model space) of each edit against the reconstruction,
+        inside and outside its blend mask."""
+        stats = []
+        recon = (self.reconstruction.mean(0) + 1) / 2
+        for item, image, mask in zip(self.items, self.edits, self.masks):
+            delta = np.abs((image.mean(0) + 1) / 2 - recon)
+            row = {"name": item.name, "target": item.target, "self_replace": item.self_replace,
+                   "mean_abs_diff": float(delta.mean())}
+            if mask is not None:
+                inside = mask > 0.5
+                row["mask_fraction"] = float(inside.mean())
+                row["mean_abs_diff_inside_mask"] = float(delta[inside].mean()) if inside.any() else None
+                row["mean_abs_diff_outside_mask"] = float(delta[~inside].mean()) if (~inside).any() else None
+            stats.append(row)
+        return stats
+
+
+class Engine:
+    def __init__(self, backend, tokenizer, model_path: str):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.model_path = model_path
+
+    @classmethod
+    def load(cls, path, backend: str | BackendKind = BackendKind.TORCH, *, device: str = "cpu",
+             unet_weights=None, allow_pickle: bool = False, config=None, self_max_queries: int = 32 * 32) -> "Engine":
+        from .tokenizer import ClipTokenizer
+
+        kind = BackendKind(backend)
+        if kind is BackendKind.TORCH:
+            for module in ("torch", "diffusers", "transformers", "safetensors"):
+                try:
+                    __import__(module)
+                except ImportError:
+                    raise MissingExtraError("torch", module, "The PyTorch backend") from None
+            from .torch_backend.backend import load_torch_backend
+
+            impl = load_torch_backend(path, unet_weights=unet_weights, allow_pickle=allow_pickle, config=config,
+                                      device=device, self_max_queries=self_max_queries)
+        else:
+            raise BackendError(f"backend {kind.value!r} is not available in this version; use --backend torch")
+        return cls(impl, ClipTokenizer.from_folder(impl.info.tokenizer_dir), str(path))
+
+    # -- settings ------------------------------------------------------------------------------
+    def sampler(self, steps: int = 50, guidance: float = 7.5) -> SamplerConfig:
+        """DDIM with the model's own beta schedule (SD v1.x: scaled_linear 0.00085…0.012)."""
+        cfg = self.backend.info.scheduler_config
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset")
+        return SamplerConfig(steps=steps, guidance=guidance, **{k: cfg[k] for k in keys if k in cfg})
+
+    # -- inversion -----------------------------------------------------------------------------
+    def invert(self, image, prompt: str, *, method: InversionMethod | str = InversionMethod.NULL_TEXT,
+               sampler: SamplerConfig | None = None, inversion: InversionConfig | None = None,
+               fit: Fit | str = Fit.RESIZE, progress: bool = False) -> Inversion:
+        from .imageio import SourceImage, fit_to_model, load_image
+
+        method = InversionMethod(method)
+        sampler = sampler or self.sampler()
+        inversion = replace(inversion or InversionConfig(), method=method)
+        if method is InversionMethod.NULL_TEXT and not self.backend.supports_autograd:
+            raise BackendError(f"null-text inversion needs gradients, which the {self.backend.kind.value} backend "
+                               "does not have; use --backend torch, or --inversion direct / negative-prompt")
+        self.tokenizer.encode_batch_padded([prompt])  # prompt errors before any work
+        source = image if isinstance(image, SourceImage) else load_image(image) if isinstance(image, (str, Path)) else None
+        pixels01 = source.pixels if source is not None else _as_gray01(image)
+        fitted, fit_info = fit_to_model(pixels01, self.backend.info.image_size, Fit(fit))
+        schedule = DDIMSchedule.from_config(sampler)
+        counter, timings = Counter(), {}
+        bar = _progress(progress, len(schedule.timesteps) * (2 if method is InversionMethod.NULL_TEXT else 1), "invert")
+
+        start = time.perf_counter()
+        z0 = encode_image(self.backend, fitted)
+        source_embedding = encode_prompts(self.backend, self.tokenizer, [prompt])
+        timings["encode_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        trajectory = ddim_inversion(self.backend, schedule, z0, source_embedding, counter, bar.update_one)
+        timings["ddim_inversion_s"] = time.perf_counter() - start
+        nulls = None
+        if method is InversionMethod.NULL_TEXT:
+            from .torch_backend.nulltext import null_text_inversion
+
+            start = time.perf_counter()
+            null0 = encode_prompts(self.backend, self.tokenizer, [""], allow_empty=True)
+            found = null_text_inversion(self.backend, schedule, trajectory, source_embedding, null0, sampler.guidance,
+                                        inversion, counter, bar.update_one)
+            nulls = np.stack([self.backend.to_numpy(n) for n in found])
+            timings["null_text_s"] = time.perf_counter() - start
+        bar.close()
+        traj = np.stack([self.backend.to_numpy(z) for z in trajectory]).astype(np.float32)
+        meta = {
+            "fit": fit_info.to_json(),
+            "source_image": _source_meta(source),
+            "model": {"path": self.model_path, "provenance": self.backend.info.provenance},
+            "backend": self.backend.describe(),
+            "timings": timings,
+            "counts": counter.to_json(),
+        }
+        return Inversion(method=method, source_prompt=prompt, sampler=sampler, config=inversion, trajectory=traj,
+                         fitted_pixels=fitted, null_embeddings=nulls, meta=meta)
+
+    # -- editing -------------------------------------------------------------------------------
+    def edit(self, inversion: Inversion, targets: Sequence[str], control: ControlConfig | None = None,
+             limits: RunLimits | None = None, progress: bool = False) -> EditResult:
+        from .control import build_control_plan
+
+        control = control or ControlConfig()
+        limits = limits or RunLimits()
+        targets = list(targets)
+        backend, xp = self.backend, self.backend.xp
+        sampler = inversion.sampler
+        self._check_inversion(inversion)
+        schedule = DDIMSchedule.from_config(sampler)
+        plan = build_control_plan(self.tokenizer, inversion.source_prompt, targets, control, sampler.steps)
+        counter, timings = Counter(), {}
+
+        start = time.perf_counter()
+        embeddings = encode_prompts(backend, self.tokenizer, [inversion.source_prompt, "", *targets], allow_empty=True)
+        source_embedding, null_embedding = embeddings[0:1], embeddings[1:2]
+        target_rows = {t: embeddings[2 + i: 3 + i] for i, t in enumerate(targets)}
+        trajectory = [backend.asarray(z) for z in inversion.trajectory]
+        nulls = (xp.stack([backend.asarray(n) for n in inversion.null_embeddings])
+                 if inversion.null_embeddings is not None else None)
+        timings["encode_s"] = time.perf_counter() - start
+
+        per_chunk = self._items_per_chunk(inversion.method, limits)
+        chunks = [list(range(i, min(i + per_chunk, len(plan.items)))) for i in range(0, len(plan.items), per_chunk)]
+        bar = _progress(progress, len(chunks) * sampler.steps, "edit")
+        start = time.perf_counter()
+        source_latent, edit_latents, masks = None, [], []
+        for chunk in chunks:
+            sub = plan.subset(chunk)
+            inputs = EditInputs(
+                method=inversion.method, latents_T=trajectory[-1], source_embedding=source_embedding,
+                target_embeddings=xp.concat([target_rows[item.target] for item in sub.items], axis=0),
+                null_embedding=null_embedding, null_embeddings=nulls, trajectory=trajectory,
+                guidance=sampler.guidance, blend_threshold=control.blend_threshold, blend_start=control.blend_start)
+            outcome = edit_loop(backend, schedule, sub, inputs, counter, bar.update_one)
+            if source_latent is None:
+                source_latent = outcome.latents[:1]
+                masks.append(outcome.masks[0] if outcome.masks is not None else None)
+            edit_latents.append(outcome.latents[1:])
+            masks.extend(list(outcome.masks[1:]) if outcome.masks is not None else [None] * len(chunk))
+        bar.close()
+        timings["edit_loop_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        final = xp.concat([source_latent, *edit_latents], axis=0)
+        z0 = trajectory[0]
+        recon_error = float(xp.linalg.vector_norm(final[:1] - z0) / xp.linalg.vector_norm(z0))
+        images = np.concatenate([decode_latents(backend, final[i:i + 1]) for i in range(final.shape[0])], axis=0)
+        timings["decode_s"] = time.perf_counter() - start
+        size = images.shape[-1]
+        image_masks = [None if m is None else backend.to_numpy(nearest_resize(xp, m[0], (size, size))) for m in masks]
+        return EditResult(
+            items=plan.items, reconstruction=images[0], edits=list(images[1:]), masks=image_masks[1:],
+            reconstruction_error=recon_error, counts=counter.to_json(), timings=timings, plan_words=plan.edit_words,
+            settings={"chunks": len(chunks), "items_per_chunk": per_chunk, "mode": control.mode,
+                      "blend_downsample": getattr(backend.graphs["unet"], "blend_downsample", None) if hasattr(backend, "graphs") else None},
+        )
+
+    def _items_per_chunk(self, method: InversionMethod, limits: RunLimits) -> int:
+        """Edit items per chunk so that the UNet batch stays ≤ max_batch (each chunk repeats the
+        source: 2 batch items for ddim/null-text, 1 for direct/negative-prompt)."""
+        both_halves = method in (InversionMethod.DDIM, InversionMethod.NULL_TEXT)
+        per = (limits.max_batch // 2 - 1) if both_halves else (limits.max_batch - 1) // 2
+        if per < 1:
+            raise BackendError(f"max_batch {limits.max_batch} is too small for one edit item; use at least 4")
+        return per
+
+    def _check_inversion(self, inversion: Inversion):
+        latent = self.backend.info.latent_size
+        shape = inversion.trajectory.shape
+        if shape[-1] != latent or shape[-2] != latent or shape[2] != self.backend.info.latent_channels:
+            raise InversionFileError(f"the inversion's latents are {shape[2]}×{shape[3]}×{shape[4]}, this model's are "
+                                     f"{self.backend.info.latent_channels}×{latent}×{latent}: invert the image with this model")
+        if inversion.null_embeddings is not None and inversion.null_embeddings.shape[-1] != self.backend.info.text_width:
+            raise InversionFileError("the inversion's null embeddings do not fit this model's text encoder: invert the image with this model")
+
+
+def _as_gray01(image: Any) -> np.ndarray:
+    try:
+        from PIL import Image
+
+        if isinstance(image, Image.Image):
+            image = np.asarray(image.convert("F")) / 255.0
+    except ImportError:  # pragma: no cover - pillow is a base dependency
+        pass
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        array = array[..., :3].mean(-1)
+    if array.ndim != 2:
+        raise InputImageError(f"an image array must be [H, W] or [H, W, 3] with values in [0, 1]; got shape {array.shape}")
+    return np.clip(array, 0.0, 1.0)
+
+
+def _source_meta(source) -> dict:
+    if source is None:
+        return {"kind": "array"}
+    return {"path": source.path, "kind": source.kind, "sha256": source.sha256, "bit_depth": source.bit_depth, **source.meta}
+
+
+class _progress:
+    """A tqdm bar over steps when asked (shown on a terminal only), else nothing."""
+
+    def __init__(self, enabled: bool, total: int, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="step", leave=False)
+
+    def update_one(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()

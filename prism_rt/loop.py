@@ -1,0 +1,179 @@
+"""The inversion and editing loops of PRISM (PRISM_METHOD §4–5), written once against the backend
+interface and the array API: they never know which backend runs the graphs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .blend import apply_blend, blend_mask
+from .config import InversionMethod
+from .errors import NonFiniteError
+from .schedule import DDIMSchedule, classifier_free_guidance, ddim_step
+
+
+@dataclass
+class Counter:
+    """UNet work actually done: calls, and batch items evaluated (forward only)."""
+
+    unet_calls: int = 0
+    unet_items: int = 0
+    unet_backward_items: int = 0
+
+    def to_json(self) -> dict:
+        return dict(unet_calls=self.unet_calls, unet_items=self.unet_items, unet_backward_items=self.unet_backward_items)
+
+
+def check_finite(backend, graph: str, outputs: dict, step: int | None = None) -> dict:
+    """A NaN or Inf in any output is an error, never a black image."""
+    xp = backend.xp
+    for value in outputs.values():
+        if value.shape and 0 in value.shape:
+            continue
+        if not bool(xp.all(xp.isfinite(value))):
+            raise NonFiniteError(graph, step)
+    return outputs
+
+
+def run_graph(backend, graph: str, step: int | None = None, **inputs) -> dict:
+    return check_finite(backend, graph, backend.run(graph, **inputs), step)
+
+
+def encode_prompts(backend, tokenizer, prompts: list[str], allow_empty: bool = False):
+    """Text embeddings [B,77,D]; ``allow_empty`` for the unconditional embedding of ""."""
+    ids = tokenizer.encode_batch_padded(prompts, allow_empty=allow_empty)
+    return run_graph(backend, "text_encoder", input_ids=backend.asarray(ids))["hidden"]
+
+
+def encode_image(backend, pixels: np.ndarray):
+    """pixels [3,S,S] in [-1,1] → the VAE posterior mean × scaling factor, [1,4,h,w]."""
+    return run_graph(backend, "vae_encoder", pixels=backend.asarray(pixels[None].astype(np.float32)))["latent_mean"]
+
+
+def decode_latents(backend, latents) -> np.ndarray:
+    """[B,4,h,w] → host pixels [B,3,H,W] in [-1,1] (clipped)."""
+    out = run_graph(backend, "vae_decoder", latents=latents)["pixels"]
+    return np.clip(backend.to_numpy(out), -1.0, 1.0)
+
+
+def _no_controls(backend, groups: int, tokens: int) -> dict:
+    return dict(
+        cross_alpha=backend.asarray(np.zeros((groups, 0, tokens), np.float32)),
+        token_mapper=backend.asarray(np.zeros((groups, 0, tokens, tokens), np.float32)),
+        refine_alpha=backend.asarray(np.zeros((groups, 0, tokens), np.float32)),
+        equalizer=backend.asarray(np.zeros((groups, 0, tokens), np.float32)),
+        self_replace=backend.asarray(np.zeros((groups, 0), np.float32)),
+    )
+
+
+def unet_noise(backend, counter: Counter, latents, t: int, text, controls: dict, step: int | None = None):
+    out = run_graph(backend, "unet", step=step, latents=latents, timestep=backend.asarray(np.array([t], np.float32)),
+                    text=text, **controls)
+    counter.unet_calls += 1
+    counter.unet_items += int(latents.shape[0])
+    return out["noise"], out["blend_maps"]
+
+
+def ddim_inversion(backend, schedule: DDIMSchedule, z0, source_embedding, counter: Counter,
+                   progress: Callable[[], None] | None = None) -> list:
+    """DDIM inversion with ``ε(z, t, c_src)`` (w = 1): the trajectory ``z*_0 … z*_T``."""
+    tokens = int(source_embedding.shape[1])
+    controls = _no_controls(backend, int(z0.shape[0]), tokens)
+    trajectory = [z0]
+    z = z0
+    for i in range(len(schedule.timesteps)):
+        t, alpha_t, alpha_next = schedule.inverse_alphas(i)
+        noise, _ = unet_noise(backend, counter, z, t, source_embedding, controls, step=i)
+        z = ddim_step(z, noise, alpha_t, alpha_next)
+        trajectory.append(z)
+        if progress:
+            progress()
+    return trajectory
+
+
+@dataclass
+class EditOutcome:
+    latents: Any  # [1+K,4,h,w] final latents, source first
+    masks: Any | None  # [1+K,1,h,w] last LocalBlend mask, or None
+
+
+@dataclass
+class EditInputs:
+    """Everything the edit loop needs for one chunk (a source item + K edit items)."""
+
+    method: InversionMethod
+    latents_T: Any  # [1,4,h,w]
+    source_embedding: Any  # [1,T,D]
+    target_embeddings: Any  # [K,T,D], one per item
+    null_embedding: Any  # [1,T,D]: the embedding of ""
+    null_embeddings: Any | None = None  # [steps,1,T,D] null-text's per-step ∅_i
+    trajectory: list | None = None  # z*_0 … z*_T (direct)
+    guidance: float = 7.5
+    blend_threshold: float = 0.3
+    blend_start: float = 0.2
+    extras: dict = field(default_factory=dict)
+
+
+def edit_loop(backend, schedule: DDIMSchedule, plan, inputs: EditInputs, counter: Counter,
+              progress: Callable[[], None] | None = None) -> EditOutcome:
+    """Prompt-to-prompt editing from ``z*_T``: the source item and K edit items in one batch.
+
+    Which items carry an unconditional CFG half depends on the inversion: all of them for ddim
+    and null-text; the edits only for negative-prompt (the source's two halves are equal) and
+    direct (the source's noise is never used: its latent is pinned to ``z*_{t_prev}``).
+    """
+    xp = backend.xp
+    method = inputs.method
+    edits = len(plan.items)
+    items = 1 + edits
+    steps = len(schedule.timesteps)
+    source_uncond = method in (InversionMethod.DDIM, InversionMethod.NULL_TEXT)
+    uncond_items = list(range(items)) if source_uncond else list(range(1, items))
+    n_uncond = len(uncond_items)
+
+    latents = xp.concat([inputs.latents_T] * items, axis=0)
+    cond_text = xp.concat([inputs.source_embedding, inputs.target_embeddings], axis=0)
+    static = dict(
+        token_mapper=backend.asarray(plan.token_mapper[None]),
+        refine_alpha=backend.asarray(plan.refine_alpha[None]),
+        equalizer=backend.asarray(plan.equalizer[None]),
+    )
+    blend_weights = backend.asarray(plan.blend_words) if plan.blend_words is not None else None
+    blend_from = int(inputs.blend_start * steps)
+    maps_sum, masks = None, None
+    latent_hw = (int(latents.shape[2]), int(latents.shape[3]))
+
+    for i in range(steps):
+        t, alpha_t, alpha_prev = schedule.forward_alphas(i)
+        if method == InversionMethod.NULL_TEXT:
+            uncond = inputs.null_embeddings[i]
+        elif method == InversionMethod.NEGATIVE_PROMPT:
+            uncond = inputs.source_embedding
+        else:
+            uncond = inputs.null_embedding
+        index = xp.asarray(np.array(uncond_items, np.int64))
+        batch_latents = xp.concat([xp.take(latents, index, axis=0), latents], axis=0) if n_uncond else latents
+        text = xp.concat([xp.concat([uncond] * n_uncond, axis=0), cond_text], axis=0) if n_uncond else cond_text
+        controls = dict(static,
+                        cross_alpha=backend.asarray(plan.cross_alpha[i][None]),
+                        self_replace=backend.asarray(plan.self_replace[i][None]))
+        noise, blend_maps = unet_noise(backend, counter, batch_latents, t, text, controls, step=i)
+        noise_cond = noise[n_uncond:]
+        if n_uncond == items:
+            guided = classifier_free_guidance(noise[:n_uncond], noise_cond, inputs.guidance)
+        else:  # the source has no unconditional half: its CFG is its conditional noise
+            guided = xp.concat([noise_cond[:1], classifier_free_guidance(noise[:n_uncond], noise_cond[1:], inputs.guidance)], axis=0)
+        latents = ddim_step(latents, guided, alpha_t, alpha_prev)
+        if method == InversionMethod.DIRECT:
+            # pin the source to the inversion path (set, not offset-add: immune to rounding)
+            latents = xp.concat([inputs.trajectory[steps - i - 1], latents[1:]], axis=0)
+        if blend_weights is not None and blend_maps.shape[-1] > 0:
+            maps = blend_maps[0]
+            maps_sum = maps if maps_sum is None else maps_sum + maps
+            if i >= blend_from:
+                masks = blend_mask(xp, maps_sum, blend_weights, latent_hw, inputs.blend_threshold)
+                latents = apply_blend(latents, masks)
+        if progress:
+            progress()
+    return EditOutcome(latents=latents, masks=masks)

@@ -1,0 +1,92 @@
+"""The PyTorch reference backend: eager execution of the graph modules; the only backend with
+autograd, so the only one that runs null-text inversion."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..backend import BackendKind, ModelInfo
+from ..errors import BackendError
+from .graphs import build_graphs
+
+
+class TorchBackend:
+    kind = BackendKind.TORCH
+    supports_autograd = True
+
+    def __init__(self, components, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 self_max_queries: int = 32 * 32):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendError(f"device {device!r} asked for, but torch sees no CUDA device; use --device cpu")
+        self.device, self.dtype = torch.device(device), dtype
+        self.components = components
+        self.graphs = {name: module.to(self.device, dtype) for name, module in build_graphs(components, self_max_queries).items()}
+        unet_cfg = components.unet.config
+        te_cfg = components.text_encoder.config
+        self.info = ModelInfo(
+            image_size=int(components.image_size),
+            latent_channels=int(unet_cfg.in_channels),
+            latent_downsample=2 ** (len(components.vae.config.block_out_channels) - 1),
+            text_width=int(te_cfg.hidden_size),
+            max_tokens=int(te_cfg.max_position_embeddings),
+            tokenizer_dir=Path(components.tokenizer_dir),
+            scheduler_config=dict(components.scheduler_config),
+            provenance=dict(components.provenance),
+            self_max_queries=self_max_queries,
+        )
+
+    @property
+    def xp(self):
+        import array_api_compat.torch as xp
+
+        return xp
+
+    def asarray(self, array):
+        if isinstance(array, torch.Tensor):
+            return array.to(self.device)
+        array = np.asarray(array)
+        dtype = self.dtype if array.dtype.kind == "f" else None
+        return torch.as_tensor(array, device=self.device, dtype=dtype)
+
+    def to_numpy(self, array) -> np.ndarray:
+        if isinstance(array, torch.Tensor):
+            return array.detach().to("cpu", torch.float32 if array.is_floating_point() else array.dtype).numpy()
+        return np.asarray(array)
+
+    @torch.no_grad()
+    def run(self, graph: str, **inputs):
+        if graph == "text_encoder":
+            return {"hidden": self.graphs[graph](inputs["input_ids"])}
+        if graph == "vae_encoder":
+            return {"latent_mean": self.graphs[graph](inputs["pixels"])}
+        if graph == "vae_decoder":
+            return {"pixels": self.graphs[graph](inputs["latents"])}
+        if graph == "unet":
+            noise, blend_maps = self.graphs[graph](**inputs)
+            return {"noise": noise, "blend_maps": blend_maps}
+        raise BackendError(f"unknown graph {graph!r}; graphs are text_encoder, vae_encoder, vae_decoder, unet")
+
+    def unet_plain(self, latents, timestep, text):
+        """The stock UNet with autograd available (null-text inversion)."""
+        return self.graphs["unet"].plain(latents, timestep, text)
+
+    def describe(self) -> dict:
+        import diffusers
+        import transformers
+
+        return {
+            "backend": self.kind.value, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(),
+        }
+
+
+def load_torch_backend(model, *, unet_weights=None, allow_pickle=False, config=None, device="cpu",
+                       self_max_queries: int = 32 * 32) -> TorchBackend:
+    from .checkpoint import load_checkpoint
+
+    components = load_checkpoint(model, unet_weights=unet_weights, allow_pickle=allow_pickle, config=config,
+                                 device="cpu", dtype=torch.float32)
+    return TorchBackend(components, device=device, self_max_queries=self_max_queries)

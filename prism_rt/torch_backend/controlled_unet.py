@@ -1,0 +1,243 @@
+"""The controlled UNet: prompt-to-prompt attention control (Hertz et al. 2022) compiled into the
+UNet's forward pass and driven by tensor inputs instead of Python-side controller objects.
+
+Built with diffusers attention processors installed per layer (never by matching class names or
+patching diffusers). With every control neutral it is the stock UNet. Batch layout of one call
+(ARCHITECTURE.md): ``N = U + G·(1+K)``; the first ``U`` items are unconditional CFG items that
+are never controlled; the last ``G·(1+K)`` items are the conditional half, ``G`` groups of a
+source item followed by ``K`` edit items. ``G`` and ``K`` are read from the control tensors'
+shapes, so one module serves inversion (``K = 0``), editing and chunked sweeps alike.
+
+For edit item k of a group, with source probabilities ``A_0``:
+  cross-attention: ``A_k ← a·eq·(r·(A_0 M_k) + (1−r)·A_k) + (1−a)·A_k``
+  self-attention (layers with ≤ ``self_max_queries`` queries): ``A_k ← s·A_0 + (1−s)·A_k``.
+The LocalBlend maps are the conditional half's cross-attention probabilities *before* control
+(prompt-to-prompt stores them before replacing), averaged over heads and over the down/up-block
+layers at the blend resolution (a quarter of the latent side; never the mid block).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONTROL_NAMES = ("cross_alpha", "token_mapper", "refine_alpha", "equalizer", "self_replace")
+
+
+@dataclass
+class _ControlState:
+    """What the processors of one UNet share during one forward call."""
+
+    active: bool = False
+    cross_alpha: torch.Tensor | None = None  # [G, K, T]
+    token_mapper: torch.Tensor | None = None  # [G, K, T, T]
+    refine_alpha: torch.Tensor | None = None  # [G, K, T]
+    equalizer: torch.Tensor | None = None  # [G, K, T]
+    self_replace: torch.Tensor | None = None  # [G, K]
+    blend_hw: tuple[int, int] = (0, 0)
+    blend_sum: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    name: str
+    is_cross: bool
+    place: str  # "down" | "mid" | "up"
+    downsample: int  # latent side / this layer's side, measured by a probe pass
+
+
+class ControlledAttnProcessor:
+    """Explicit-softmax attention with the prompt-to-prompt control applied to the cond half."""
+
+    def __init__(self, state: _ControlState, layer: AttentionLayer, self_max_queries: int, blend: bool):
+        self.state, self.layer, self.self_max_queries, self.blend = state, layer, self_max_queries, blend
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if attn.spatial_norm is not None or attention_mask is not None:
+            raise NotImplementedError("controlled attention supports SD v1.x attention layers only")
+        residual = hidden_states
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        is_cross = encoder_hidden_states is not None
+        context = hidden_states if not is_cross else encoder_hidden_states
+        if is_cross and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+
+        batch, queries = hidden_states.shape[0], hidden_states.shape[1]
+        heads = attn.heads
+        q = attn.to_q(hidden_states)
+        k = attn.to_k(context)
+        v = attn.to_v(context)
+        head_dim = k.shape[-1] // heads
+        q = q.view(batch, -1, heads, head_dim).transpose(1, 2)
+        k = k.view(batch, -1, heads, head_dim).transpose(1, 2)
+        v = v.view(batch, -1, heads, head_dim).transpose(1, 2)
+
+        state = self.state
+        controlled = state.active and (is_cross or queries <= self.self_max_queries)
+        if controlled:
+            probs = self._probabilities(attn, q, k)
+            probs = self._control(probs, is_cross)
+            out = probs.to(v.dtype) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False, scale=attn.scale)
+
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    @staticmethod
+    def _probabilities(attn, q, k):
+        if attn.upcast_attention:
+            q, k = q.float(), k.float()
+        scores = (q @ k.transpose(-1, -2)) * attn.scale
+        return scores.float().softmax(dim=-1) if attn.upcast_softmax else scores.softmax(dim=-1)
+
+    def _control(self, probs: torch.Tensor, is_cross: bool) -> torch.Tensor:
+        state = self.state
+        groups, edits = state.cross_alpha.shape[0], state.cross_alpha.shape[1]
+        n_cond = groups * (1 + edits)
+        n_uncond = probs.shape[0] - n_cond
+        uncond, cond = probs[:n_uncond], probs[n_uncond:]
+        cond = cond.reshape(groups, 1 + edits, *cond.shape[1:])  # [G, 1+K, H, Q, Keys]
+        if is_cross and self.blend:
+            state.blend_sum.append(cond.mean(dim=2))  # before control, as prompt-to-prompt stores
+        if edits == 0:
+            return probs
+        base, edit = cond[:, :1], cond[:, 1:]  # [G,1,H,Q,T], [G,K,H,Q,T]
+        if is_cross:
+            alpha = state.cross_alpha[:, :, None, None, :]
+            refine = state.refine_alpha[:, :, None, None, :]
+            eq = state.equalizer[:, :, None, None, :]
+            mapped = torch.einsum("ghqi,gkij->gkhqj", base[:, 0], state.token_mapper)
+            edit = alpha * eq * (refine * mapped + (1 - refine) * edit) + (1 - alpha) * edit
+        else:
+            s = state.self_replace[:, :, None, None, None]
+            edit = s * base + (1 - s) * edit
+        cond = torch.cat([base, edit], dim=1).reshape(n_cond, *probs.shape[1:])
+        return torch.cat([uncond, cond], dim=0)
+
+
+def _side_after(side: int, factor: int) -> int:
+    """Spatial side after ``log2(factor)`` stride-2, pad-1 convolutions (ceil halving)."""
+    for _ in range(int(round(math.log2(factor)))):
+        side = (side + 1) // 2
+    return side
+
+
+class ControlledUNet(nn.Module):
+    """``forward(latents, timestep, text, cross_alpha, token_mapper, refine_alpha, equalizer,
+    self_replace) -> (noise, blend_maps)``.
+
+    Shapes: latents [N,4,h,w]; timestep scalar or [N]; text [N,T,D]; cross_alpha, refine_alpha,
+    equalizer [G,K,T]; token_mapper [G,K,T,T]; self_replace [G,K]; noise [N,4,h,w];
+    blend_maps [G,1+K,T,h_b,w_b] (zeros of side 0 if the model has no layer at the blend size).
+    """
+
+    def __init__(self, unet: nn.Module, self_max_queries: int = 32 * 32, blend_downsample: int = 4):
+        super().__init__()
+        self.unet = unet
+        self.self_max_queries = int(self_max_queries)
+        self._state = _ControlState()
+        self.layers = self._probe_layers()
+        cross_factors = sorted({l.downsample for l in self.layers if l.is_cross and l.place != "mid"})
+        if not cross_factors:
+            raise ValueError("the UNet has no cross-attention layers outside the mid block")
+        # a quarter of the latent side (SD v1.5: 16×16 at 512 px); the nearest size this UNet has otherwise
+        self.blend_downsample = min(cross_factors, key=lambda f: (abs(math.log2(f / blend_downsample)), f))
+        processors = {}
+        for layer in self.layers:
+            blend = layer.is_cross and layer.place != "mid" and layer.downsample == self.blend_downsample
+            processors[layer.name] = ControlledAttnProcessor(self._state, layer, self.self_max_queries, blend)
+        unet.set_attn_processor(dict(processors))  # diffusers pops from the dict it is given
+        self.blend_layers = [l.name for l in self.layers if processors[l.name].blend]
+
+    @torch.no_grad()
+    def _probe_layers(self) -> list[AttentionLayer]:
+        """Measure every attention layer's resolution with one small forward pass."""
+        unet = self.unet
+        names = list(unet.attn_processors.keys())
+        found: dict[str, tuple[bool, int]] = {}
+
+        def recorder(name):
+            def call(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+                queries = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
+                found[name] = (encoder_hidden_states is not None, queries)
+                return _stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            return call
+
+        side = 4 * 2 ** (len(unet.config.block_out_channels) - 1)
+        original = unet.attn_processors
+        unet.set_attn_processor({n: recorder(n) for n in names})
+        param = next(unet.parameters())
+        try:
+            unet(
+                torch.zeros(1, unet.config.in_channels, side, side, dtype=param.dtype, device=param.device),
+                torch.tensor(1, device=param.device),
+                encoder_hidden_states=torch.zeros(1, 1, unet.config.cross_attention_dim, dtype=param.dtype, device=param.device),
+            )
+        finally:
+            unet.set_attn_processor(original)
+        layers = []
+        for name in names:
+            is_cross, queries = found[name]
+            place = "down" if name.startswith("down_blocks") else "up" if name.startswith("up_blocks") else "mid"
+            layers.append(AttentionLayer(name, is_cross, place, int(round(side / math.sqrt(queries)))))
+        return layers
+
+    def forward(self, latents, timestep, text, cross_alpha, token_mapper, refine_alpha, equalizer, self_replace):
+        state = self._state
+        state.active = True
+        state.cross_alpha, state.token_mapper = cross_alpha.to(latents.dtype), token_mapper.to(latents.dtype)
+        state.refine_alpha, state.equalizer = refine_alpha.to(latents.dtype), equalizer.to(latents.dtype)
+        state.self_replace = self_replace.to(latents.dtype)
+        state.blend_sum = []
+        try:
+            noise = self.unet(latents, timestep, encoder_hidden_states=text, return_dict=False)[0]
+            maps = state.blend_sum
+        finally:
+            state.active = False
+            state.blend_sum = []
+            state.cross_alpha = state.token_mapper = state.refine_alpha = state.equalizer = state.self_replace = None
+        groups, items = cross_alpha.shape[0], cross_alpha.shape[1] + 1
+        h_b = _side_after(latents.shape[2], self.blend_downsample)
+        w_b = _side_after(latents.shape[3], self.blend_downsample)
+        if maps:
+            mean = torch.stack(maps, dim=0).mean(dim=0)  # [G, 1+K, Q, T]
+            blend_maps = mean.transpose(-1, -2).reshape(groups, items, mean.shape[-1], h_b, w_b)
+        else:
+            blend_maps = torch.zeros(groups, items, text.shape[1], 0, 0, dtype=noise.dtype, device=noise.device)
+        return noise, blend_maps
+
+    def plain(self, latents, timestep, text):
+        """The stock UNet (controls off, fused attention everywhere): inversion and null-text."""
+        return self.unet(latents, timestep, encoder_hidden_states=text, return_dict=False)[0]
+
+
+def _stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def neutral_controls(groups: int, edits: int, tokens: int = 77, dtype=torch.float32, device="cpu") -> dict:
+    """Controls under which the controlled UNet equals the stock UNet."""
+    return dict(
+        cross_alpha=torch.zeros(groups, edits, tokens, dtype=dtype, device=device),
+        token_mapper=torch.eye(tokens, dtype=dtype, device=device).expand(groups, edits, tokens, tokens).contiguous(),
+        refine_alpha=torch.ones(groups, edits, tokens, dtype=dtype, device=device),
+        equalizer=torch.ones(groups, edits, tokens, dtype=dtype, device=device),
+        self_replace=torch.zeros(groups, edits, dtype=dtype, device=device),
+    )
