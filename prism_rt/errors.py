@@ -27,7 +27,8 @@ class ModelError(PrismError):
 class CheckpointKeysError(ModelError):
     """A state dict does not match the model it is loaded into."""
 
-    def __init__(self, what: str, missing: list[str], unexpected: list[str]):
+    def __init__(self, what: str, missing: list[str], unexpected: list[str],
+                 hint: str = "check that it is a state dict of the same architecture (SD v1.x)"):
         self.missing = list(missing)
         self.unexpected = list(unexpected)
 
@@ -40,7 +41,7 @@ class CheckpointKeysError(ModelError):
             parts.append(f"missing keys: {show(self.missing)}")
         if unexpected:
             parts.append(f"unexpected keys: {show(self.unexpected)}")
-        parts.append("check that it is a UNet state dict of the same architecture (SD v1.x)")
+        parts.append(hint)
         super().__init__("; ".join(parts))
 
 

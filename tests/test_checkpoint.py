@@ -101,9 +101,9 @@ def test_provenance(tiny_model_dir, base):
     assert prov["format"] == "diffusers" and prov["unet_weights"] is None
     unet_file = tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors"
     by_path = {w["path"]: w["sha256"] for w in prov["weights"]}
-    assert len(by_path) == 3 and by_path[str(unet_file)] == sha256_file(unet_file)
+    assert len(by_path) == 3 and by_path[str(unet_file.resolve())] == sha256_file(unet_file)
     import hashlib
-    assert by_path[str(unet_file)] == hashlib.sha256(unet_file.read_bytes()).hexdigest()
+    assert by_path[str(unet_file.resolve())] == hashlib.sha256(unet_file.read_bytes()).hexdigest()
     assert set(prov["versions"]) >= {"diffusers", "transformers", "torch"}
 
 
@@ -124,7 +124,8 @@ def test_unet_weights_applied(tiny_model_dir, base, perturbed_sd, tmp_path, pref
     out = unet_out(comps.unet)
     assert max_diff(out, unet_out(ref)) == 0
     assert max_diff(out, unet_out(base.unet)) > 1e-3
-    assert comps.provenance["unet_weights"] == {"path": str(path), "sha256": sha256_file(path)}
+    assert comps.provenance["unet_weights"] == {"path": str(path.resolve()),
+                                                "sha256": sha256_file(path)}
 
 
 def test_unet_weights_wrong_keys(tiny_model_dir, perturbed_sd, tmp_path):
@@ -225,7 +226,7 @@ def test_single_file_matches_originals(tiny_model_dir, single_file):
     comps = load_checkpoint(single_file[0], config=tiny_model_dir)
     assert comps.provenance["format"] == "single-file"
     assert comps.provenance["weights"] == [
-        {"path": str(single_file[0]), "sha256": sha256_file(single_file[0])}]
+        {"path": str(single_file[0].resolve()), "sha256": sha256_file(single_file[0])}]
     assert max_diff(unet_out(comps.unet), unet_out(ref_unet(tiny_model_dir))) <= 1e-6
     assert max_diff(text_out(comps.text_encoder), text_out(ref_text(tiny_model_dir))) <= 1e-6
     for a, b in zip(vae_out(comps.vae), vae_out(ref_vae(tiny_model_dir))):

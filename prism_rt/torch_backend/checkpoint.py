@@ -204,19 +204,21 @@ def _load_diffusers_folder(folder: Path, allow_pickle: bool, dtype, weights: lis
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    # every component's files are checked (pickle!) before the first, possibly slow, load
+    plan = {name: _component_files(folder, name, allow_pickle) for name in _STEMS}
     models = []
     # the CLIP text encoder is cast afterwards: transformers 4 calls the argument torch_dtype, 5 dtype
     for name, cls, dtype_kw in (("unet", UNet2DConditionModel, {"torch_dtype": dtype}),
                                 ("vae", AutoencoderKL, {"torch_dtype": dtype}),
                                 ("text_encoder", CLIPTextModel, {})):
-        kwargs, files = _component_files(folder, name, allow_pickle)
+        kwargs, files = plan[name]
         try:
             models.append(cls.from_pretrained(str(folder), subfolder=name, local_files_only=True,
                                               **dtype_kw, **kwargs))
         except Exception as e:
             raise ModelError(f"cannot load the {name} from {folder / name}: "
                              f"{type(e).__name__}: {e}") from None
-        weights += [{"path": str(f), "sha256": sha256_file(f)} for f in files]
+        weights += [{"path": str(f.resolve()), "sha256": sha256_file(f)} for f in files]
     return tuple(models)
 
 
@@ -233,7 +235,7 @@ def _load_single_file(path: Path, config: Path, allow_pickle: bool, weights: lis
         raise ModelError(f"this diffusers version lacks the LDM single-file converters ({e}); "
                          "convert the checkpoint to a diffusers folder first") from None
     sd = _read_state_dict(path, allow_pickle, "single-file checkpoint")
-    weights.append({"path": str(path), "sha256": sha256_file(path)})
+    weights.append({"path": str(path.resolve()), "sha256": sha256_file(path)})
     for prefix, part in (("model.diffusion_model.", "UNet"), ("first_stage_model.", "VAE"),
                          ("cond_stage_model.transformer.", "CLIP text encoder")):
         if not any(k.startswith(prefix) for k in sd):
@@ -285,7 +287,7 @@ def _load_unet_weights(unet, path: Path, allow_pickle: bool) -> dict:
     sd = _read_state_dict(path, allow_pickle, "UNet weights")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     load_state_dict_strict(unet, sd, f"UNet weights {path}")
-    return {"path": str(path), "sha256": sha256_file(path)}
+    return {"path": str(path.resolve()), "sha256": sha256_file(path)}
 
 
 def load_checkpoint(model, *, unet_weights=None, allow_pickle: bool = False, config=None,
@@ -310,7 +312,6 @@ def load_checkpoint(model, *, unet_weights=None, allow_pickle: bool = False, con
         if not _is_diffusers_folder(path):
             raise ModelError(f"{path} is not a model folder; {EXPECTED}")
         fmt, source = "diffusers", path
-        unet, vae, text_encoder = _load_diffusers_folder(path, allow_pickle, dtype, weights)
     elif path.suffix.lower() in (".safetensors",) + PICKLE_SUFFIXES:
         if config is None:
             raise ModelError(
@@ -322,10 +323,13 @@ def load_checkpoint(model, *, unet_weights=None, allow_pickle: bool = False, con
             raise ModelError(f"config {source} is not a diffusers SD folder; --config needs a "
                              "folder with model_index.json or unet/ vae/ text_encoder/ tokenizer/")
         fmt = "single-file"
-        unet, vae, text_encoder = _load_single_file(path, source, allow_pickle, weights)
     else:
         raise ModelError(f"{path} is not a model: {EXPECTED}")
     tokenizer_dir, scheduler_config = _tokenizer_dir(source), _scheduler_config(source)
+    if fmt == "diffusers":
+        unet, vae, text_encoder = _load_diffusers_folder(path, allow_pickle, dtype, weights)
+    else:
+        unet, vae, text_encoder = _load_single_file(path, source, allow_pickle, weights)
     unet_record = None
     if unet_weights is not None:
         unet_record = _load_unet_weights(unet, Path(unet_weights).expanduser(), allow_pickle)
