@@ -242,7 +242,7 @@ class _progress:
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="step", leave=False)
+            self.bar = tqdm(total=total, desc=desc, unit="step", leave=False, disable=None)  # off when not a terminal
 
     def update_one(self):
         if self.bar is not None:
