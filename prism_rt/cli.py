@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from .config import ControlConfig, Fit, InversionConfig, InversionMethod, RunLimits
-from .errors import OutputError, PrismError, PromptError
+from .config import SamplerConfig
+from .errors import InversionFileError, OutputError, PrismError, PromptError, SettingsError
 
 EXIT_INTERNAL = 70
 
@@ -85,9 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_out(out: Path):
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} exists and is not a folder; choose another --out")
+def _check_out(out: Path, flag: str = "--out", folder: bool = True):
+    """Fail before any work when the output path cannot be written."""
+    if folder and out.exists() and not out.is_dir():
+        raise OutputError(f"{flag} {out} exists and is not a folder; choose another {flag}")
+    if not folder and out.is_dir():
+        raise OutputError(f"{flag} {out} is a folder; give a file name such as {out / 'inversion.npz'}")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{flag} {out} lies below {parent}, which is a file; choose another {flag}")
+
+
+def _check_sampler(args):
+    try:
+        SamplerConfig(steps=args.steps, guidance=args.guidance)
+    except ValueError as exc:
+        raise SettingsError(f"{exc}; PRISM uses --steps 50 --guidance 7.5") from None
 
 
 def _control(args) -> ControlConfig:
@@ -97,7 +113,7 @@ def _control(args) -> ControlConfig:
                              edit_words=args.edit_words, blend_words=args.blend_words,
                              blend_threshold=args.blend_threshold, mode=args.mode, legacy=args.legacy)
     except ValueError as exc:
-        raise PromptError(str(exc)) from None
+        raise SettingsError(str(exc)) from None
 
 
 def _load(args):
@@ -120,6 +136,7 @@ def cmd_edit(args) -> int:
     from .outputs import write_edit_outputs
 
     _check_out(args.out)
+    _check_sampler(args)
     control = _control(args)
     if args.inversion_file is None and (args.image is None or args.prompt is None):
         raise PromptError("give --image and --prompt (or --inversion-file from `prism-rt invert --save`)")
@@ -128,6 +145,8 @@ def cmd_edit(args) -> int:
     start = time.perf_counter()
     engine = _load(args)
     load_s = time.perf_counter() - start
+    steps = saved.sampler.steps if saved else args.steps
+    engine.plan(saved.source_prompt if saved else args.prompt, args.target, control, steps)  # prompt errors before work
     inversion = saved or _invert(engine, args, source)
     result = engine.edit(inversion, args.target, control, RunLimits(max_batch=args.max_batch), progress=not args.no_progress)
     result.timings["load_s"] = load_s
@@ -141,8 +160,13 @@ def cmd_edit(args) -> int:
 def cmd_invert(args) -> int:
     from .imageio import load_image
 
+    _check_out(args.save, "--save", folder=False)
+    if args.save.suffix != ".npz":
+        raise InversionFileError(f"inversion files are .npz; got {args.save.name!r}, name it e.g. {args.save.stem}.npz")
+    _check_sampler(args)
     source = load_image(args.image)
     engine = _load(args)
+    engine.tokenizer.encode_batch_padded([args.prompt])
     inversion = _invert(engine, args, source)
     path = inversion.save(args.save)
     print(f"wrote the {inversion.method.value} inversion of {args.image} to {path}")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ControlConfig
-from .errors import PromptError
+from .errors import PromptError, SettingsError
 from .tokenizer import MAX_LENGTH, ClipTokenizer
 
 # global alignment scores of seq_aligner.get_refinement_mapper: ScoreParams(gap=0, match=1, mismatch=-1)
@@ -285,7 +285,7 @@ def build_control_plan(tokenizer: ClipTokenizer, source: str, targets: Sequence[
                   for e, target in enumerate(targets) for s in config.self_replace)
     names = [item.name for item in items]
     if len(set(names)) != len(names):
-        raise ValueError(f"self_replace values {config.self_replace} give duplicate output names; "
+        raise SettingsError(f"self_replace values {config.self_replace} give duplicate output names; "
                          "use distinct values (two decimals)")
     per_item = np.array([item.edit_index for item in items], dtype=np.int64)
     k = len(items)

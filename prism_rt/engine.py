@@ -134,10 +134,15 @@ class Engine:
                          fitted_pixels=fitted, null_embeddings=nulls, meta=meta)
 
     # -- editing -------------------------------------------------------------------------------
-    def edit(self, inversion: Inversion, targets: Sequence[str], control: ControlConfig | None = None,
-             limits: RunLimits | None = None, progress: bool = False) -> EditResult:
+    def plan(self, source: str, targets: Sequence[str], control: ControlConfig | None = None, steps: int = 50):
+        """The prompt-to-prompt control plan; raises PromptError/SettingsError on bad prompts or
+        settings, so callers can check an edit before spending time on the inversion."""
         from .control import build_control_plan
 
+        return build_control_plan(self.tokenizer, source, list(targets), control or ControlConfig(), steps)
+
+    def edit(self, inversion: Inversion, targets: Sequence[str], control: ControlConfig | None = None,
+             limits: RunLimits | None = None, progress: bool = False) -> EditResult:
         control = control or ControlConfig()
         limits = limits or RunLimits()
         targets = list(targets)
@@ -145,7 +150,7 @@ class Engine:
         sampler = inversion.sampler
         self._check_inversion(inversion)
         schedule = DDIMSchedule.from_config(sampler)
-        plan = build_control_plan(self.tokenizer, inversion.source_prompt, targets, control, sampler.steps)
+        plan = self.plan(inversion.source_prompt, targets, control, sampler.steps)
         counter, timings = Counter(), {}
 
         start = time.perf_counter()

@@ -56,6 +56,10 @@ class MissingExtraError(PrismError):
         )
 
 
+class SettingsError(PrismError):
+    """A setting is out of range or contradicts another."""
+
+
 class BackendError(PrismError):
     """A backend cannot run what was asked (missing capability, provider or device)."""
 

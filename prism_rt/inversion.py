@@ -53,7 +53,10 @@ class Inversion:
         path = Path(path)
         if path.suffix != ".npz":
             raise InversionFileError(f"inversion files are .npz; got {path.name!r}, name it e.g. {path.stem}.npz")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InversionFileError(f"cannot write {path}: {exc.strerror}; choose another --save path") from None
         meta = dict(self.meta, format_version=FORMAT_VERSION, method=self.method.value,
                     source_prompt=self.source_prompt, sampler=self.sampler.__dict__,
                     inversion={k: (v.value if hasattr(v, "value") else v) for k, v in self.config.__dict__.items()})

@@ -36,8 +36,11 @@ def write_edit_outputs(out_dir, result: EditResult, inversion: Inversion, parame
     out_dir = Path(out_dir)
     fit = FitInfo(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in inversion.meta["fit"].items()})
     bits = 16 if int(inversion.meta.get("source_image", {}).get("bit_depth", 8) or 8) > 8 else 8
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {out_dir}: {exc.strerror}; choose another --out") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it private; the published folder should not be

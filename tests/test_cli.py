@@ -345,14 +345,11 @@ BAD_CASES = {
 }
 
 
-# Bad input that the CLI reports as an internal error (exit 70, "rerun with --debug … report it")
-# instead of an `error:` line: product bugs, kept here so that their fix shows up (strict xfail).
-# duplicate names: ValueError from prism_rt/control.py build_control_plan; steps (and guidance < 1):
-# ValueError from SamplerConfig.__post_init__ via cli._invert → Engine.sampler; out below a file:
-# FileExistsError from outputs.write_edit_outputs' mkdir, after the whole inversion and edit.
+# Bad settings, checked before any model work.
 BUG_CASES = {
     "duplicate-self-replace-names": (lambda b: _good(b, **{"--self-replace": "0.4,0.4"}), ["self_replace", "0.4"]),
     "steps-zero": (lambda b: _good(b, **{"--steps": 0}), ["steps", "0"]),
+    "guidance-below-one": (lambda b: _good(b, **{"--guidance": 0.5}), ["guidance", "0.5"]),
     "out-below-a-file": (lambda b: dict(_good(b), out=b["folder"] / "existing-file" / "out"), ["existing-file"]),
 }
 
@@ -404,7 +401,6 @@ def test_out_pointing_to_a_file_fails_cleanly(bad_runs):
     assert run["out"].read_text() == "keep me\n"
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: reported as an internal error (exit 70), not as bad input")
 @pytest.mark.parametrize("case", list(BUG_CASES))
 def test_bad_settings_fail_cleanly(bad_runs, case):
     run = bad_runs[case]
