@@ -90,7 +90,7 @@ def test_diffusers_folder_matches_direct_load(tiny_model_dir, base):
     for m in (base.unet, base.vae, base.text_encoder):
         assert not m.training and not any(p.requires_grad for p in m.parameters())
         assert next(m.parameters()).dtype == torch.float32
-    assert base.image_size == 128 and base.scaling_factor == pytest.approx(0.18215)
+    assert base.image_size == 128 and base.scaling_factor == pytest.approx(vae_scaling(tiny_model_dir))
     assert (base.tokenizer_dir / "tokenizer.json").is_file()
     assert base.scheduler_config["_class_name"] == "DDIMScheduler"
     assert base.scheduler_config["steps_offset"] == 1
@@ -222,6 +222,12 @@ def test_single_file_needs_config(single_file):
         load_checkpoint(single_file[0])
 
 
+def vae_scaling(model_dir):
+    import json
+
+    return json.loads((model_dir / "vae" / "config.json").read_text())["scaling_factor"]
+
+
 def test_single_file_matches_originals(tiny_model_dir, single_file):
     comps = load_checkpoint(single_file[0], config=tiny_model_dir)
     assert comps.provenance["format"] == "single-file"
@@ -231,7 +237,7 @@ def test_single_file_matches_originals(tiny_model_dir, single_file):
     assert max_diff(text_out(comps.text_encoder), text_out(ref_text(tiny_model_dir))) <= 1e-6
     for a, b in zip(vae_out(comps.vae), vae_out(ref_vae(tiny_model_dir))):
         assert max_diff(a, b) <= 1e-6
-    assert comps.image_size == 128 and comps.scaling_factor == pytest.approx(0.18215)
+    assert comps.image_size == 128 and comps.scaling_factor == pytest.approx(vae_scaling(tiny_model_dir))
     assert comps.scheduler_config["_class_name"] == "DDIMScheduler"
     for m in (comps.unet, comps.vae, comps.text_encoder):
         assert not m.training and not any(p.requires_grad for p in m.parameters())
