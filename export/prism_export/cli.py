@@ -9,9 +9,11 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prism-export", description="prism_rt export stage")
     sub = parser.add_subparsers(dest="command", required=True)
-    tiny = sub.add_parser("tiny-model", help="write a tiny SD-v1.5-layout model with random weights (diffusers layout)")
+    tiny = sub.add_parser("tiny-model", help="write an SD-v1.5-layout model with random weights (diffusers layout)")
     tiny.add_argument("--out", type=Path, required=True)
-    tiny.add_argument("--image-size", type=int, default=128)
+    tiny.add_argument("--preset", choices=["tiny", "sd15"], default="tiny",
+                      help="tiny (seconds, for tests) or sd15 (the real 860 M-parameter architecture)")
+    tiny.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
     tiny.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
@@ -21,13 +23,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: prism-export needs the '{exc.name}' package; install it with: pip install 'prism-rt[export]'",
               file=sys.stderr)
         return 2
-    from .tiny import TinySpec, save_tiny_model
+    from dataclasses import replace
+
+    from .tiny import SD15, TinySpec, save_tiny_model
 
     if args.out.exists() and any(args.out.iterdir()):
         print(f"error: --out {args.out} exists and is not empty; choose a new folder", file=sys.stderr)
         return 2
-    save_tiny_model(args.out, TinySpec(image_size=args.image_size, seed=args.seed))
-    print(f"wrote a tiny SD-v1.5-layout model to {args.out}")
+    spec = SD15 if args.preset == "sd15" else TinySpec()
+    spec = replace(spec, seed=args.seed, **({"image_size": args.image_size} if args.image_size else {}))
+    save_tiny_model(args.out, spec)
+    print(f"wrote a {args.preset} SD-v1.5-layout model (random weights) to {args.out}")
     return 0
 
 

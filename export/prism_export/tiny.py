@@ -13,15 +13,28 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Sizes of a tiny model. ``image_size`` 128 gives a 16×16 latent and 4×4 blend maps."""
+    """Sizes of a model of SD v1.5's layout. The defaults are tiny: ``image_size`` 128 gives a
+    16×16 latent and 4×4 blend maps; :data:`SD15` is the real architecture (860 M UNet)."""
 
     image_size: int = 128
     unet_channels: tuple[int, ...] = (32, 32, 64, 64)
     unet_heads: int = 2
+    unet_norm_groups: int = 16
     vae_channels: tuple[int, ...] = (8, 16, 32, 32)
+    vae_layers: int = 1
+    vae_norm_groups: int = 8
     text_width: int = 32
     text_layers: int = 2
+    text_heads: int = 2
+    text_intermediate: int = 64
     seed: int = 0
+    calibrate_latent_scale: bool = True
+
+
+SD15 = TinySpec(image_size=512, unet_channels=(320, 640, 1280, 1280), unet_heads=8, unet_norm_groups=32,
+                vae_channels=(128, 256, 512, 512), vae_layers=2, vae_norm_groups=32, text_width=768,
+                text_layers=12, text_heads=12, text_intermediate=3072, calibrate_latent_scale=False)
+"""Stable Diffusion v1.5's architecture (random weights, the real scaling factor 0.18215)."""
 
 
 def build_tiny_components(spec: TinySpec = TinySpec()):
@@ -34,19 +47,19 @@ def build_tiny_components(spec: TinySpec = TinySpec()):
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=spec.vae_channels, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=spec.vae_channels, layers_per_block=spec.vae_layers, norm_num_groups=spec.vae_norm_groups,
         sample_size=spec.image_size, scaling_factor=0.18215,
     )
     unet = UNet2DConditionModel(
         sample_size=spec.image_size // 2 ** (n - 1), in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=spec.unet_channels, layers_per_block=2, norm_num_groups=16,
+        block_out_channels=spec.unet_channels, layers_per_block=2, norm_num_groups=spec.unet_norm_groups,
         cross_attention_dim=spec.text_width, attention_head_dim=spec.unet_heads,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=spec.text_width, intermediate_size=2 * spec.text_width,
-        num_hidden_layers=spec.text_layers, num_attention_heads=2, max_position_embeddings=77,
+        vocab_size=49408, hidden_size=spec.text_width, intermediate_size=spec.text_intermediate,
+        num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads, max_position_embeddings=77,
         hidden_act="quick_gelu", projection_dim=spec.text_width,
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     ))
@@ -56,7 +69,8 @@ def build_tiny_components(spec: TinySpec = TinySpec()):
     )
     for module in (vae, unet, text_encoder):
         module.eval()
-    vae.register_to_config(scaling_factor=_unit_variance_scale(vae, spec.image_size))
+    if spec.calibrate_latent_scale:
+        vae.register_to_config(scaling_factor=_unit_variance_scale(vae, spec.image_size))
     return dict(vae=vae, unet=unet, text_encoder=text_encoder, scheduler=scheduler)
 
 
