@@ -31,10 +31,13 @@ def _pair(text: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def _model_args(p: argparse.ArgumentParser):
-    p.add_argument("--model", required=True, help="diffusers SD v1.x folder or single-file .safetensors checkpoint")
+def _model_args(p: argparse.ArgumentParser, model_required: bool = True):
+    p.add_argument("--model", required=model_required,
+                   help="diffusers SD v1.x folder or single-file .safetensors checkpoint (--backend torch), "
+                        "or an engine folder from `prism-export export` (--backend onnxruntime)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--device", default="cpu",
+                   help="torch: cpu or cuda[:N]; onnxruntime: cpu, cuda[:N] or tensorrt[:N] (execution provider)")
     p.add_argument("--unet-weights", type=Path, help="fine-tuned UNet state dict (e.g. PRISM's model.safetensors)")
     p.add_argument("--config", type=Path, help="diffusers SD folder giving configs and tokenizer for a single-file checkpoint")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickle weights (they can execute code)")
@@ -81,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--save", type=Path, required=True, help="the .npz file to write")
     inv.add_argument("--no-progress", action="store_true")
 
-    info = sub.add_parser("info", help="describe a model")
-    _model_args(info)
+    info = sub.add_parser("info", help="describe a model or an engine folder")
+    info.add_argument("engine", nargs="?", type=Path, help="an engine folder: print its manifest summary")
+    _model_args(info, model_required=False)
     return parser
 
 
@@ -174,6 +178,16 @@ def cmd_invert(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from .errors import ModelError
+
+    target = args.engine or args.model
+    if target is None:
+        raise ModelError("give an engine folder (prism-rt info ENGINE_DIR) or --model MODEL")
+    if (Path(target) / "manifest.json").is_file() or args.engine is not None:
+        from .manifest import load_manifest  # an engine folder: checked, summarised, nothing loaded
+
+        print(json.dumps(load_manifest(target).summary(), indent=2, default=str))
+        return 0
     engine = _load(args)
     info = engine.backend.info
     print(json.dumps({"model": str(args.model), "image_size": info.image_size, "latent_size": info.latent_size,

@@ -72,8 +72,16 @@ class Engine:
 
             impl = load_torch_backend(path, unet_weights=unet_weights, allow_pickle=allow_pickle, config=config,
                                       device=device, self_max_queries=self_max_queries)
+        elif kind is BackendKind.ONNXRUNTIME:
+            # ``path`` is an engine folder from `prism-export export`; its manifest is checked here
+            from .ort_backend import load_ort_backend
+
+            if unet_weights is not None or config is not None:
+                raise BackendError("--unet-weights and --config apply when exporting; an engine folder already holds its "
+                                   "weights: re-export with `prism-export export --model … --unet-weights … --out ENGINE`")
+            impl = load_ort_backend(path, device=device, self_max_queries=self_max_queries)
         else:
-            raise BackendError(f"backend {kind.value!r} is not available in this version; use --backend torch")
+            raise BackendError(f"backend {kind.value!r} is not available in this version; use --backend torch or onnxruntime")
         return cls(impl, ClipTokenizer.from_folder(impl.info.tokenizer_dir), str(path))
 
     # -- settings ------------------------------------------------------------------------------

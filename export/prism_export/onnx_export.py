@@ -1,0 +1,235 @@
+"""Checkpoint → ONNX engine folder: the four graph modules of ``prism_rt.torch_backend.graphs``
+exported with the dynamo exporter, checked against torch, and described by a manifest.
+
+The exported modules are the very modules the torch backend runs, so parity here is parity with
+the behaviour's definition. Why the export goes the way it does:
+
+* ``torch.export`` first, with every dynamic axis ``Dim.DYNAMIC`` and deferred runtime asserts,
+  then ``torch.onnx.export`` of the ExportedProgram. Handing ``torch.onnx.export`` a module with
+  named, ranged ``Dim``s made it trace the controlled UNet twice (a constraint violation on
+  N ≥ G·(1+K), then a retry) under ``backed_size_oblivious``: ~130 s for the tiny model against
+  ~40 s this way. The ranges the engine supports live in :mod:`prism_export.specs` and the parity
+  cases run at their edges, including K = 0 and N = 1 which the trace (at N=11, G=2, K=3) never saw.
+* The exporter names dims ``s48``…; they are renamed to the spec's names afterwards, on the graph
+  proto only (weights are not reloaded).
+* One ``<graph>.onnx.data`` per graph; re-saved into one file if the exporter wrote another layout.
+* Everything is written into a staging folder that is renamed at the very end: a failed or
+  interrupted export leaves no half engine.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from prism_rt.backend import GRAPHS
+from prism_rt.errors import PrismError
+
+from .specs import GraphSpec, ModelDims, UNetSpec, graph_specs
+
+OPSET = 18
+DEFAULT_PARITY_TOLERANCE = 1e-3  # max |onnx − torch| / max |torch| above which an export fails
+
+
+class ExportError(PrismError):
+    """The export cannot be done or its result does not match the reference."""
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"--out {out} exists and is not an empty folder; choose a new folder or delete it")
+
+
+def export_engine(model, out, *, unet_weights=None, config=None, allow_pickle: bool = False,
+                  self_max_queries: int = 32 * 32, opset: int = OPSET,
+                  parity_tolerance: float = DEFAULT_PARITY_TOLERANCE,
+                  progress: Callable[[str], None] = print) -> Path:
+    """Export ``model`` (anything ``load_checkpoint`` reads) into the engine folder ``out``."""
+    import torch
+
+    from prism_rt.torch_backend.checkpoint import load_checkpoint
+    from prism_rt.torch_backend.graphs import build_graphs
+
+    from .engine_manifest import build_manifest, copy_tokenizer, write_manifest
+
+    out = Path(out).expanduser()
+    _check_out(out)
+    components = load_checkpoint(model, unet_weights=unet_weights, allow_pickle=allow_pickle, config=config,
+                                 device="cpu", dtype=torch.float32)
+    graphs = build_graphs(components, self_max_queries)
+    dims = ModelDims.from_components(components, graphs["unet"])
+    specs = graph_specs(dims, self_max_queries)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        (staging / "onnx").mkdir(parents=True)
+        records = {}
+        for name in GRAPHS:
+            start = time.perf_counter()
+            path = staging / "onnx" / f"{name}.onnx"
+            export_graph(graphs[name], specs[name], path, opset)
+            parity = measure_parity(graphs[name], specs[name], path)
+            export_s = time.perf_counter() - start
+            records[name] = {"parity": parity, "export_s": round(export_s, 1)}
+            data_mb = path.with_name(path.name + ".data").stat().st_size / 2**20
+            progress(f"{name}: onnx/{path.name} (+ .data, {data_mb:.1f} MiB) in {export_s:.1f} s; parity vs torch: "
+                     f"max abs {parity['max_abs']:.2e}, max rel {parity['max_rel']:.2e} "
+                     f"over {len(parity['cases'])} shapes (onnxruntime CPU)")
+            if parity["max_rel"] > parity_tolerance:
+                raise ExportError(f"the exported {name} graph differs from torch by {parity['max_rel']:.2e} (relative), "
+                                  f"more than the tolerance {parity_tolerance:g}; see the cases: {parity['cases']}")
+        copy_tokenizer(components.tokenizer_dir, staging / "tokenizer")
+        manifest = build_manifest(staging, components, graphs["unet"], dims, specs, records, opset)
+        write_manifest(staging, manifest)
+        if out.exists():
+            out.rmdir()  # empty (checked above); rename() will not replace a folder on every OS
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def export_graph(module, spec: GraphSpec, path: Path, opset: int = OPSET) -> None:
+    """Trace ``module`` with the spec's trace shapes and write ``path`` + ``path.data``."""
+    import torch
+
+    sample = spec.sample_inputs(np.random.default_rng(0), **spec.trace_values())
+    kwargs = {k: torch.from_numpy(v) for k, v in sample.items()}
+    try:
+        with torch.no_grad():
+            program = torch.export.export(module, (), kwargs=kwargs, dynamic_shapes=spec.torch_dynamic_shapes(),
+                                          strict=False, prefer_deferred_runtime_asserts_over_guards=True)
+        onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=opset, input_names=spec.input_names,
+                                         output_names=spec.output_names, optimize=True, verbose=False)
+    except Exception as exc:
+        raise ExportError(f"torch could not export the {spec.name} graph: {type(exc).__name__}: {exc}") from exc
+    onnx_program.save(str(path), external_data=True)
+    _name_dims(path, spec)
+    _one_data_file(path)
+
+
+def _name_dims(path: Path, spec: GraphSpec) -> None:
+    """Rename the exporter's symbols (s48, …) to the spec's dims; fail on a specialised axis."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    wanted = {t.name: t for t in (*spec.inputs(), *spec.outputs())}
+    symbols: dict[str, str] = {}
+    names = [v.name for v in graph.input]
+    if names != spec.input_names or [v.name for v in graph.output] != spec.output_names:
+        raise ExportError(f"the exported {spec.name} graph has inputs {names} and outputs "
+                          f"{[v.name for v in graph.output]}; the spec wants {spec.input_names} → {spec.output_names}")
+    for value in graph.input:
+        dims = value.type.tensor_type.shape.dim
+        for axis, (dim, expected) in enumerate(zip(dims, wanted[value.name].shape)):
+            if isinstance(expected, str):
+                if not dim.HasField("dim_param"):
+                    raise ExportError(f"torch.export fixed axis {axis} of {spec.name}.{value.name} to {dim.dim_value}; "
+                                      f"it must stay dynamic ({expected})")
+                symbols.setdefault(dim.dim_param, expected)
+            elif dim.HasField("dim_param") or dim.dim_value != expected:
+                raise ExportError(f"axis {axis} of {spec.name}.{value.name} is {dim.dim_param or dim.dim_value}, "
+                                  f"the spec says {expected}")
+
+    def rename(text: str) -> str:
+        def sub(m):
+            new = symbols.get(m.group(0))
+            return m.group(0) if new is None else new if re.fullmatch(r"[a-z_]+", new) else f"({new})"
+        return re.sub(r"\b[su]\d+\b", sub, text)
+
+    for value in (*graph.input, *graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                dim.dim_param = rename(dim.dim_param)
+    for value in graph.output:  # declared exactly as the spec says
+        declared = wanted[value.name].shape
+        shape = value.type.tensor_type.shape
+        if len(shape.dim) != len(declared):
+            raise ExportError(f"{spec.name}.{value.name} has rank {len(shape.dim)}, the spec says {len(declared)}")
+        for dim, expected in zip(shape.dim, declared):
+            if isinstance(expected, str):
+                dim.dim_param = expected
+            else:
+                dim.dim_value = expected
+    onnx.save_model(model, str(path))
+
+
+def _one_data_file(path: Path) -> None:
+    """Make every external tensor live in ``<graph>.onnx.data`` (and that file exist)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    data_name = path.name + ".data"
+    model = onnx.load(str(path), load_external_data=False)
+    locations = set()
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor):
+            locations |= {e.value for e in tensor.external_data if e.key == "location"}
+    if locations == {data_name}:
+        return
+    model = onnx.load(str(path), load_external_data=True)
+    for stale in locations:
+        (path.parent / stale).unlink(missing_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=0 if not locations else 1024)
+
+
+def _relative_error(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    if ref.size == 0:
+        return 0.0, 0.0
+    max_abs = float(np.abs(got.astype(np.float64) - ref).max())
+    peak = float(np.abs(ref).max())
+    return max_abs, (max_abs / peak if peak > 0 else max_abs)
+
+
+def measure_parity(module, spec: GraphSpec, path: Path, seed: int = 0) -> dict:
+    """Compare onnxruntime (CPU) with the torch module on random inputs at the spec's parity
+    shapes. ``max_rel`` is max |onnx − torch| / max |torch| per output: an element-wise ratio
+    would explode where the reference crosses zero."""
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rows, notes = [], []
+    for i, case in enumerate(spec.parity_cases()):
+        inputs = spec.sample_inputs(np.random.default_rng(seed + i), **case)
+        with torch.no_grad():
+            ref = module(**{k: torch.from_numpy(v) for k, v in inputs.items()})
+        ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
+        try:
+            got = session.run(spec.output_names, inputs)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            if isinstance(spec, UNetSpec) and case.get("edits") == 0:
+                notes.append(f"K=0 does not run ({type(exc).__name__}: {exc}); the runtime pads K=0 calls")
+                continue
+            raise ExportError(f"onnxruntime cannot run the exported {spec.name} graph at {case}: {exc}") from exc
+        outputs = {}
+        for name, g, r in zip(spec.output_names, got, ref):
+            if g.shape != r.shape:
+                raise ExportError(f"{spec.name}.{name} has shape {g.shape} in ONNX and {r.shape} in torch at {case}")
+            max_abs, max_rel = _relative_error(g, r)
+            outputs[name] = {"max_abs": max_abs, "max_rel": max_rel}
+        dims = spec.case_dims(case) if isinstance(spec, UNetSpec) else dict(case)
+        rows.append({"dims": dims, **({"case": case} if isinstance(spec, UNetSpec) else {}), "outputs": outputs,
+                     "max_abs": max(o["max_abs"] for o in outputs.values()),
+                     "max_rel": max(o["max_rel"] for o in outputs.values())})
+    if not rows:
+        raise ExportError(f"no parity case of the {spec.name} graph ran: {notes}")
+    result = {
+        "reference": f"torch {torch.__version__} eager, float32, CPU",
+        "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
+        "metric": "max_abs = max |onnx - torch|; max_rel = max_abs / max |torch|, per output",
+        "cases": rows, "notes": notes,
+        "max_abs": max(r["max_abs"] for r in rows), "max_rel": max(r["max_rel"] for r in rows),
+    }
+    if isinstance(spec, UNetSpec):  # the smallest K the graph runs with; the runtime pads below it
+        result["edits_min"] = 1 if notes else 0
+    return result

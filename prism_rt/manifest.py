@@ -1,0 +1,219 @@
+"""The engine folder's contract: ``manifest.json``, read and checked before anything runs.
+
+An engine folder is made by ``prism-export export`` (STYLE §1: stages talk through artefacts) and
+is the runtime's only view of the model. Loading refuses a folder whose manifest is missing, of
+another format version, lists a file that is absent or whose SHA-256 differs (a truncated copy,
+a re-exported graph next to an old manifest, a flipped byte), or whose graph files declare other
+inputs/outputs than the manifest. Each refusal is an :class:`EngineMismatchError` naming the file
+and the command that rebuilds the engine. Hashes are streamed: an SD v1.5 UNet is 3.4 GB.
+
+torch-free and onnx-free: graph signatures are read by :mod:`prism_rt.onnx_io`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from .backend import GRAPHS, ModelInfo
+from .errors import ModelError
+from .onnx_io import OnnxFormatError, read_signature
+
+FORMAT = "prism-rt-engine"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MANIFEST_NAME = "manifest.json"
+
+
+class EngineMismatchError(ModelError):
+    """An engine folder does not match its manifest (or has none): it must be re-exported."""
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, streamed in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TensorInfo":
+        return cls(str(d["name"]), str(d["dtype"]), tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class DimInfo:
+    min: int
+    opt: int
+    max: int
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    name: str
+    file: Path
+    data_file: Path | None
+    precision: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    dims: dict[str, DimInfo]
+    profile: dict
+    parity: dict
+    fixed_spatial: bool = False
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    format_version: int
+    prism_rt_version: str
+    opset: int
+    precision: dict
+    exporter: dict
+    source: dict
+    model: dict
+    control: dict
+    graphs: dict[str, GraphEntry]
+    raw: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / self.raw.get("tokenizer", "tokenizer")
+
+    def model_info(self) -> ModelInfo:
+        m = self.model
+        return ModelInfo(
+            image_size=int(m["image_size"]), latent_channels=int(m["latent_channels"]),
+            latent_downsample=int(m["latent_downsample"]), text_width=int(m["text_width"]),
+            max_tokens=int(m["max_tokens"]), tokenizer_dir=self.tokenizer_dir,
+            scheduler_config=dict(m.get("scheduler_config", {})),
+            provenance={"engine": str(self.root), "engine_created_utc": self.raw.get("created_utc"),
+                        "engine_sha256": {g.name: self.raw["graphs"][g.name]["sha256"] for g in self.graphs.values()},
+                        "source": self.source},
+            self_max_queries=int(self.control["self_max_queries"]))
+
+    def summary(self) -> dict:
+        """What ``prism-rt info ENGINE`` shows."""
+        return {
+            "engine": str(self.root), "format_version": self.format_version, "created_utc": self.raw.get("created_utc"),
+            "prism_rt_version": self.prism_rt_version, "opset": self.opset, "exporter": self.exporter,
+            "model": {k: v for k, v in self.model.items() if k != "scheduler_config"},
+            "control": {k: v for k, v in self.control.items() if k not in ("layers",)},
+            "graphs": {g.name: {"precision": g.precision, "file": g.file.relative_to(self.root).as_posix(),
+                                "inputs": {t.name: [t.dtype, list(t.shape)] for t in g.inputs},
+                                "outputs": {t.name: [t.dtype, list(t.shape)] for t in g.outputs},
+                                "dims": {k: [d.min, d.opt, d.max] for k, d in g.dims.items()},
+                                "parity_max_abs": g.parity.get("max_abs"), "parity_max_rel": g.parity.get("max_rel"),
+                                "parity_runtime": g.parity.get("runtime")}
+                       for g in self.graphs.values()},
+            "source": self.source,
+        }
+
+
+def _reexport_hint(root: Path, raw: dict | None = None) -> str:
+    source = ((raw or {}).get("source") or {}).get("path") or "CHECKPOINT"
+    return f"re-export the engine with `prism-export export --model {source} --out NEW_ENGINE_DIR`"
+
+
+def _inside(root: Path, relative: str, raw: dict) -> Path:
+    rel = PurePosixPath(str(relative))
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise EngineMismatchError(f"{root / MANIFEST_NAME} names the file {relative!r} outside the engine folder; "
+                                  + _reexport_hint(root, raw))
+    return root.joinpath(*rel.parts)
+
+
+def _check_file(root: Path, relative: str, sha256: str | None, raw: dict, verify_hashes: bool) -> Path:
+    path = _inside(root, relative, raw)
+    if not path.is_file():
+        raise EngineMismatchError(f"the engine file {path} listed in its manifest is missing; " + _reexport_hint(root, raw))
+    if verify_hashes and sha256 is not None:
+        actual = sha256_file(path)
+        if actual != sha256:
+            raise EngineMismatchError(f"the engine file {path} has SHA-256 {actual[:16]}…, its manifest says "
+                                      f"{str(sha256)[:16]}…: the file was changed or truncated; " + _reexport_hint(root, raw))
+    return path
+
+
+def _check_signature(entry: GraphEntry, raw: dict) -> None:
+    try:
+        signature = read_signature(entry.file)
+    except (OnnxFormatError, OSError, UnicodeDecodeError) as exc:
+        raise EngineMismatchError(f"the graph file {entry.file} cannot be read as ONNX ({exc}); "
+                                  + _reexport_hint(entry.file.parent.parent, raw)) from None
+    for kind, declared, actual in (("inputs", entry.inputs, signature.inputs), ("outputs", entry.outputs, signature.outputs)):
+        want = [(t.name, t.dtype, tuple(t.shape)) for t in declared]
+        have = [(t.name, t.dtype, tuple(t.shape)) for t in actual]
+        if want != have:
+            raise EngineMismatchError(f"the graph file {entry.file} has {kind} {have}, its manifest says {want}; "
+                                      + _reexport_hint(entry.file.parent.parent, raw))
+
+
+def load_manifest(engine_dir, *, verify_hashes: bool = True) -> Manifest:
+    """Read and check ``engine_dir/manifest.json`` against the folder's files."""
+    root = Path(engine_dir).expanduser()
+    if not root.is_dir():
+        raise ModelError(f"engine folder {root} does not exist; export one with `prism-export export --model CHECKPOINT --out {root}`")
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        hint = (" It looks like a diffusers model folder: run it with --backend torch, or export it with "
+                f"`prism-export export --model {root} --out ENGINE_DIR`." if (root / "model_index.json").is_file() else "")
+        raise EngineMismatchError(f"{root} has no {MANIFEST_NAME}, so it is not an engine folder.{hint}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EngineMismatchError(f"cannot read the engine manifest {path}: {exc}; " + _reexport_hint(root)) from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise EngineMismatchError(f"{path} is not a prism_rt engine manifest (format {raw.get('format') if isinstance(raw, dict) else None!r}, "
+                                  f"expected {FORMAT!r}); " + _reexport_hint(root))
+    version = raw.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise EngineMismatchError(
+            f"{path} has engine format version {version!r}; this prism_rt {_runtime_version()} reads versions "
+            f"{list(SUPPORTED_FORMAT_VERSIONS)}: install the prism_rt that exported it, or " + _reexport_hint(root, raw))
+    try:
+        graphs = {}
+        for name in GRAPHS:
+            if name not in raw["graphs"]:
+                raise EngineMismatchError(f"the engine {root} has no {name} graph in {path}; " + _reexport_hint(root, raw))
+            g = raw["graphs"][name]
+            onnx_path = _check_file(root, g["file"], g.get("sha256"), raw, verify_hashes)
+            data_path = (_check_file(root, g["data_file"], g.get("data_sha256"), raw, verify_hashes)
+                         if g.get("data_file") else None)
+            graphs[name] = GraphEntry(
+                name=name, file=onnx_path, data_file=data_path, precision=str(g.get("precision", "fp32")),
+                inputs=tuple(TensorInfo.from_json(t) for t in g["inputs"]),
+                outputs=tuple(TensorInfo.from_json(t) for t in g["outputs"]),
+                dims={k: DimInfo(int(d["min"]), int(d["opt"]), int(d["max"])) for k, d in g.get("dims", {}).items()},
+                profile=dict(g.get("profile", {})), parity=dict(g.get("parity", {})),
+                fixed_spatial=bool(g.get("fixed_spatial", False)), notes=tuple(g.get("notes", ())))
+        for f in raw.get("files", []):
+            _check_file(root, f["path"], f.get("sha256"), raw, verify_hashes)
+        manifest = Manifest(
+            root=root, format_version=int(version), prism_rt_version=str(raw.get("prism_rt_version")),
+            opset=int(raw["opset"]), precision=dict(raw.get("precision", {})), exporter=dict(raw.get("exporter", {})),
+            source=dict(raw.get("source") or {}), model=dict(raw["model"]), control=dict(raw["control"]),
+            graphs=graphs, raw=raw)
+        manifest.model_info()  # every field the runtime needs is there
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EngineMismatchError(f"the engine manifest {path} lacks or has a malformed entry ({type(exc).__name__}: {exc}); "
+                                  + _reexport_hint(root, raw)) from None
+    for entry in graphs.values():
+        _check_signature(entry, raw)
+    return manifest
+
+
+def _runtime_version() -> str:
+    from . import __version__
+
+    return __version__

@@ -1,0 +1,183 @@
+"""The ONNX Runtime backend: runs an engine folder's graphs with one ``InferenceSession`` each.
+
+torch-free; arrays are numpy and ``xp`` is ``array_api_compat.numpy``, so the loops of
+``prism_rt.loop`` run unchanged. ``device`` picks the execution provider: ``cpu`` (CPU EP),
+``cuda[:N]`` (CUDA EP) or ``tensorrt[:N]`` (TensorRT EP, with the manifest's min/opt/max shapes as
+its optimisation profile). No autograd: null-text inversion needs ``--backend torch``.
+
+K = 0 (inversion calls the UNet with no edit items): the exported graph runs it directly (the
+export checks it and records ``edits.min = 0``). Should an engine declare ``edits.min = 1`` (an
+exporter or builder that cannot make empty tensors), :meth:`OrtBackend.run` pads such a call with
+one neutral edit item per group (cross_alpha 0, identity token_mapper, refine 1, equalizer 1,
+self_replace 0; latents and text copied from the group's source) and drops its outputs. A
+neutral item leaves the source untouched: the control only ever rewrites edit items.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .backend import BackendKind
+from .errors import BackendError
+from .manifest import Manifest, load_manifest
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+INSTALL_HINT = {
+    "cuda": "install onnxruntime-gpu (pip install onnxruntime-gpu, which needs CUDA 12 and cuDNN 9) in place of onnxruntime",
+    "tensorrt": "install onnxruntime-gpu and TensorRT 10 (pip install onnxruntime-gpu tensorrt) and put TensorRT's "
+                "libraries on the library path",
+}
+CONTROL_INPUTS = ("cross_alpha", "token_mapper", "refine_alpha", "equalizer", "self_replace")
+
+
+def _parse_device(device: str) -> tuple[str, int]:
+    kind, _, index = str(device).lower().partition(":")
+    if kind not in PROVIDERS or (index and not index.isdigit()):
+        raise BackendError(f"device {device!r} is not one the onnxruntime backend knows; use cpu, cuda[:N] or tensorrt[:N]")
+    return kind, int(index or 0)
+
+
+def _providers(kind: str, index: int, manifest: Manifest, graph: str) -> list:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = PROVIDERS[kind]
+    if wanted not in available:
+        raise BackendError(f"--device {kind} needs onnxruntime's {wanted}, which this onnxruntime {ort.__version__} "
+                           f"does not have (it has {', '.join(available)}); {INSTALL_HINT[kind]}, or use --device cpu")
+    if kind == "cpu":
+        return ["CPUExecutionProvider"]
+    cuda = ("CUDAExecutionProvider", {"device_id": index})
+    if kind == "cuda":
+        return [cuda, "CPUExecutionProvider"]
+    profile = manifest.graphs[graph].profile
+
+    def shapes(level):
+        return ",".join(f"{name}:{'x'.join(str(d) for d in p[level])}" for name, p in profile.items())
+
+    trt = {"device_id": index, "trt_fp16_enable": False, "trt_engine_cache_enable": False}
+    if profile:
+        trt.update(trt_profile_min_shapes=shapes("min"), trt_profile_opt_shapes=shapes("opt"),
+                   trt_profile_max_shapes=shapes("max"))
+    return [("TensorrtExecutionProvider", trt), cuda, "CPUExecutionProvider"]
+
+
+class OrtBackend:
+    kind = BackendKind.ONNXRUNTIME
+    supports_autograd = False
+
+    def __init__(self, manifest: Manifest, device: str = "cpu", threads: int | None = None):
+        import onnxruntime as ort
+
+        self.manifest, self.device = manifest, str(device)
+        kind, index = _parse_device(device)
+        self.info = manifest.model_info()
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        self.sessions = {}
+        for name, entry in manifest.graphs.items():
+            providers = _providers(kind, index, manifest, name)
+            try:
+                session = ort.InferenceSession(str(entry.file), sess_options=options, providers=providers)
+            except Exception as exc:  # onnxruntime's own exception types
+                raise BackendError(f"onnxruntime cannot load the {name} graph {entry.file} on {device}: {exc}") from None
+            if PROVIDERS[kind] not in session.get_providers():  # onnxruntime falls back silently
+                raise BackendError(f"onnxruntime could not start {PROVIDERS[kind]} for the {name} graph (it runs on "
+                                   f"{session.get_providers()}); check the CUDA/TensorRT installation, or use --device cpu")
+            self.sessions[name] = session
+        self.pad_empty_edits = manifest.graphs["unet"].dims.get("edits") is not None and \
+            manifest.graphs["unet"].dims["edits"].min > 0
+
+    @property
+    def xp(self):
+        import array_api_compat.numpy as xp
+
+        return xp
+
+    def asarray(self, array) -> np.ndarray:
+        array = np.asarray(array)
+        return array.astype(np.float32, copy=False) if array.dtype.kind == "f" else array
+
+    def to_numpy(self, array) -> np.ndarray:
+        return np.asarray(array)
+
+    def run(self, graph: str, **inputs) -> dict[str, np.ndarray]:
+        entry = self.manifest.graphs.get(graph)
+        if entry is None:
+            raise BackendError(f"unknown graph {graph!r}; graphs are {', '.join(self.manifest.graphs)}")
+        feeds = self._feeds(entry, inputs)
+        if graph == "unet" and self.pad_empty_edits and feeds["cross_alpha"].shape[1] == 0:
+            return self._run_unet_padded(feeds)
+        names = [t.name for t in entry.outputs]
+        return dict(zip(names, self.sessions[graph].run(names, feeds)))
+
+    def _feeds(self, entry, inputs: dict) -> dict[str, np.ndarray]:
+        """Inputs in the graph's dtypes, checked against the manifest's shapes and ranges."""
+        expected = [t.name for t in entry.inputs]
+        if sorted(inputs) != sorted(expected):
+            raise BackendError(f"the {entry.name} graph takes {expected}, got {sorted(inputs)}")
+        feeds, bound = {}, {}
+        for tensor in entry.inputs:
+            array = np.ascontiguousarray(np.asarray(inputs[tensor.name]), dtype=tensor.dtype)
+            if array.ndim != len(tensor.shape):
+                raise BackendError(f"{entry.name}.{tensor.name} must have shape {list(tensor.shape)}, got {array.shape}")
+            for size, dim in zip(array.shape, tensor.shape):
+                if isinstance(dim, int) and size != dim:
+                    raise BackendError(f"{entry.name}.{tensor.name} must have shape {list(tensor.shape)}, got {array.shape}; "
+                                       "the engine was exported for another model size")
+                rng = entry.dims.get(dim) if isinstance(dim, str) else None
+                if rng is not None and size > rng.max:  # below min: K = 0 is padded, others fail in the graph
+                    raise BackendError(f"{entry.name}.{tensor.name} has {dim} = {size}; this engine takes at most "
+                                       f"{rng.max} (lower --max-batch so edits are split into smaller chunks)")
+                if isinstance(dim, str) and bound.setdefault(dim, size) != size:
+                    raise BackendError(f"{entry.name}: {dim} is {bound[dim]} in one input and {size} in "
+                                       f"{tensor.name}; inputs must agree")
+            feeds[tensor.name] = array
+        return feeds
+
+    def _run_unet_padded(self, feeds: dict) -> dict[str, np.ndarray]:
+        """K = 0 on an engine that needs K ≥ 1: one neutral edit item per group, outputs dropped."""
+        groups = feeds["cross_alpha"].shape[0]
+        tokens = feeds["cross_alpha"].shape[2]
+        n = feeds["latents"].shape[0]
+        uncond = n - groups
+
+        def pad_batch(x):  # [U + G, ...] → [U + 2G, ...]: each group's source, then its copy
+            cond = x[uncond:][:, None]
+            return np.concatenate([x[:uncond], np.concatenate([cond, cond], axis=1).reshape(2 * groups, *x.shape[1:])])
+
+        padded = dict(feeds, latents=pad_batch(feeds["latents"]), text=pad_batch(feeds["text"]),
+                      cross_alpha=np.zeros((groups, 1, tokens), np.float32),
+                      token_mapper=np.broadcast_to(np.eye(tokens, dtype=np.float32), (groups, 1, tokens, tokens)).copy(),
+                      refine_alpha=np.ones((groups, 1, tokens), np.float32),
+                      equalizer=np.ones((groups, 1, tokens), np.float32),
+                      self_replace=np.zeros((groups, 1), np.float32))
+        noise, blend_maps = self.sessions["unet"].run(["noise", "blend_maps"], padded)
+        cond = noise[uncond:].reshape(groups, 2, *noise.shape[1:])[:, 0]
+        return {"noise": np.concatenate([noise[:uncond], cond]), "blend_maps": blend_maps[:, :1]}
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+
+        return {"backend": self.kind.value, "device": self.device, "onnxruntime": ort.__version__,
+                "providers": {name: s.get_providers()[0] for name, s in self.sessions.items()},
+                "precision": dict(self.manifest.precision), "engine": str(self.manifest.root),
+                "engine_format_version": self.manifest.format_version}
+
+
+def load_ort_backend(path, device: str = "cpu", self_max_queries: int | None = None,
+                     verify_hashes: bool = True) -> OrtBackend:
+    """Check the engine folder's manifest, then open its graphs on ``device``."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise BackendError("the onnxruntime backend needs the onnxruntime package: pip install onnxruntime") from None
+    manifest = load_manifest(Path(path), verify_hashes=verify_hashes)
+    exported = int(manifest.control["self_max_queries"])
+    if self_max_queries is not None and int(self_max_queries) != exported:
+        raise BackendError(f"the engine {path} was exported with self_max_queries {exported}, not {self_max_queries}: "
+                           f"the controlled layers are compiled into the graph. Pass --self-max-queries {exported}, or "
+                           f"re-export with `prism-export export … --self-max-queries {self_max_queries}`")
+    return OrtBackend(manifest, device=device)
