@@ -14,6 +14,7 @@ neutral item leaves the source untouched: the control only ever rewrites edit it
 """
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 
 import numpy as np
@@ -22,34 +23,46 @@ from .backend import BackendKind
 from .errors import BackendError
 from .manifest import Manifest, load_manifest
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+class OrtDevice(str, enum.Enum):
+    """``--device`` of the onnxruntime backend, and the execution provider each one needs."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+    TENSORRT = "tensorrt"
+
+    @property
+    def provider(self) -> str:
+        return {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                "tensorrt": "TensorrtExecutionProvider"}[self.value]
+
+
 INSTALL_HINT = {
-    "cuda": "install onnxruntime-gpu (pip install onnxruntime-gpu, which needs CUDA 12 and cuDNN 9) in place of onnxruntime",
-    "tensorrt": "install onnxruntime-gpu and TensorRT 10 (pip install onnxruntime-gpu tensorrt) and put TensorRT's "
-                "libraries on the library path",
+    OrtDevice.CUDA: "install onnxruntime-gpu (pip install onnxruntime-gpu, which needs CUDA 12 and cuDNN 9) in place "
+                    "of onnxruntime",
+    OrtDevice.TENSORRT: "install onnxruntime-gpu and TensorRT 10 (pip install onnxruntime-gpu tensorrt) and put "
+                        "TensorRT's libraries on the library path",
 }
-CONTROL_INPUTS = ("cross_alpha", "token_mapper", "refine_alpha", "equalizer", "self_replace")
 
 
-def _parse_device(device: str) -> tuple[str, int]:
+def _parse_device(device: str) -> tuple[OrtDevice, int]:
     kind, _, index = str(device).lower().partition(":")
-    if kind not in PROVIDERS or (index and not index.isdigit()):
+    if kind not in {d.value for d in OrtDevice} or (index and not index.isdigit()):
         raise BackendError(f"device {device!r} is not one the onnxruntime backend knows; use cpu, cuda[:N] or tensorrt[:N]")
-    return kind, int(index or 0)
+    return OrtDevice(kind), int(index or 0)
 
 
-def _providers(kind: str, index: int, manifest: Manifest, graph: str) -> list:
+def _providers(kind: OrtDevice, index: int, manifest: Manifest, graph: str) -> list:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    wanted = PROVIDERS[kind]
-    if wanted not in available:
-        raise BackendError(f"--device {kind} needs onnxruntime's {wanted}, which this onnxruntime {ort.__version__} "
-                           f"does not have (it has {', '.join(available)}); {INSTALL_HINT[kind]}, or use --device cpu")
-    if kind == "cpu":
+    if kind.provider not in available:
+        raise BackendError(f"--device {kind.value} needs onnxruntime's {kind.provider}, which this onnxruntime "
+                           f"{ort.__version__} does not have (it has {', '.join(available)}); {INSTALL_HINT[kind]}, "
+                           "or use --device cpu")
+    if kind is OrtDevice.CPU:
         return ["CPUExecutionProvider"]
     cuda = ("CUDAExecutionProvider", {"device_id": index})
-    if kind == "cuda":
+    if kind is OrtDevice.CUDA:
         return [cuda, "CPUExecutionProvider"]
     profile = manifest.graphs[graph].profile
 
@@ -83,8 +96,8 @@ class OrtBackend:
                 session = ort.InferenceSession(str(entry.file), sess_options=options, providers=providers)
             except Exception as exc:  # onnxruntime's own exception types
                 raise BackendError(f"onnxruntime cannot load the {name} graph {entry.file} on {device}: {exc}") from None
-            if PROVIDERS[kind] not in session.get_providers():  # onnxruntime falls back silently
-                raise BackendError(f"onnxruntime could not start {PROVIDERS[kind]} for the {name} graph (it runs on "
+            if kind.provider not in session.get_providers():  # onnxruntime falls back silently
+                raise BackendError(f"onnxruntime could not start {kind.provider} for the {name} graph (it runs on "
                                    f"{session.get_providers()}); check the CUDA/TensorRT installation, or use --device cpu")
             self.sessions[name] = session
         self.pad_empty_edits = manifest.graphs["unet"].dims.get("edits") is not None and \

@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .export_cli import add_export_parser, run_export
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prism-export", description="prism_rt export stage")
@@ -15,7 +17,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="tiny (seconds, for tests) or sd15 (the real 860 M-parameter architecture)")
     tiny.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
     tiny.add_argument("--seed", type=int, default=0)
+    add_export_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return run_export(args)
     try:
         import torch  # noqa: F401
         import diffusers  # noqa: F401

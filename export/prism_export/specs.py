@@ -38,13 +38,6 @@ def eval_dim(entry: int | str, values: dict[str, int]) -> int:
     return int(factor or 1) * int(values[name]) + int(offset or 0)
 
 
-def dim_names(entry: int | str) -> tuple[str, ...]:
-    if isinstance(entry, int):
-        return ()
-    match = _EXPR.match(entry.replace(" ", ""))
-    return (match.group(2),) if match else ()
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     name: str

@@ -1,0 +1,348 @@
+"""The export stage and the onnxruntime backend: checkpoint → engine folder → the same images.
+
+One export of the tiny SD-v1.5-layout model (module fixture, ~1.5 min on 2 cores) serves every
+test. References are the torch graph modules built from the same checkpoint: the modules the
+torch backend runs and the export traced.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prism_rt.backend import GRAPHS
+from prism_rt.config import ControlConfig
+from prism_rt.engine import Engine
+from prism_rt.errors import BackendError
+from prism_rt.manifest import FORMAT_VERSION, EngineMismatchError, load_manifest, sha256_file
+
+SOURCE = "Chest X-ray showing Support Devices"
+TARGET = "Chest X-ray showing No Finding"
+BLOCK_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None; sys.modules['transformers'] = None\n"
+ONE_LEVEL = 1 / 255  # on the [0, 1] image scale
+# Below the tiny model's 16×16 = 256 self-attention queries: the exported UNet then holds both
+# paths of the controlled attention, fused SDPA (16×16 layers) and explicit, controlled softmax.
+SELF_MAX_QUERIES = 128
+
+
+@pytest.fixture(scope="module")
+def export_run(tiny_model_dir, tmp_path_factory):
+    from prism_export.onnx_export import export_engine
+
+    lines: list[str] = []
+    out = export_engine(tiny_model_dir, tmp_path_factory.mktemp("engines") / "tiny-engine",
+                        self_max_queries=SELF_MAX_QUERIES, progress=lines.append)
+    return out, lines
+
+
+@pytest.fixture(scope="module")
+def engine_dir(export_run) -> Path:
+    return export_run[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """The torch graph modules and the graph specs, from the same checkpoint."""
+    from prism_export.specs import ModelDims, graph_specs
+    from prism_rt.torch_backend.checkpoint import load_checkpoint
+    from prism_rt.torch_backend.graphs import build_graphs
+
+    components = load_checkpoint(tiny_model_dir)
+    graphs = build_graphs(components, SELF_MAX_QUERIES)
+    return components, graphs, graph_specs(ModelDims.from_components(components, graphs["unet"]), SELF_MAX_QUERIES)
+
+
+@pytest.fixture(scope="module")
+def engines(engine_dir, tiny_model_dir):
+    return {kind: Engine.load(path, backend=kind, self_max_queries=SELF_MAX_QUERIES)
+            for kind, path in (("onnxruntime", engine_dir), ("torch", tiny_model_dir))}
+
+
+@pytest.fixture(scope="module")
+def image(dicom_path):
+    from prism_rt.imageio import load_image
+
+    return load_image(dicom_path)
+
+
+def _copy_engine(engine_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(engine_dir, tmp_path / "engine"))
+
+
+# -- the export ------------------------------------------------------------------------------------
+
+def test_export_writes_one_progress_line_per_graph_and_a_complete_folder(export_run):
+    engine_dir, lines = export_run
+    assert [line.split(":")[0] for line in lines] == list(GRAPHS)
+    assert all("parity" in line for line in lines)
+    assert sorted(p.name for p in (engine_dir / "onnx").iterdir()) == sorted(
+        f"{g}.onnx{suffix}" for g in GRAPHS for suffix in ("", ".data"))
+    assert (engine_dir / "manifest.json").is_file() and any((engine_dir / "tokenizer").iterdir())
+    assert not list(engine_dir.parent.glob(".*partial*")), "the staging folder was left behind"
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_onnx_graph_matches_torch_at_several_batch_sizes(engine_dir, reference, graph):
+    import onnxruntime as ort
+    import torch
+
+    _, modules, specs = reference
+    spec = specs[graph]
+    session = ort.InferenceSession(str(engine_dir / "onnx" / f"{graph}.onnx"), providers=["CPUExecutionProvider"])
+    cases = {
+        "text_encoder": [{"batch": 1}, {"batch": 4}, {"batch": 7}],
+        "vae_encoder": [{"batch": 1}, {"batch": 3}],
+        "vae_decoder": [{"batch": 1}, {"batch": 3}],
+        "unet": [{"uncond": 0, "groups": 1, "edits": 0}, {"uncond": 0, "groups": 1, "edits": 1},
+                 {"uncond": 3, "groups": 1, "edits": 3}, {"uncond": 1, "groups": 2, "edits": 2},
+                 {"uncond": 6, "groups": 1, "edits": 6}],
+    }[graph]
+    for i, case in enumerate(cases):
+        inputs = spec.sample_inputs(np.random.default_rng(100 + i), **case)
+        with torch.no_grad():
+            ref = modules[graph](**{k: torch.from_numpy(v) for k, v in inputs.items()})
+        ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
+        got = session.run(spec.output_names, inputs)
+        for name, g, r in zip(spec.output_names, got, ref):
+            assert g.shape == r.shape, (graph, name, case)
+            rel = np.abs(g - r).max() / np.abs(r).max()
+            assert rel <= 1e-4, f"{graph}.{name} at {case}: relative error {rel:.2e}"
+
+
+def test_manifest_records_what_the_runtime_and_the_builder_need(engine_dir, reference, tiny_model_dir):
+    components, modules, specs = reference
+    raw = json.loads((engine_dir / "manifest.json").read_text())
+    assert raw["format_version"] == FORMAT_VERSION and raw["opset"] == 18
+    assert {"torch", "onnx", "onnxscript"} <= set(raw["exporter"])
+    assert raw["source"]["weights"] == components.provenance["weights"]
+    assert raw["model"]["scheduler_config"] == json.loads((tiny_model_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert raw["model"]["scaling_factor"] == pytest.approx(components.scaling_factor)
+    assert (raw["model"]["image_size"], raw["model"]["latent_channels"], raw["model"]["text_width"],
+            raw["model"]["max_tokens"]) == (128, 4, 32, 77)
+    unet = modules["unet"]
+    control = raw["control"]
+    assert [layer["name"] for layer in control["layers"]] == [layer.name for layer in unet.layers]
+    assert control["blend_layers"] == unet.blend_layers and control["blend_downsample"] == unet.blend_downsample
+    assert control["self_max_queries"] == unet.self_max_queries == SELF_MAX_QUERIES
+    self_layers = [layer for layer in control["layers"] if not layer["is_cross"]]
+    assert {layer["name"] for layer in self_layers if layer["downsample"] > 1} == set(control["controlled_self_layers"])
+    for name in GRAPHS:
+        g = raw["graphs"][name]
+        assert g["sha256"] == sha256_file(engine_dir / g["file"])
+        assert g["data_sha256"] == sha256_file(engine_dir / g["data_file"])
+        assert g["inputs"] == [t.to_json() for t in specs[name].inputs()]
+        assert g["parity"]["max_rel"] <= 1e-4 and g["parity"]["max_abs"] >= 0 and len(g["parity"]["cases"]) >= 3
+        assert g["precision"] == "fp32"
+    unet_entry = raw["graphs"]["unet"]
+    assert unet_entry["dims"]["batch"]["max"] == 63 and unet_entry["dims"]["edits"]["min"] == 0
+    assert unet_entry["fixed_spatial"] and unet_entry["inputs"][0]["shape"] == ["batch", 4, 16, 16]
+    assert unet_entry["profile"]["token_mapper"]["opt"] == [1, 5, 77, 77]
+    assert raw["graphs"]["vae_decoder"]["inputs"][0]["shape"] == ["batch", 4, "latent_height", "latent_width"]
+
+
+def test_each_graph_keeps_its_weights_in_one_data_file(engine_dir):
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    for name in GRAPHS:
+        model = onnx.load(str(engine_dir / "onnx" / f"{name}.onnx"), load_external_data=False)
+        locations = {e.value for t in model.graph.initializer if uses_external_data(t)
+                     for e in t.external_data if e.key == "location"}
+        assert locations == {f"{name}.onnx.data"}, (name, locations)
+
+
+def test_every_op_of_every_graph_is_supported_by_tensorrt(engine_dir):
+    import onnx
+
+    from prism_export.trt_ops import OPSET_RANGE, SUPPORTED_OPS, graph_ops, unsupported_ops
+
+    assert len(SUPPORTED_OPS) > 100
+    for name in GRAPHS:
+        model = onnx.load(str(engine_dir / "onnx" / f"{name}.onnx"), load_external_data=False)
+        assert graph_ops(model), name
+        assert unsupported_ops(model) == [], name
+        opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
+        assert OPSET_RANGE[0] <= opsets["ai.onnx"] <= OPSET_RANGE[1]
+
+
+def test_a_failed_export_leaves_no_engine_folder(tiny_model_dir, tmp_path, monkeypatch):
+    from prism_export import onnx_export
+
+    def broken(module, spec, path, opset=18):
+        path.write_bytes(b"half a graph")
+        raise onnx_export.ExportError("simulated failure")
+
+    monkeypatch.setattr(onnx_export, "export_graph", broken)
+    out = tmp_path / "engine"
+    with pytest.raises(onnx_export.ExportError, match="simulated"):
+        onnx_export.export_engine(tiny_model_dir, out, progress=lambda line: None)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# -- the onnxruntime backend -----------------------------------------------------------------------
+
+def test_onnxruntime_edit_equals_torch_edit(engines, image):
+    """50-step direct inversion, then refine + reweight + LocalBlend with a 3-value self sweep."""
+    config = ControlConfig(self_replace=(0.4, 0.6, 0.8), blend_words=("Devices", "Finding"))
+    results = {}
+    for kind, engine in engines.items():
+        inversion = engine.invert(image, SOURCE, method="direct")
+        results[kind] = (inversion, engine.edit(inversion, [TARGET], config))
+    (inv_o, ort_result), (inv_t, torch_result) = results["onnxruntime"], results["torch"]
+    np.testing.assert_allclose(inv_o.trajectory, inv_t.trajectory, atol=1e-3)
+    assert len(ort_result.edits) == 3
+    for a, b in zip([ort_result.reconstruction, *ort_result.edits], [torch_result.reconstruction, *torch_result.edits]):
+        assert np.abs(a - b).max() / 2 <= 2 * ONE_LEVEL  # [-1, 1] → [0, 1]
+    assert np.abs(ort_result.edits[0] - ort_result.reconstruction).max() > 10 * ONE_LEVEL  # not a vacuous comparison
+    assert all(m is not None for m in ort_result.masks)
+    assert ort_result.counts == torch_result.counts
+
+
+@pytest.mark.parametrize("method", ["negative-prompt", "ddim"])
+def test_onnxruntime_runs_the_other_inversions(engines, image, method):
+    sampler = engines["onnxruntime"].sampler(steps=10)
+    outs = []
+    for kind in ("onnxruntime", "torch"):
+        engine = engines[kind]
+        inversion = engine.invert(image, SOURCE, method=method, sampler=sampler)
+        outs.append(engine.edit(inversion, [TARGET], ControlConfig(self_replace=(0.5,))))
+    assert np.abs(outs[0].edits[0] - outs[1].edits[0]).max() / 2 <= 2 * ONE_LEVEL
+    assert outs[0].reconstruction_error == pytest.approx(outs[1].reconstruction_error, rel=1e-2, abs=1e-5)
+
+
+def test_null_text_on_onnxruntime_points_to_the_torch_backend(engines, image):
+    with pytest.raises(BackendError, match="--backend torch"):
+        engines["onnxruntime"].invert(image, SOURCE, method="null-text")
+
+
+def test_padding_empty_edit_calls_equals_running_them(engines):
+    backend = engines["onnxruntime"].backend
+    rng = np.random.default_rng(3)
+    inputs = dict(latents=rng.standard_normal((3, 4, 16, 16)).astype(np.float32), timestep=np.array([401.0], np.float32),
+                  text=rng.standard_normal((3, 77, 32)).astype(np.float32),
+                  cross_alpha=np.zeros((2, 0, 77), np.float32), token_mapper=np.zeros((2, 0, 77, 77), np.float32),
+                  refine_alpha=np.zeros((2, 0, 77), np.float32), equalizer=np.zeros((2, 0, 77), np.float32),
+                  self_replace=np.zeros((2, 0), np.float32))  # U = 1, G = 2, K = 0
+    direct = backend.run("unet", **inputs)
+    backend.pad_empty_edits = True
+    try:
+        padded = backend.run("unet", **inputs)
+    finally:
+        backend.pad_empty_edits = False
+    for name in ("noise", "blend_maps"):
+        assert padded[name].shape == direct[name].shape
+        np.testing.assert_allclose(padded[name], direct[name], atol=1e-5)
+
+
+def test_batch_beyond_the_engine_range_is_refused_with_the_fix(engines):
+    backend = engines["onnxruntime"].backend
+    with pytest.raises(BackendError, match="at most 63.*--max-batch"):
+        backend.run("text_encoder", input_ids=np.zeros((64, 77), np.int32))
+
+
+def test_unavailable_provider_names_what_to_install(engine_dir):
+    with pytest.raises(BackendError, match="CUDAExecutionProvider.*CPUExecutionProvider.*onnxruntime-gpu"):
+        Engine.load(engine_dir, backend="onnxruntime", device="cuda", self_max_queries=SELF_MAX_QUERIES)
+
+
+def test_self_max_queries_is_fixed_at_export(engine_dir):
+    with pytest.raises(BackendError, match=f"self_max_queries {SELF_MAX_QUERIES}.*--self-max-queries"):
+        Engine.load(engine_dir, backend="onnxruntime", self_max_queries=1024)
+
+
+# -- the manifest check ----------------------------------------------------------------------------
+
+def test_a_changed_byte_of_the_unet_weights_is_refused(engine_dir, tmp_path):
+    engine = _copy_engine(engine_dir, tmp_path)
+    data = engine / "onnx" / "unet.onnx.data"
+    with open(data, "r+b") as f:
+        f.seek(data.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(EngineMismatchError, match=r"unet\.onnx\.data.*SHA-256.*prism-export export"):
+        Engine.load(engine, backend="onnxruntime", self_max_queries=SELF_MAX_QUERIES)
+
+
+def test_a_missing_graph_is_refused(engine_dir, tmp_path):
+    engine = _copy_engine(engine_dir, tmp_path)
+    (engine / "onnx" / "vae_decoder.onnx").unlink()
+    with pytest.raises(EngineMismatchError, match=r"vae_decoder\.onnx.*missing.*prism-export export"):
+        load_manifest(engine)
+    manifest = json.loads((engine / "manifest.json").read_text())
+    del manifest["graphs"]["vae_decoder"]
+    (engine / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineMismatchError, match="no vae_decoder graph"):
+        load_manifest(engine)
+
+
+def test_graph_io_and_format_version_are_checked(engine_dir, tmp_path):
+    engine = _copy_engine(engine_dir, tmp_path)
+    path = engine / "manifest.json"
+    original = json.loads(path.read_text())
+    changed = json.loads(path.read_text())
+    changed["graphs"]["unet"]["inputs"][0]["name"] = "sample"
+    path.write_text(json.dumps(changed))
+    with pytest.raises(EngineMismatchError, match=r"unet\.onnx has inputs"):
+        load_manifest(engine)
+    path.write_text(json.dumps(dict(original, format_version=FORMAT_VERSION + 1)))
+    with pytest.raises(EngineMismatchError, match="format version"):
+        load_manifest(engine)
+    path.unlink()
+    with pytest.raises(EngineMismatchError, match="no manifest.json"):
+        load_manifest(engine)
+
+
+# -- the CLI, where torch cannot be imported -------------------------------------------------------
+
+def _run_without_torch(*args) -> subprocess.CompletedProcess:
+    code = BLOCK_TORCH + "from prism_rt.cli import main; sys.exit(main())"
+    env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-c", code, *[str(a) for a in args]], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_cli_edit_on_onnxruntime_runs_without_torch(engine_dir, dicom_path, tmp_path):
+    out = tmp_path / "out"
+    proc = _run_without_torch("edit", "--model", engine_dir, "--backend", "onnxruntime", "--image", dicom_path,
+                              "--prompt", SOURCE, "--target", TARGET, "--inversion", "direct", "--steps", 10,
+                              "--self-max-queries", SELF_MAX_QUERIES,
+                              "--self-replace", "0.5,0.7", "--blend-words", "Devices,Finding", "--no-progress", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    names = {p.name for p in out.iterdir()}
+    assert "reconstruction.png" in names and len([n for n in names if n.startswith("diff-")]) == 2, names
+
+
+def test_cli_info_summarises_the_engine(engine_dir):
+    proc = _run_without_torch("info", engine_dir)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert set(summary["graphs"]) == set(GRAPHS)
+    assert summary["graphs"]["unet"]["precision"] == "fp32"
+    assert summary["graphs"]["unet"]["parity_max_rel"] <= 1e-4
+    assert summary["source"]["weights"]
+
+
+def test_runtime_modules_import_without_torch():
+    code = BLOCK_TORCH + textwrap.dedent("""
+        import prism_rt.ort_backend, prism_rt.manifest, prism_rt.onnx_io
+        assert 'torch' not in [m for m, v in sys.modules.items() if v is not None]
+        print('ok')
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_export_cli_reports_a_bad_model_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "prism_export.cli", "export", "--model", tmp_path / "missing",
+                           "--out", tmp_path / "engine"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: model path") and not (tmp_path / "engine").exists()
