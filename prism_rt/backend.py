@@ -45,6 +45,7 @@ class ModelInfo:
     scheduler_config: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     self_max_queries: int = 32 * 32
+    blend_downsample: int | None = None  # latent side / LocalBlend map side, chosen by layer resolution
 
     @property
     def latent_size(self) -> int:

@@ -203,7 +203,7 @@ class Engine:
             items=plan.items, reconstruction=images[0], edits=list(images[1:]), masks=image_masks[1:],
             reconstruction_error=recon_error, counts=counter.to_json(), timings=timings, plan_words=plan.edit_words,
             settings={"chunks": len(chunks), "items_per_chunk": per_chunk, "mode": control.mode,
-                      "blend_downsample": getattr(backend.graphs["unet"], "blend_downsample", None) if hasattr(backend, "graphs") else None},
+                      "blend_downsample": backend.info.blend_downsample, "backend": backend.kind.value},
         )
 
     def _items_per_chunk(self, method: InversionMethod, limits: RunLimits) -> int:

@@ -100,7 +100,8 @@ class Manifest:
             provenance={"engine": str(self.root), "engine_created_utc": self.raw.get("created_utc"),
                         "engine_sha256": {g.name: self.raw["graphs"][g.name]["sha256"] for g in self.graphs.values()},
                         "source": self.source},
-            self_max_queries=int(self.control["self_max_queries"]))
+            self_max_queries=int(self.control["self_max_queries"]),
+            blend_downsample=self.control.get("blend_downsample"))
 
     def summary(self) -> dict:
         """What ``prism-rt info ENGINE`` shows."""

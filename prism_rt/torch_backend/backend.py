@@ -35,6 +35,7 @@ class TorchBackend:
             scheduler_config=dict(components.scheduler_config),
             provenance=dict(components.provenance),
             self_max_queries=self_max_queries,
+            blend_downsample=int(self.graphs["unet"].blend_downsample),
         )
 
     @property
