@@ -24,13 +24,13 @@ Why it is built the way it is:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError, CheckpointKeysError, MissingExtraError, ModelError
+from ..manifest import sha256_file  # noqa: F401  (re-exported: streamed, never the whole file in memory)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -72,15 +72,6 @@ def _require_stack():
             __import__(module)
         except ImportError:
             raise MissingExtraError("torch", module, "The PyTorch backend") from None
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, streamed in 1 MiB blocks (never the whole file in memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _versions() -> dict:
