@@ -226,13 +226,10 @@ class Engine:
 
 
 def _as_gray01(image: Any) -> np.ndarray:
-    try:
-        from PIL import Image
+    from PIL import Image
 
-        if isinstance(image, Image.Image):
-            image = np.asarray(image.convert("F")) / 255.0
-    except ImportError:  # pragma: no cover - pillow is a base dependency
-        pass
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("F")) / 255.0
     array = np.asarray(image, dtype=np.float32)
     if array.ndim == 3 and array.shape[-1] in (3, 4):
         array = array[..., :3].mean(-1)

@@ -101,7 +101,8 @@ class Inversion:
                 raise ValueError("null-text inversion without one null embedding per step")
         except (KeyError, TypeError, ValueError) as exc:
             raise InversionFileError(f"{path} is inconsistent: {exc}; recreate it with `prism-rt invert --save`") from None
+        source_prompt = meta.get("source_prompt", "")
         for key in ("format_version", "method", "source_prompt", "sampler", "inversion"):
             meta.pop(key, None)
-        return cls(method=method, source_prompt=json.loads(arrays["meta"].item())["source_prompt"], sampler=sampler,
+        return cls(method=method, source_prompt=source_prompt, sampler=sampler,
                    config=config, trajectory=trajectory, fitted_pixels=arrays["fitted_pixels"], null_embeddings=nulls, meta=meta)

@@ -143,6 +143,7 @@ def edit_loop(backend, schedule: DDIMSchedule, plan, inputs: EditInputs, counter
     blend_from = int(inputs.blend_start * steps)
     maps_sum, masks = None, None
     latent_hw = (int(latents.shape[2]), int(latents.shape[3]))
+    uncond_index = xp.asarray(np.array(uncond_items, np.int64))
 
     for i in range(steps):
         t, alpha_t, alpha_prev = schedule.forward_alphas(i)
@@ -152,8 +153,7 @@ def edit_loop(backend, schedule: DDIMSchedule, plan, inputs: EditInputs, counter
             uncond = inputs.source_embedding
         else:
             uncond = inputs.null_embedding
-        index = xp.asarray(np.array(uncond_items, np.int64))
-        batch_latents = xp.concat([xp.take(latents, index, axis=0), latents], axis=0) if n_uncond else latents
+        batch_latents = xp.concat([xp.take(latents, uncond_index, axis=0), latents], axis=0) if n_uncond else latents
         text = xp.concat([xp.concat([uncond] * n_uncond, axis=0), cond_text], axis=0) if n_uncond else cond_text
         controls = dict(static,
                         cross_alpha=backend.asarray(plan.cross_alpha[i][None]),

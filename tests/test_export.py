@@ -25,7 +25,7 @@ from prism_rt.manifest import FORMAT_VERSION, EngineMismatchError, load_manifest
 
 SOURCE = "Chest X-ray showing Support Devices"
 TARGET = "Chest X-ray showing No Finding"
-BLOCK_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['diffusers'] = None; sys.modules['transformers'] = None\n"
+from test_torch_free import BLOCK_TORCH  # noqa: E402
 ONE_LEVEL = 1 / 255  # on the [0, 1] image scale
 # Below the tiny model's 16×16 = 256 self-attention queries: the exported UNet then holds both
 # paths of the controlled attention, fused SDPA (16×16 layers) and explicit, controlled softmax.

@@ -51,7 +51,9 @@ def test_missing_torch_extra_is_reported_with_the_fix(tmp_path):
                            "edit", "--model", str(tmp_path), "--image", str(tmp_path / "x.png"), "--prompt", "a",
                            "--target", "b", "--out", str(tmp_path / "out"), "--inversion-file", str(tmp_path / "none.npz")],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    # the CLI itself works without torch: it reports the bad input, not an import failure
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error:") and "none.npz" in proc.stderr, proc.stderr
     proc = run_without_torch("""
         from prism_rt.engine import Engine
         from prism_rt.errors import MissingExtraError
