@@ -41,8 +41,9 @@ def _model_args(p: argparse.ArgumentParser, model_required: bool = True):
     p.add_argument("--unet-weights", type=Path, help="fine-tuned UNet state dict (e.g. PRISM's model.safetensors)")
     p.add_argument("--config", type=Path, help="diffusers SD folder giving configs and tokenizer for a single-file checkpoint")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickle weights (they can execute code)")
-    p.add_argument("--self-max-queries", type=int, default=32 * 32,
-                   help="self-attention layers with at most this many queries are controlled (PRISM 1024, p2p 256)")
+    p.add_argument("--self-max-queries", type=int, default=None,
+                   help="self-attention layers with at most this many queries are controlled (PRISM 1024, the "
+                        "default for torch; p2p 256); an engine folder uses the value it was exported with")
 
 
 def _invert_args(p: argparse.ArgumentParser, required_prompt: bool):
@@ -113,7 +114,7 @@ def _check_sampler(args):
 def _control(args) -> ControlConfig:
     try:
         return ControlConfig(cross_replace=args.cross_replace, self_replace=tuple(args.self_replace),
-                             self_max_queries=args.self_max_queries, edit_weight=args.edit_weight,
+                             edit_weight=args.edit_weight,
                              edit_words=args.edit_words, blend_words=args.blend_words,
                              blend_threshold=args.blend_threshold, mode=args.mode, legacy=args.legacy)
     except ValueError as exc:

@@ -80,8 +80,8 @@ class ControlConfig:
     self_replace: the self-attention window(s); each value s replaces self-attention during the
       first s of the steps. Several values are run as extra items of one batch. PRISM sweeps
       0.4…0.8. Longer = more of the source's structure kept.
-    self_max_queries: only self-attention layers with at most this many queries are replaced
-      (PRISM: 32²; the original prompt-to-prompt code: 16²). Larger layers keep fused attention.
+    (Which self-attention layers are controlled is a property of the UNet graph, not of an edit:
+    ``Engine.load(..., self_max_queries=...)``.)
     edit_weight: reweighting of the edit words (PRISM: 2.0); None or 1.0 = no reweighting.
     edit_words: the words reweighted; None = the words of each target not in the source.
     blend_words: (source word, edit word) for LocalBlend; None = no LocalBlend.
@@ -93,7 +93,6 @@ class ControlConfig:
 
     cross_replace: float = 0.8
     self_replace: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
-    self_max_queries: int = 32 * 32
     edit_weight: float | None = 2.0
     edit_words: tuple[str, ...] | None = None
     blend_words: tuple[str, str] | None = None

@@ -58,7 +58,10 @@ class Engine:
 
     @classmethod
     def load(cls, path, backend: str | BackendKind = BackendKind.TORCH, *, device: str = "cpu",
-             unet_weights=None, allow_pickle: bool = False, config=None, self_max_queries: int = 32 * 32) -> "Engine":
+             unet_weights=None, allow_pickle: bool = False, config=None, self_max_queries: int | None = None) -> "Engine":
+        """``self_max_queries``: self-attention layers with at most this many queries are controlled
+        (PRISM 32², the original prompt-to-prompt code 16²); larger ones keep fused attention. It is
+        compiled into an exported UNet: None = 32² for torch, the engine's own value for onnxruntime."""
         from .tokenizer import ClipTokenizer
 
         kind = BackendKind(backend)
@@ -71,7 +74,7 @@ class Engine:
             from .torch_backend.backend import load_torch_backend
 
             impl = load_torch_backend(path, unet_weights=unet_weights, allow_pickle=allow_pickle, config=config,
-                                      device=device, self_max_queries=self_max_queries)
+                                      device=device, self_max_queries=self_max_queries or 32 * 32)
         elif kind is BackendKind.ONNXRUNTIME:
             # ``path`` is an engine folder from `prism-export export`; its manifest is checked here
             from .ort_backend import load_ort_backend

@@ -149,7 +149,7 @@ def _run_both(engine, targets, config: ControlConfig, cross_fn_factory):
                      start=int(config.blend_start * STEPS))
     s = config.self_replace[0]
     controller = ReferenceController(1 + len(targets), torch.as_tensor(plan.cross_alpha), cross_fn_factory(plan),
-                                     (0, int(STEPS * s)), config.self_max_queries, blend)
+                                     (0, int(STEPS * s)), backend.info.self_max_queries, blend)
     cond = torch.cat([emb[:1], emb[2:]])
     ref = reference_edit(unet, latents_T, emb[1:2], cond, controller, 7.5, STEPS)
     return ours, ref
