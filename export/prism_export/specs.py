@@ -16,7 +16,6 @@ Batch stays ≤ 63: diffusers' upsampler takes another code path from 64 items o
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import ClassVar
@@ -80,11 +79,10 @@ class ModelDims:
 
     @property
     def blend_size(self) -> int:
-        """Side of the blend maps: ``log2(blend_downsample)`` ceil-halvings of the latent side."""
-        side = self.latent_size
-        for _ in range(int(round(math.log2(self.blend_downsample)))):
-            side = (side + 1) // 2
-        return side
+        """Side of the blend maps, as the controlled UNet computes it."""
+        from prism_rt.torch_backend.controlled_unet import side_after
+
+        return side_after(self.latent_size, self.blend_downsample)
 
     @classmethod
     def from_components(cls, components, unet_graph) -> "ModelDims":

@@ -130,7 +130,7 @@ class ControlledAttnProcessor:
         return torch.cat([uncond, cond], dim=0)
 
 
-def _side_after(side: int, factor: int) -> int:
+def side_after(side: int, factor: int) -> int:
     """Spatial side after ``log2(factor)`` stride-2, pad-1 convolutions (ceil halving)."""
     for _ in range(int(round(math.log2(factor)))):
         side = (side + 1) // 2
@@ -212,8 +212,8 @@ class ControlledUNet(nn.Module):
             state.blend_sum = []
             state.cross_alpha = state.token_mapper = state.refine_alpha = state.equalizer = state.self_replace = None
         groups, items = cross_alpha.shape[0], cross_alpha.shape[1] + 1
-        h_b = _side_after(latents.shape[2], self.blend_downsample)
-        w_b = _side_after(latents.shape[3], self.blend_downsample)
+        h_b = side_after(latents.shape[2], self.blend_downsample)
+        w_b = side_after(latents.shape[3], self.blend_downsample)
         if maps:
             mean = torch.stack(maps, dim=0).mean(dim=0)  # [G, 1+K, Q, T]
             blend_maps = mean.transpose(-1, -2).reshape(groups, items, mean.shape[-1], h_b, w_b)
