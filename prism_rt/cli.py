@@ -41,6 +41,9 @@ def _model_args(p: argparse.ArgumentParser, model_required: bool = True):
     p.add_argument("--unet-weights", type=Path, help="fine-tuned UNet state dict (e.g. PRISM's model.safetensors)")
     p.add_argument("--config", type=Path, help="diffusers SD folder giving configs and tokenizer for a single-file checkpoint")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickle weights (they can execute code)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int8-cpu"],
+                   help="an engine folder's variant (`prism-rt info ENGINE` lists them with their measured quality); "
+                        "torch: fp32 or fp16 graphs (loops stay fp32)")
     p.add_argument("--self-max-queries", type=int, default=None,
                    help="self-attention layers with at most this many queries are controlled (PRISM 1024, the "
                         "default for torch; p2p 256); an engine folder uses the value it was exported with")
@@ -125,7 +128,8 @@ def _load(args):
     from .engine import Engine
 
     return Engine.load(args.model, backend=args.backend, device=args.device, unet_weights=args.unet_weights,
-                       allow_pickle=args.allow_pickle, config=args.config, self_max_queries=args.self_max_queries)
+                       allow_pickle=args.allow_pickle, config=args.config, self_max_queries=args.self_max_queries,
+                       precision=args.precision)
 
 
 def _invert(engine, args, source):
@@ -187,7 +191,7 @@ def cmd_info(args) -> int:
     if (Path(target) / "manifest.json").is_file() or args.engine is not None:
         from .manifest import load_manifest  # an engine folder: checked, summarised, nothing loaded
 
-        print(json.dumps(load_manifest(target).summary(), indent=2, default=str))
+        print(json.dumps(load_manifest(target, precision=args.precision).summary(), indent=2, default=str))
         return 0
     engine = _load(args)
     info = engine.backend.info

@@ -58,8 +58,12 @@ class Engine:
 
     @classmethod
     def load(cls, path, backend: str | BackendKind = BackendKind.TORCH, *, device: str = "cpu",
-             unet_weights=None, allow_pickle: bool = False, config=None, self_max_queries: int | None = None) -> "Engine":
-        """``self_max_queries``: self-attention layers with at most this many queries are controlled
+             unet_weights=None, allow_pickle: bool = False, config=None, self_max_queries: int | None = None,
+             precision: str = "fp32", threads: int | None = None) -> "Engine":
+        """``precision``: an engine folder's variant (fp32, fp16, int8, int8-cpu; see ``prism-rt info``),
+        or the torch backend's dtype (fp32, fp16: the graphs run in half precision, the loops in fp32).
+        ``threads``: onnxruntime's intra-op threads (None: its default, all cores).
+        ``self_max_queries``: self-attention layers with at most this many queries are controlled
         (PRISM 32², the original prompt-to-prompt code 16²); larger ones keep fused attention. It is
         compiled into an exported UNet: None = 32² for torch, the engine's own value for onnxruntime."""
         from .tokenizer import ClipTokenizer
@@ -73,8 +77,12 @@ class Engine:
                     raise MissingExtraError("torch", module, "The PyTorch backend") from None
             from .torch_backend.backend import load_torch_backend
 
+            if precision not in ("fp32", "fp16"):
+                raise BackendError(f"the torch backend runs fp32 or fp16, not {precision!r}; int8 variants live in "
+                                   "engine folders: export one with `prism-export export … --precision fp32,int8-cpu` "
+                                   "and run it with --backend onnxruntime")
             impl = load_torch_backend(path, unet_weights=unet_weights, allow_pickle=allow_pickle, config=config,
-                                      device=device, self_max_queries=self_max_queries or 32 * 32)
+                                      device=device, self_max_queries=self_max_queries or 32 * 32, precision=precision)
         elif kind is BackendKind.ONNXRUNTIME:
             # ``path`` is an engine folder from `prism-export export`; its manifest is checked here
             from .ort_backend import load_ort_backend
@@ -82,7 +90,8 @@ class Engine:
             if unet_weights is not None or config is not None:
                 raise BackendError("--unet-weights and --config apply when exporting; an engine folder already holds its "
                                    "weights: re-export with `prism-export export --model … --unet-weights … --out ENGINE`")
-            impl = load_ort_backend(path, device=device, self_max_queries=self_max_queries)
+            impl = load_ort_backend(path, device=device, self_max_queries=self_max_queries, precision=precision,
+                                    threads=threads)
         else:
             raise BackendError(f"backend {kind.value!r} is not available in this version; use --backend torch or onnxruntime")
         return cls(impl, ClipTokenizer.from_folder(impl.info.tokenizer_dir), str(path))

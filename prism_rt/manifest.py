@@ -7,6 +7,11 @@ a re-exported graph next to an old manifest, a flipped byte), or whose graph fil
 inputs/outputs than the manifest. Each refusal is an :class:`EngineMismatchError` naming the file
 and the command that rebuilds the engine. Hashes are streamed: an SD v1.5 UNet is 3.4 GB.
 
+Precisions: ``graphs`` is the fp32 reference; ``variants`` (optional) maps a precision name
+(``fp16``, ``int8``, ``int8-cpu``) to the graphs it replaces (the others are the fp32 ones), its
+per-graph precision, how it was made (quantization settings) and its measured quality against
+fp32. Only the graphs of the precision being loaded are hashed and checked.
+
 torch-free and onnx-free: graph signatures are read by :mod:`prism_rt.onnx_io`.
 """
 from __future__ import annotations
@@ -24,6 +29,11 @@ FORMAT = "prism-rt-engine"
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
+REFERENCE_PRECISION = "fp32"
+PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu")
+"""fp32: the reference. fp16: UNet / text encoder / VAE in half precision (which ones: a setting of
+the export). int8: the UNet with symmetric int8 Q/DQ (TensorRT's explicit quantization). int8-cpu:
+the UNet with u8 activations and s8 per-channel weights, fastest in ONNX Runtime on x86."""
 
 
 class EngineMismatchError(ModelError):
@@ -70,6 +80,7 @@ class GraphEntry:
     parity: dict
     fixed_spatial: bool = False
     notes: tuple[str, ...] = ()
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,8 +94,19 @@ class Manifest:
     source: dict
     model: dict
     control: dict
-    graphs: dict[str, GraphEntry]
+    graphs: dict[str, GraphEntry]  # the graphs of the loaded precision
     raw: dict = field(repr=False, default_factory=dict)
+    loaded_precision: str = REFERENCE_PRECISION
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """The precisions this engine folder holds, the fp32 reference first."""
+        return (REFERENCE_PRECISION, *self.raw.get("variants", {}))
+
+    def quality(self, precision: str | None = None) -> dict | None:
+        """The quality measured at export for a precision against fp32 (None for fp32 itself)."""
+        variant = self.raw.get("variants", {}).get(precision or self.loaded_precision)
+        return None if variant is None else variant.get("quality")
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -98,7 +120,8 @@ class Manifest:
             max_tokens=int(m["max_tokens"]), tokenizer_dir=self.tokenizer_dir,
             scheduler_config=dict(m.get("scheduler_config", {})),
             provenance={"engine": str(self.root), "engine_created_utc": self.raw.get("created_utc"),
-                        "engine_sha256": {g.name: self.raw["graphs"][g.name]["sha256"] for g in self.graphs.values()},
+                        "engine_sha256": {g.name: g.sha256 for g in self.graphs.values()},
+                        "precision": self.loaded_precision,
                         "source": self.source},
             self_max_queries=int(self.control["self_max_queries"]),
             blend_downsample=self.control.get("blend_downsample"))
@@ -110,6 +133,10 @@ class Manifest:
             "prism_rt_version": self.prism_rt_version, "opset": self.opset, "exporter": self.exporter,
             "model": {k: v for k, v in self.model.items() if k != "scheduler_config"},
             "control": {k: v for k, v in self.control.items() if k not in ("layers",)},
+            "precision": self.loaded_precision, "precisions": list(self.precisions),
+            "variants": {name: {"graphs": {g: v.get("precision") for g, v in variant.get("graphs", {}).items()},
+                                "quality": variant.get("quality"), "quantization": variant.get("quantization")}
+                         for name, variant in self.raw.get("variants", {}).items()},
             "graphs": {g.name: {"precision": g.precision, "file": g.file.relative_to(self.root).as_posix(),
                                 "inputs": {t.name: [t.dtype, list(t.shape)] for t in g.inputs},
                                 "outputs": {t.name: [t.dtype, list(t.shape)] for t in g.outputs},
@@ -160,8 +187,25 @@ def _check_signature(entry: GraphEntry, raw: dict) -> None:
                                       + _reexport_hint(entry.file.parent.parent, raw))
 
 
-def load_manifest(engine_dir, *, verify_hashes: bool = True) -> Manifest:
-    """Read and check ``engine_dir/manifest.json`` against the folder's files."""
+def _graph_entry(root: Path, name: str, g: dict, raw: dict, verify_hashes: bool) -> GraphEntry:
+    onnx_path = _check_file(root, g["file"], g.get("sha256"), raw, verify_hashes)
+    data_path = _check_file(root, g["data_file"], g.get("data_sha256"), raw, verify_hashes) if g.get("data_file") else None
+    return GraphEntry(
+        name=name, file=onnx_path, data_file=data_path, precision=str(g.get("precision", REFERENCE_PRECISION)),
+        inputs=tuple(TensorInfo.from_json(t) for t in g["inputs"]),
+        outputs=tuple(TensorInfo.from_json(t) for t in g["outputs"]),
+        dims={k: DimInfo(int(d["min"]), int(d["opt"]), int(d["max"])) for k, d in g.get("dims", {}).items()},
+        profile=dict(g.get("profile", {})), parity=dict(g.get("parity", {})),
+        fixed_spatial=bool(g.get("fixed_spatial", False)), notes=tuple(g.get("notes", ())), sha256=g.get("sha256"))
+
+
+class PrecisionNotInEngineError(ModelError):
+    """The engine folder holds no graphs of the asked precision."""
+
+
+def load_manifest(engine_dir, *, precision: str = REFERENCE_PRECISION, verify_hashes: bool = True) -> Manifest:
+    """Read and check ``engine_dir/manifest.json`` against the folder's files, for the graphs of
+    ``precision`` (the fp32 graphs with the variant's replacements)."""
     root = Path(engine_dir).expanduser()
     if not root.is_dir():
         raise ModelError(f"engine folder {root} does not exist; export one with `prism-export export --model CHECKPOINT --out {root}`")
@@ -182,29 +226,28 @@ def load_manifest(engine_dir, *, verify_hashes: bool = True) -> Manifest:
         raise EngineMismatchError(
             f"{path} has engine format version {version!r}; this prism_rt {_runtime_version()} reads versions "
             f"{list(SUPPORTED_FORMAT_VERSIONS)}: install the prism_rt that exported it, or " + _reexport_hint(root, raw))
+    variants = raw.get("variants") or {}
+    if precision not in PRECISIONS:
+        raise PrecisionNotInEngineError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision != REFERENCE_PRECISION and precision not in variants:
+        held = ", ".join((REFERENCE_PRECISION, *variants))
+        raise PrecisionNotInEngineError(
+            f"the engine {root} holds the precisions {held}, not {precision!r}; add it with "
+            f"`prism-export variants --engine {root} --precision {precision}` or pick one of {held}")
     try:
         graphs = {}
         for name in GRAPHS:
             if name not in raw["graphs"]:
                 raise EngineMismatchError(f"the engine {root} has no {name} graph in {path}; " + _reexport_hint(root, raw))
-            g = raw["graphs"][name]
-            onnx_path = _check_file(root, g["file"], g.get("sha256"), raw, verify_hashes)
-            data_path = (_check_file(root, g["data_file"], g.get("data_sha256"), raw, verify_hashes)
-                         if g.get("data_file") else None)
-            graphs[name] = GraphEntry(
-                name=name, file=onnx_path, data_file=data_path, precision=str(g.get("precision", "fp32")),
-                inputs=tuple(TensorInfo.from_json(t) for t in g["inputs"]),
-                outputs=tuple(TensorInfo.from_json(t) for t in g["outputs"]),
-                dims={k: DimInfo(int(d["min"]), int(d["opt"]), int(d["max"])) for k, d in g.get("dims", {}).items()},
-                profile=dict(g.get("profile", {})), parity=dict(g.get("parity", {})),
-                fixed_spatial=bool(g.get("fixed_spatial", False)), notes=tuple(g.get("notes", ())))
+            g = (variants.get(precision, {}).get("graphs") or {}).get(name) or raw["graphs"][name]
+            graphs[name] = _graph_entry(root, name, g, raw, verify_hashes)
         for f in raw.get("files", []):
             _check_file(root, f["path"], f.get("sha256"), raw, verify_hashes)
         manifest = Manifest(
             root=root, format_version=int(version), prism_rt_version=str(raw.get("prism_rt_version")),
-            opset=int(raw["opset"]), precision=dict(raw.get("precision", {})), exporter=dict(raw.get("exporter", {})),
+            opset=int(raw["opset"]), precision={name: g.precision for name, g in graphs.items()}, exporter=dict(raw.get("exporter", {})),
             source=dict(raw.get("source") or {}), model=dict(raw["model"]), control=dict(raw["control"]),
-            graphs=graphs, raw=raw)
+            graphs=graphs, raw=raw, loaded_precision=precision)
         manifest.model_info()  # every field the runtime needs is there
     except (KeyError, TypeError, ValueError) as exc:
         raise EngineMismatchError(f"the engine manifest {path} lacks or has a malformed entry ({type(exc).__name__}: {exc}); "

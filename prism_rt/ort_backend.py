@@ -69,7 +69,11 @@ def _providers(kind: OrtDevice, index: int, manifest: Manifest, graph: str) -> l
     def shapes(level):
         return ",".join(f"{name}:{'x'.join(str(d) for d in p[level])}" for name, p in profile.items())
 
-    trt = {"device_id": index, "trt_fp16_enable": False, "trt_engine_cache_enable": False}
+    # fp16 graphs already hold half weights; the int8 UNet is explicitly quantized (Q/DQ), which
+    # TensorRT builds without a calibration table once int8 is enabled
+    precision = manifest.graphs[graph].precision
+    trt = {"device_id": index, "trt_fp16_enable": precision == "fp16", "trt_int8_enable": precision == "int8",
+           "trt_engine_cache_enable": False}
     if profile:
         trt.update(trt_profile_min_shapes=shapes("min"), trt_profile_opt_shapes=shapes("opt"),
                    trt_profile_max_shapes=shapes("max"))
@@ -176,21 +180,22 @@ class OrtBackend:
 
         return {"backend": self.kind.value, "device": self.device, "onnxruntime": ort.__version__,
                 "providers": {name: s.get_providers()[0] for name, s in self.sessions.items()},
-                "precision": dict(self.manifest.precision), "engine": str(self.manifest.root),
+                "precision": self.manifest.loaded_precision, "graph_precisions": dict(self.manifest.precision),
+                "engine": str(self.manifest.root),
                 "engine_format_version": self.manifest.format_version}
 
 
 def load_ort_backend(path, device: str = "cpu", self_max_queries: int | None = None,
-                     verify_hashes: bool = True) -> OrtBackend:
-    """Check the engine folder's manifest, then open its graphs on ``device``."""
+                     verify_hashes: bool = True, precision: str = "fp32", threads: int | None = None) -> OrtBackend:
+    """Check the engine folder's manifest (for the graphs of ``precision``), then open them on ``device``."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         raise BackendError("the onnxruntime backend needs the onnxruntime package: pip install onnxruntime") from None
-    manifest = load_manifest(Path(path), verify_hashes=verify_hashes)
+    manifest = load_manifest(Path(path), precision=precision, verify_hashes=verify_hashes)
     exported = int(manifest.control["self_max_queries"])
     if self_max_queries is not None and int(self_max_queries) != exported:
         raise BackendError(f"the engine {path} was exported with self_max_queries {exported}, not {self_max_queries}: "
                            f"the controlled layers are compiled into the graph. Pass --self-max-queries {exported}, or "
                            f"re-export with `prism-export export … --self-max-queries {self_max_queries}`")
-    return OrtBackend(manifest, device=device)
+    return OrtBackend(manifest, device=device, threads=threads)

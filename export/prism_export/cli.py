@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .export_cli import add_export_parser, run_export
+from .export_cli import add_export_parser, add_variants_parser, run_export, run_variants
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,9 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
     tiny.add_argument("--seed", type=int, default=0)
     add_export_parser(sub)
+    add_variants_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "export":
         return run_export(args)
+    if args.command == "variants":
+        return run_variants(args)
     try:
         import torch  # noqa: F401
         import diffusers  # noqa: F401

@@ -20,26 +20,115 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--parity-tolerance", type=float, default=1e-3,
                    help="fail if a graph differs from torch by more than this (max abs error / max |torch output|)")
     p.add_argument("--out", type=Path, required=True, help="the engine folder to create (must not exist, or be empty)")
+    add_variant_options(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return p
 
 
-def run_export(args) -> int:
-    for module in ("torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime"):
+def _precisions(text: str) -> tuple[str, ...]:
+    from prism_rt.manifest import PRECISIONS
+
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in values if v not in PRECISIONS]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"precisions are a comma-separated subset of {','.join(PRECISIONS)}; got {text!r}")
+    return values
+
+
+def _graphs(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def add_variant_options(p: argparse.ArgumentParser, default_precision: str = "fp32") -> None:
+    from .variants import FP16_GRAPHS_DEFAULT, VariantSettings
+
+    d = VariantSettings()
+    p.add_argument("--precision", type=_precisions, default=_precisions(default_precision),
+                   help="comma-separated variants to write side by side: fp32 (the reference, always written by "
+                        "export), fp16, int8 (symmetric Q/DQ UNet for TensorRT), int8-cpu (u8/s8 UNet for onnxruntime "
+                        "on x86)")
+    p.add_argument("--fp16-graphs", type=_graphs, default=FP16_GRAPHS_DEFAULT,
+                   help=f"graphs converted in the fp16 variant (default {','.join(FP16_GRAPHS_DEFAULT)}); the others stay fp32")
+    p.add_argument("--calibration-images", type=Path, default=None,
+                   help="folder of PNG/JPEG/DICOM radiographs (+ optional captions.json) whose inversion and edit "
+                        "trajectories calibrate int8 and measure every variant's quality (default: the built-in set, "
+                        "pydicom-data's RG1_UNCR.dcm and phantom patients)")
+    p.add_argument("--calibration-count", type=int, default=d.calibration_count, help="images used (default %(default)s)")
+    p.add_argument("--calibration-steps", type=int, default=d.calibration_steps,
+                   help="DDIM steps of the calibration/quality runs (default %(default)s; use ~5 at SD v1.5 size on a CPU)")
+    p.add_argument("--calibration-samples", type=int, default=d.calibration_samples,
+                   help="UNet calls kept for int8 calibration, evenly spread (default %(default)s)")
+    p.add_argument("--calibration-method", default=d.calibration_method, choices=["minmax", "percentile", "entropy"])
+    p.add_argument("--calibration-self-replace", type=lambda s: tuple(float(v) for v in s.split(",") if v),
+                   default=d.self_replace, help="self-window sweep of the calibration edits (default PRISM's 0.4…0.8)")
+
+
+def variant_settings(args):
+    from .variants import VariantSettings
+
+    return VariantSettings(fp16_graphs=tuple(args.fp16_graphs), calibration_images=args.calibration_images,
+                           calibration_count=args.calibration_count, calibration_steps=args.calibration_steps,
+                           calibration_samples=args.calibration_samples, calibration_method=args.calibration_method,
+                           self_replace=tuple(args.calibration_self_replace))
+
+
+def add_variants_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("variants", help="add fp16 / int8 / int8-cpu variants (with measured quality) to an engine folder")
+    p.add_argument("--engine", type=Path, required=True, help="an engine folder written by `prism-export export`")
+    add_variant_options(p, default_precision="fp16,int8,int8-cpu")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    return p
+
+
+def _needs(*modules) -> str | None:
+    for module in modules:
         try:
             __import__(module)
         except ImportError:
-            print(f"error: prism-export export needs the '{module}' package; install it with: "
-                  "pip install 'prism-rt[export]'", file=sys.stderr)
-            return 2
+            return (f"error: prism-export needs the '{module}' package; install it with: "
+                    "pip install 'prism-rt[export]'")
+    return None
+
+
+def run_variants(args) -> int:
+    message = _needs("onnx", "onnxruntime", "skimage")
+    if message:
+        print(message, file=sys.stderr)
+        return 2
+    from prism_rt.errors import PrismError
+
+    from .variants import add_variants
+
+    try:
+        variants = add_variants(args.engine, args.precision, variant_settings(args),
+                                progress=lambda line: print(line, flush=True))
+    except PrismError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"the engine {args.engine} now holds fp32, {', '.join(variants)}; run one with: "
+          f"prism-rt edit --model {args.engine} --backend onnxruntime --precision {args.precision[-1]} …")
+    return 0
+
+
+def run_export(args) -> int:
+    variants = [p for p in args.precision if p != "fp32"]
+    message = _needs("torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime",
+                     *(("skimage",) if variants else ()))
+    if message:
+        print(message, file=sys.stderr)
+        return 2
     from prism_rt.errors import PrismError
 
     from .onnx_export import export_engine
 
     try:
+        settings = variant_settings(args) if variants else None  # bad settings fail before the export
         out = export_engine(args.model, args.out, unet_weights=args.unet_weights, config=args.config,
                             allow_pickle=args.allow_pickle, self_max_queries=args.self_max_queries, opset=args.opset,
-                            parity_tolerance=args.parity_tolerance, progress=lambda line: print(line, flush=True))
+                            parity_tolerance=args.parity_tolerance, progress=lambda line: print(line, flush=True),
+                            precisions=variants, variant_settings=settings)
     except PrismError as exc:
         if args.debug:
             raise

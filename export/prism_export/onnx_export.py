@@ -51,8 +51,10 @@ def _check_out(out: Path) -> None:
 def export_engine(model, out, *, unet_weights=None, config=None, allow_pickle: bool = False,
                   self_max_queries: int = 32 * 32, opset: int = OPSET,
                   parity_tolerance: float = DEFAULT_PARITY_TOLERANCE,
-                  progress: Callable[[str], None] = print) -> Path:
-    """Export ``model`` (anything ``load_checkpoint`` reads) into the engine folder ``out``."""
+                  progress: Callable[[str], None] = print, precisions=(), variant_settings=None) -> Path:
+    """Export ``model`` (anything ``load_checkpoint`` reads) into the engine folder ``out``;
+    ``precisions`` (fp16, int8, int8-cpu) are then derived from the fp32 graphs, in the staging
+    folder, so the engine appears complete or not at all."""
     import torch
 
     from prism_rt.torch_backend.checkpoint import load_checkpoint
@@ -92,6 +94,12 @@ def export_engine(model, out, *, unet_weights=None, config=None, allow_pickle: b
         copy_tokenizer(components.tokenizer_dir, staging / "tokenizer")
         manifest = build_manifest(staging, components, graphs["unet"], dims, specs, records, opset)
         write_manifest(staging, manifest)
+        del graphs, components
+        gc.collect()
+        if precisions:
+            from .variants import VariantSettings, add_variants
+
+            add_variants(staging, precisions, variant_settings or VariantSettings(), progress=progress)
         if out.exists():
             out.rmdir()  # empty (checked above); rename() will not replace a folder on every OS
         os.replace(staging, out)

@@ -18,6 +18,8 @@ class TorchBackend:
 
     def __init__(self, components, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  self_max_queries: int = 32 * 32):
+        """``dtype``: the graphs' precision. The loops (DDIM steps, CFG, blend, null-text's Adam)
+        stay in float32: ``run`` casts a graph's float inputs to ``dtype`` and its outputs back."""
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendError(f"device {device!r} asked for, but torch sees no CUDA device; use --device cpu")
         self.device, self.dtype = torch.device(device), dtype
@@ -48,7 +50,7 @@ class TorchBackend:
         if isinstance(array, torch.Tensor):
             return array.to(self.device)
         array = np.asarray(array)
-        dtype = self.dtype if array.dtype.kind == "f" else None
+        dtype = torch.float32 if array.dtype.kind == "f" else None
         return torch.as_tensor(array, device=self.device, dtype=dtype)
 
     def to_numpy(self, array) -> np.ndarray:
@@ -56,8 +58,20 @@ class TorchBackend:
             return array.detach().to("cpu", torch.float32 if array.is_floating_point() else array.dtype).numpy()
         return np.asarray(array)
 
+    def _in(self, x):
+        return x.to(self.dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    def _out(self, x):
+        return x.float() if x.is_floating_point() else x
+
     @torch.no_grad()
     def run(self, graph: str, **inputs):
+        if self.dtype != torch.float32:
+            inputs = {k: self._in(v) for k, v in inputs.items()}
+            return {k: self._out(v) for k, v in self._run(graph, **inputs).items()}
+        return self._run(graph, **inputs)
+
+    def _run(self, graph: str, **inputs):
         if graph == "text_encoder":
             return {"hidden": self.graphs[graph](inputs["input_ids"])}
         if graph == "vae_encoder":
@@ -71,6 +85,8 @@ class TorchBackend:
 
     def unet_plain(self, latents, timestep, text):
         """The stock UNet with autograd available (null-text inversion)."""
+        if self.dtype != torch.float32:
+            return self._out(self.graphs["unet"].plain(self._in(latents), timestep, self._in(text)))
         return self.graphs["unet"].plain(latents, timestep, text)
 
     def describe(self) -> dict:
@@ -79,15 +95,17 @@ class TorchBackend:
 
         return {
             "backend": self.kind.value, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "precision": {torch.float32: "fp32", torch.float16: "fp16"}.get(self.dtype, str(self.dtype)),
             "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "threads": torch.get_num_threads(),
         }
 
 
 def load_torch_backend(model, *, unet_weights=None, allow_pickle=False, config=None, device="cpu",
-                       self_max_queries: int = 32 * 32) -> TorchBackend:
+                       self_max_queries: int = 32 * 32, precision: str = "fp32") -> TorchBackend:
     from .checkpoint import load_checkpoint
 
     components = load_checkpoint(model, unet_weights=unet_weights, allow_pickle=allow_pickle, config=config,
                                  device="cpu", dtype=torch.float32)
-    return TorchBackend(components, device=device, self_max_queries=self_max_queries)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
+    return TorchBackend(components, device=device, dtype=dtype, self_max_queries=self_max_queries)

@@ -1,0 +1,460 @@
+"""fp16 and int8 variants of an exported engine, each with its quality measured against fp32.
+
+An engine folder's ``onnx/`` graphs are the fp32 reference. This module derives, side by side in
+the same folder (ARCHITECTURE.md, "Engine folder"):
+
+* ``onnx-fp16/<graph>.onnx``: the graphs chosen by ``fp16_graphs`` converted with ONNX Runtime's
+  own float16 converter (``onnxruntime.transformers.float16``, the one its SD tools use); inputs
+  and outputs stay float32, so the runtime feeds every precision the same arrays.
+* ``onnx-int8/unet.onnx``: the UNet with **symmetric** int8 Q/DQ (zero points 0, per-channel
+  weights), which is what TensorRT's explicit quantization accepts; the same file runs in ONNX
+  Runtime.
+* ``onnx-int8-cpu/unet.onnx``: the UNet with u8 (asymmetric) activations and s8 per-channel
+  weights, the layout ONNX Runtime's x86 int8 kernels (VNNI) are fastest with.
+
+Both int8 variants come from ``onnxruntime.quantization.quantize_static`` calibrated on the UNet
+inputs recorded while the fp32 engine inverts and edits the calibration images (latents,
+timesteps, text embeddings and control tensors of real trajectories, not random tensors). Only
+Conv / MatMul / Gemm nodes with a constant weight are quantized, except the sensitive ones: the
+time embedding and the ResNets' time projections, ``conv_in`` and ``conv_out``. Normalisations,
+softmax, the attention-probability products (MatMul / Einsum of two activations) and the
+prompt-to-prompt control math are never quantized. Nodes are chosen by the torch module scope the
+dynamo exporter records on each node (``pkg.torch.onnx.name_scopes``).
+
+Quality: the fp32 engine and each variant invert (direct inversion: ONNX Runtime has no autograd)
+and edit the same calibration images; the manifest records the PSNR and SSIM (scikit-image) of
+each variant's counterfactuals and reconstructions against fp32's, and the error of its UNet's
+noise prediction on the recorded inputs. These are in-sample figures: the images are the
+calibration images, as the export has no others.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from prism_rt.backend import GRAPHS
+from prism_rt.errors import PrismError
+from prism_rt.manifest import MANIFEST_NAME, PRECISIONS, REFERENCE_PRECISION, load_manifest, sha256_file
+
+VARIANT_DIRS = {"fp16": "onnx-fp16", "int8": "onnx-int8", "int8-cpu": "onnx-int8-cpu"}
+FP16_GRAPHS_DEFAULT = ("text_encoder", "vae_encoder", "vae_decoder", "unet")
+UNET_FLOAT_SCOPES = ("time_embedding", "time_emb_proj", "conv_in", "conv_out")
+QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+DEFAULT_SOURCE_PROMPT = "Chest X-ray showing No Finding"
+DEFAULT_TARGETS = ("Chest X-ray showing Support Devices", "Chest X-ray showing Pleural Effusion")
+CALIBRATION_SEED0 = 2_000_000  # phantom patients for calibration: apart from training (0…) and evaluation (1e6…)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
+
+
+class VariantError(PrismError):
+    """A precision variant cannot be built or fails its checks."""
+
+
+@dataclass(frozen=True)
+class CalibrationItem:
+    """One calibration image (gray, [0,1], any size) with its caption and edited captions."""
+
+    name: str
+    pixels: np.ndarray = field(repr=False)
+    prompt: str = DEFAULT_SOURCE_PROMPT
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+
+
+@dataclass(frozen=True)
+class VariantSettings:
+    """How variants are calibrated and measured (``prism-export … --precision``'s options)."""
+
+    fp16_graphs: tuple[str, ...] = FP16_GRAPHS_DEFAULT
+    calibration_images: Path | None = None  # None: the built-in set (see default_calibration_items)
+    calibration_count: int = 4
+    calibration_steps: int = 50
+    calibration_samples: int = 64  # UNet calls kept for calibration, evenly spread over the trajectories
+    calibration_method: str = "minmax"  # minmax | percentile | entropy (onnxruntime's calibrators)
+    self_replace: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
+    threads: int | None = None
+
+    def __post_init__(self):
+        unknown = sorted(set(self.fp16_graphs) - set(GRAPHS))
+        if unknown:
+            raise VariantError(f"--fp16-graphs names unknown graph(s) {unknown}; graphs are {', '.join(GRAPHS)}")
+        if self.calibration_count < 1 or self.calibration_steps < 2 or self.calibration_samples < 1:
+            raise VariantError("--calibration-count and --calibration-samples must be ≥ 1 and --calibration-steps ≥ 2")
+        if self.calibration_method not in ("minmax", "percentile", "entropy"):
+            raise VariantError(f"--calibration-method must be minmax, percentile or entropy, not {self.calibration_method!r}")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["calibration_images"] = str(self.calibration_images) if self.calibration_images else "built-in"
+        return d
+
+
+# -- calibration images ---------------------------------------------------------------------------
+def load_calibration_items(folder: Path, count: int) -> list[CalibrationItem]:
+    """Images of ``folder`` (PNG, JPEG, DICOM), sorted by name, the first ``count``. Captions come
+    from ``folder/captions.json`` (``{"file.png": {"prompt": "...", "targets": ["...", ...]}}``) when
+    present, otherwise a normal caption with a support-device and an effusion edit."""
+    from prism_rt.imageio import load_image
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VariantError(f"--calibration-images {folder} is not a folder; give a folder of PNG/JPEG/DICOM radiographs")
+    captions = {}
+    if (folder / "captions.json").is_file():
+        try:
+            captions = json.loads((folder / "captions.json").read_text())
+        except ValueError as exc:
+            raise VariantError(f"{folder / 'captions.json'} is not valid JSON ({exc}); see `prism-export export --help`") from None
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
+    if not files:
+        raise VariantError(f"--calibration-images {folder} holds no PNG, JPEG or DICOM image")
+    items = []
+    for path in files:
+        entry = captions.get(path.name, {})
+        items.append(CalibrationItem(path.name, load_image(path).pixels, entry.get("prompt", DEFAULT_SOURCE_PROMPT),
+                                     tuple(entry.get("targets", DEFAULT_TARGETS))))
+    return items
+
+
+def default_calibration_items(count: int, size: int) -> list[CalibrationItem]:
+    """The built-in set: the real CR radiograph of pydicom-data (when installed), then phantom
+    patients (``prism_export.phantom``) with their captions and the edit that toggles devices."""
+    items = []
+    try:
+        import data_store
+
+        from prism_rt.imageio import load_image
+
+        dicom = Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm"
+        if dicom.is_file():
+            items.append(CalibrationItem("RG1_UNCR.dcm", load_image(dicom).pixels))
+    except ImportError:
+        pass
+    from . import phantom
+
+    seed = CALIBRATION_SEED0
+    while len(items) < count:
+        patient, attributes = phantom.sample_patient(seed), phantom.sample_attributes(seed)
+        sample = phantom.render(patient, attributes, size=size)
+        toggled = phantom.counterfactuals(patient, attributes, size=size)["devices"]
+        items.append(CalibrationItem(f"phantom-{seed}", sample.image, sample.caption,
+                                     (toggled.caption,) if toggled.caption != sample.caption else DEFAULT_TARGETS))
+        seed += 1
+    return items[:count]
+
+
+# -- recording the fp32 trajectories ----------------------------------------------------------------
+class _RecordingBackend:
+    """Wraps a backend; keeps a copy of every UNet call's inputs and noise output."""
+
+    def __init__(self, backend):
+        self._backend = backend
+        self.unet_calls: list[tuple[dict, np.ndarray]] = []
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def run(self, graph: str, **inputs):
+        outputs = self._backend.run(graph, **inputs)
+        if graph == "unet":
+            self.unet_calls.append(({k: np.array(v, copy=True) for k, v in inputs.items()},
+                                    np.array(outputs["noise"], copy=True)))
+        return outputs
+
+
+@dataclass
+class _Run:
+    images: list[np.ndarray]  # per item: [1 + edits, S, S] in [0,1] (reconstruction first)
+    unet_calls: list
+    seconds: float
+
+
+def _invert_and_edit(engine, items: Sequence[CalibrationItem], settings: VariantSettings, record: bool) -> _Run:
+    from prism_rt.config import ControlConfig
+    from prism_rt.engine import Engine
+
+    runner = engine
+    if record:
+        runner = Engine(_RecordingBackend(engine.backend), engine.tokenizer, engine.model_path)
+    sampler = engine.sampler(steps=settings.calibration_steps)
+    control = ControlConfig(self_replace=tuple(settings.self_replace))
+    images, start = [], time.perf_counter()
+    for item in items:
+        inversion = runner.invert(item.pixels, item.prompt, method="direct", sampler=sampler)
+        result = runner.edit(inversion, list(item.targets), control)
+        stack = np.stack([result.reconstruction, *result.edits]).mean(1)  # gray
+        images.append(np.clip((stack + 1) / 2, 0, 1))
+    calls = runner.backend.unet_calls if record else []
+    return _Run(images, calls, time.perf_counter() - start)
+
+
+def _spread(calls: list, count: int) -> list:
+    if len(calls) <= count:
+        return list(calls)
+    index = np.unique(np.linspace(0, len(calls) - 1, count).round().astype(int))
+    return [calls[i] for i in index]
+
+
+# -- building the variant graphs --------------------------------------------------------------------
+def unet_nodes_to_quantize(model) -> tuple[list[str], dict]:
+    """Names of the UNet nodes to quantize, and a summary of what was kept in float and why."""
+    initializers = {t.name for t in model.graph.initializer}
+    chosen, kept = [], {"sensitive_scope": 0, "activation_product": 0}
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZED_OPS:
+            continue
+        if len(node.input) < 2 or node.input[1] not in initializers:
+            kept["activation_product"] += 1  # attention scores / probabilities × values, control products
+            continue
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        if any(s in scopes for s in UNET_FLOAT_SCOPES):
+            kept["sensitive_scope"] += 1
+            continue
+        chosen.append(node.name)
+    if not chosen:
+        raise VariantError("found no Conv/MatMul/Gemm node with constant weights to quantize in the UNet graph; "
+                           "was it exported by `prism-export export`?")
+    return chosen, {"quantized_nodes": len(chosen), "kept_float": kept,
+                    "kept_float_scopes": list(UNET_FLOAT_SCOPES), "quantized_ops": list(QUANTIZED_OPS)}
+
+
+def quantize_unet(src: Path, dst: Path, feeds: Sequence[dict], precision: str, method: str) -> dict:
+    """Static Q/DQ quantization of the UNet graph ``src`` into ``dst`` (+ ``dst.data``)."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    nodes, summary = unet_nodes_to_quantize(onnx.load(str(src), load_external_data=False))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    symmetric = precision == "int8"
+    activation = QuantType.QInt8 if symmetric else QuantType.QUInt8
+    options = {"ActivationSymmetric": symmetric, "WeightSymmetric": True}
+    calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                 "entropy": CalibrationMethod.Entropy}[method]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, activation_type=activation,
+                        weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes,
+                        calibrate_method=calibrate, use_external_data_format=True, extra_options=options)
+    except Exception as exc:  # onnxruntime's own exception types
+        raise VariantError(f"onnxruntime could not quantize the UNet to {precision}: {type(exc).__name__}: {exc}") from exc
+    _one_data_file(dst)
+    return {**summary, "format": "QDQ", "activations": "int8 symmetric" if symmetric else "uint8 asymmetric",
+            "weights": "int8 symmetric per-channel", "calibration_method": method, "calibration_feeds": len(feeds),
+            "tool": "onnxruntime.quantization.quantize_static"}
+
+
+def convert_fp16(src: Path, dst: Path) -> dict:
+    """One graph to float16 with float32 inputs and outputs."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src), load_external_data=True)
+    large = sum(t.ByteSize() for t in model.graph.initializer) > 1.8 * 2**30
+    try:  # onnx shape inference cannot take a > 2 GB proto: the exporter's value_info is used then
+        model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=large)
+    except Exception as exc:
+        raise VariantError(f"could not convert {src.name} to float16: {type(exc).__name__}: {exc}") from exc
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dst.name + ".data", size_threshold=1024)  # small constants (shapes) stay inline
+    return {"tool": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True}
+
+
+def _one_data_file(path: Path) -> None:
+    from .onnx_export import _one_data_file as one
+
+    one(path)
+
+
+# -- quality --------------------------------------------------------------------------------------
+def image_quality(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict:
+    """PSNR and SSIM (scikit-image, data range 1) of each counterfactual and reconstruction."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    edits, recons = [], []
+    for ref, got in zip(reference, candidate):
+        for i, (r, g) in enumerate(zip(ref, got)):
+            psnr = float(peak_signal_noise_ratio(r, g, data_range=1.0))
+            ssim = float(structural_similarity(r, g, data_range=1.0))
+            (recons if i == 0 else edits).append((min(psnr, 99.0), ssim))  # identical images: PSNR = inf
+
+    def summary(rows):
+        if not rows:
+            return None
+        psnr, ssim = np.array(rows).T
+        return {"psnr_db_min": round(float(psnr.min()), 2), "psnr_db_mean": round(float(psnr.mean()), 2),
+                "ssim_min": round(float(ssim.min()), 4), "ssim_mean": round(float(ssim.mean()), 4), "count": len(rows)}
+
+    return {"counterfactuals": summary(edits), "reconstructions": summary(recons)}
+
+
+def noise_error(backend, calls: Sequence[tuple[dict, np.ndarray]]) -> dict:
+    """The variant UNet's noise prediction against fp32's on the recorded inputs."""
+    max_abs = max_rel = 0.0
+    sq_err = sq_ref = 0.0
+    for feeds, reference in calls:
+        got = np.asarray(backend.run("unet", **feeds)["noise"], dtype=np.float64)
+        diff = np.abs(got - reference)
+        max_abs = max(max_abs, float(diff.max()))
+        max_rel = max(max_rel, float(diff.max() / max(np.abs(reference).max(), 1e-12)))
+        sq_err += float((diff ** 2).sum())
+        sq_ref += float((reference.astype(np.float64) ** 2).sum())
+    return {"max_abs": max_abs, "max_rel": max_rel, "rms_rel": float(np.sqrt(sq_err / max(sq_ref, 1e-24))),
+            "calls": len(calls),
+            "metric": "max_rel = max|Δ| / max|fp32| per call; rms_rel = ‖Δ‖ / ‖fp32‖ over all calls"}
+
+
+# -- the whole step ---------------------------------------------------------------------------------
+def add_variants(engine_dir, precisions: Sequence[str], settings: VariantSettings = VariantSettings(),
+                 progress: Callable[[str], None] = print) -> dict:
+    """Build ``precisions`` (any of fp16, int8, int8-cpu) into the engine folder, measure each
+    against fp32 and record it in the manifest. Replaces variants of the same name. Returns the
+    manifest's ``variants`` section."""
+    from prism_rt.engine import Engine
+
+    root = Path(engine_dir).expanduser()
+    wanted = [p for p in dict.fromkeys(precisions) if p != REFERENCE_PRECISION]
+    unknown = [p for p in wanted if p not in PRECISIONS]
+    if unknown:
+        raise VariantError(f"unknown precision(s) {unknown}; use any of {', '.join(PRECISIONS)}")
+    if not wanted:
+        return json.loads((root / MANIFEST_NAME).read_text()).get("variants", {})
+    manifest = load_manifest(root)  # checks the fp32 reference before anything is derived from it
+    reference_engine = Engine.load(root, backend="onnxruntime", threads=settings.threads)
+    size = reference_engine.backend.info.image_size
+    items = (load_calibration_items(settings.calibration_images, settings.calibration_count)
+             if settings.calibration_images else default_calibration_items(settings.calibration_count, size))
+    progress(f"fp32 reference: direct inversion + edit of {len(items)} calibration image(s) at "
+             f"{settings.calibration_steps} steps, recording the UNet's inputs …")
+    reference = _invert_and_edit(reference_engine, items, settings, record=True)
+    calibration = _spread(reference.unet_calls, settings.calibration_samples)
+    checks = _spread(reference.unet_calls, min(16, settings.calibration_samples))
+    progress(f"fp32 reference: {reference.seconds:.1f} s, {len(reference.unet_calls)} UNet calls recorded, "
+             f"{len(calibration)} kept for calibration")
+    del reference_engine
+
+    raw = json.loads((root / MANIFEST_NAME).read_text())
+    variants = dict(raw.get("variants") or {})
+    staged: dict[str, Path] = {}
+    try:
+        for precision in wanted:
+            start = time.perf_counter()
+            staging = root / f".{VARIANT_DIRS[precision]}.partial-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            staged[precision] = staging
+            graphs = {}
+            if precision == "fp16":
+                for name in settings.fp16_graphs:
+                    made = convert_fp16(manifest.graphs[name].file, staging / f"{name}.onnx")
+                    graphs[name] = made
+            else:
+                made = quantize_unet(manifest.graphs["unet"].file, staging / "unet.onnx",
+                                     [feeds for feeds, _ in calibration], precision, settings.calibration_method)
+                graphs["unet"] = made
+            build_s = time.perf_counter() - start
+            entry = {"graphs": {}, "built_utc": _now(), "build_s": round(build_s, 1), "settings": settings.to_json()}
+            for name, how in graphs.items():
+                entry["graphs"][name] = _variant_graph_entry(root, raw["graphs"][name], staging, VARIANT_DIRS[precision],
+                                                            name, "fp16" if precision == "fp16" else precision, how)
+            if precision != "fp16":
+                entry["quantization"] = graphs["unet"]
+            # measure: the staged files are read in place through a temporary manifest entry
+            entry["quality"] = _measure(root, raw, precision, entry, staging, items, reference, checks, settings)
+            variants[precision] = entry
+            q = entry["quality"]
+            cf = q["images"]["counterfactuals"] or q["images"]["reconstructions"]
+            progress(f"{precision}: built in {build_s:.1f} s; vs fp32: counterfactual PSNR min {cf['psnr_db_min']} dB "
+                     f"(mean {cf['psnr_db_mean']}), SSIM min {cf['ssim_min']}; UNet noise max rel error "
+                     f"{q['noise']['max_rel']:.2e}, rms rel {q['noise']['rms_rel']:.2e}")
+        _commit(root, raw, variants, staged)
+    except BaseException:
+        for staging in staged.values():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return variants
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _variant_graph_entry(root: Path, fp32_entry: dict, staging: Path, folder: str, name: str, precision: str,
+                         how: dict) -> dict:
+    from prism_rt.onnx_io import read_signature
+
+    onnx_path, data_path = staging / f"{name}.onnx", staging / f"{name}.onnx.data"
+    signature = read_signature(onnx_path)
+    io = [(t.name, t.dtype, list(t.shape)) for t in (*signature.inputs, *signature.outputs)]
+    want = [(t["name"], t["dtype"], list(t["shape"])) for t in (*fp32_entry["inputs"], *fp32_entry["outputs"])]
+    if io != want:
+        raise VariantError(f"the {precision} {name} graph has inputs/outputs {io}, the fp32 one {want}: the runtime "
+                           "feeds every precision the same arrays; this is a bug in the variant builder")
+    keys = ("inputs", "outputs", "dims", "profile", "fixed_spatial")
+    data = ({"data_file": f"{folder}/{name}.onnx.data", "data_sha256": sha256_file(data_path)}
+            if data_path.exists() else {})
+    return {
+        "file": f"{folder}/{name}.onnx", "sha256": sha256_file(onnx_path), **data,
+        "bytes": onnx_path.stat().st_size + (data_path.stat().st_size if data_path.exists() else 0),
+        "precision": precision, **{k: fp32_entry[k] for k in keys if k in fp32_entry}, "made_by": how,
+    }
+
+
+def _measure(root: Path, raw: dict, precision: str, entry: dict, staging: Path, items, reference: _Run, checks,
+             settings: VariantSettings) -> dict:
+    """Invert + edit with the staged variant and compare with the fp32 run."""
+    import tempfile
+
+    from prism_rt.engine import Engine
+
+    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+        view = Path(tmp) / "engine"  # the fp32 engine's files linked, the staged variant's beside them
+        view.mkdir()
+        for child in root.iterdir():
+            if child.name != MANIFEST_NAME and not child.name.startswith("."):
+                (view / child.name).symlink_to(child.resolve(), target_is_directory=child.is_dir())
+        (view / VARIANT_DIRS[precision]).symlink_to(staging.resolve(), target_is_directory=True)
+        trial = dict(raw, variants={precision: entry})
+        (view / MANIFEST_NAME).write_text(json.dumps(trial, indent=2, default=str))
+        engine = Engine.load(view, backend="onnxruntime", precision=precision, threads=settings.threads)
+        run = _invert_and_edit(engine, items, settings, record=False)
+        noise = noise_error(engine.backend, checks)
+        del engine
+    return {"reference": "fp32 engine, same images, direct inversion, same settings",
+            "images": image_quality(reference.images, run.images), "noise": noise,
+            "calibration_images": [i.name for i in items], "steps": settings.calibration_steps,
+            "seconds": {"fp32": round(reference.seconds, 1), precision: round(run.seconds, 1)},
+            "note": "in-sample: measured on the calibration images"}
+
+
+def _commit(root: Path, raw: dict, variants: dict, staged: dict[str, Path]) -> None:
+    """Move the staged folders into place and write the manifest; the old folder of a replaced
+    variant is removed only after the new manifest is written."""
+    trash = []
+    for precision, staging in staged.items():
+        final = root / VARIANT_DIRS[precision]
+        if final.exists():
+            old = root / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            trash.append(old)
+        os.replace(staging, final)
+    updated = dict(raw, variants=variants)
+    tmp = root / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(updated, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, root / MANIFEST_NAME)
+    for old in trash:
+        shutil.rmtree(old, ignore_errors=True)
