@@ -289,9 +289,10 @@ def image_quality(reference: list[np.ndarray], candidate: list[np.ndarray]) -> d
     edits, recons = [], []
     for ref, got in zip(reference, candidate):
         for i, (r, g) in enumerate(zip(ref, got)):
-            psnr = float(peak_signal_noise_ratio(r, g, data_range=1.0))
+            with np.errstate(divide="ignore"):  # identical images: PSNR = inf, reported as 99
+                psnr = float(peak_signal_noise_ratio(r, g, data_range=1.0))
             ssim = float(structural_similarity(r, g, data_range=1.0))
-            (recons if i == 0 else edits).append((min(psnr, 99.0), ssim))  # identical images: PSNR = inf
+            (recons if i == 0 else edits).append((min(psnr, 99.0), ssim))
 
     def summary(rows):
         if not rows:
@@ -425,7 +426,7 @@ def _measure(root: Path, raw: dict, precision: str, entry: dict, staging: Path, 
         view = Path(tmp) / "engine"  # the fp32 engine's files linked, the staged variant's beside them
         view.mkdir()
         for child in root.iterdir():
-            if child.name != MANIFEST_NAME and not child.name.startswith("."):
+            if child.name not in (MANIFEST_NAME, VARIANT_DIRS[precision]) and not child.name.startswith("."):
                 (view / child.name).symlink_to(child.resolve(), target_is_directory=child.is_dir())
         (view / VARIANT_DIRS[precision]).symlink_to(staging.resolve(), target_is_directory=True)
         trial = dict(raw, variants={precision: entry})

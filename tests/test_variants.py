@@ -1,0 +1,222 @@
+"""fp16 / int8 / int8-cpu engine variants: what the files hold, that the runtime picks them, and
+that their measured quality against fp32 is what the manifest says.
+
+One export of the tiny model with all variants (module fixture: export + calibration + quality,
+~2.5 min on 2 cores), calibrated on the real radiograph RG1_UNCR.dcm at 10 steps.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prism_rt.config import ControlConfig
+from prism_rt.engine import Engine
+from prism_rt.manifest import EngineMismatchError, load_manifest
+
+STEPS = 10
+SWEEP = (0.5, 0.7)
+
+
+@pytest.fixture(scope="module")
+def calibration_dir(dicom_path, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("calibration")
+    shutil.copy(dicom_path, folder / dicom_path.name)
+    (folder / "captions.json").write_text(json.dumps({dicom_path.name: {
+        "prompt": "Chest X-ray showing Support Devices", "targets": ["Chest X-ray showing No Finding"]}}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def variant_engine(tiny_model_dir, calibration_dir, tmp_path_factory):
+    from prism_export.onnx_export import export_engine
+    from prism_export.variants import VariantSettings
+
+    lines: list[str] = []
+    settings = VariantSettings(calibration_images=calibration_dir, calibration_count=1, calibration_steps=STEPS,
+                               calibration_samples=12, self_replace=SWEEP)
+    out = export_engine(tiny_model_dir, tmp_path_factory.mktemp("engines") / "tiny-variants", progress=lines.append,
+                        precisions=("fp16", "int8", "int8-cpu"), variant_settings=settings)
+    return out, lines
+
+
+@pytest.fixture(scope="module")
+def engine_dir(variant_engine) -> Path:
+    return variant_engine[0]
+
+
+def _onnx(path: Path, weights: bool = False):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=weights)
+
+
+def _counterfactuals(engine_dir: Path, precision: str, dicom_path: Path) -> np.ndarray:
+    """What the quality run does: direct inversion, the calibration edit, gray [0,1] images."""
+    engine = Engine.load(engine_dir, backend="onnxruntime", precision=precision)
+    inversion = engine.invert(dicom_path, "Chest X-ray showing Support Devices", method="direct",
+                              sampler=engine.sampler(steps=STEPS))
+    result = engine.edit(inversion, ["Chest X-ray showing No Finding"], ControlConfig(self_replace=SWEEP))
+    return np.clip((np.stack(result.edits).mean(1) + 1) / 2, 0, 1)
+
+
+def test_export_writes_the_variants_side_by_side_with_progress(variant_engine):
+    engine_dir, lines = variant_engine
+    assert {p.name for p in engine_dir.iterdir()} >= {"onnx", "onnx-fp16", "onnx-int8", "onnx-int8-cpu", "manifest.json"}
+    assert not [p for p in engine_dir.iterdir() if p.name.startswith(".")], "staging folders left behind"
+    for precision in ("fp16", "int8", "int8-cpu"):
+        assert any(line.startswith(f"{precision}: built") and "PSNR" in line for line in lines), lines
+    manifest = load_manifest(engine_dir)
+    assert manifest.precisions == ("fp32", "fp16", "int8", "int8-cpu")
+    for precision in manifest.precisions[1:]:  # every variant's files are hashed and its I/O checked
+        loaded = load_manifest(engine_dir, precision=precision)
+        expected = {"fp16": dict.fromkeys(loaded.graphs, "fp16")}.get(
+            precision, {"text_encoder": "fp32", "vae_encoder": "fp32", "vae_decoder": "fp32", "unet": precision})
+        assert loaded.precision == expected
+
+
+def test_fp16_graphs_hold_half_weights_and_take_float32_io(engine_dir):
+    from onnx import TensorProto
+
+    for graph in ("text_encoder", "vae_encoder", "vae_decoder", "unet"):
+        model = _onnx(engine_dir / "onnx-fp16" / f"{graph}.onnx")
+        floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
+        dtypes = {t.data_type for t in model.graph.initializer  # weight matrices / kernels
+                  if len(t.dims) >= 2 and t.data_type in floats}
+        assert dtypes == {TensorProto.FLOAT16}, (graph, dtypes)
+        assert {v.type.tensor_type.elem_type for v in model.graph.output} == {TensorProto.FLOAT}
+
+
+def test_int8_unet_is_symmetric_qdq_and_int8_cpu_has_uint8_activations(engine_dir):
+    from onnx import TensorProto, numpy_helper
+
+    for precision, activation in (("int8", TensorProto.INT8), ("int8-cpu", TensorProto.UINT8)):
+        model = _onnx(engine_dir / f"onnx-{precision}" / "unet.onnx", weights=True)
+        inits = {t.name: t for t in model.graph.initializer}
+        quant = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+        assert len(quant) > 50
+        zero_points = [inits[n.input[2]] for n in quant]
+        assert {z.data_type for z in zero_points} == {activation}
+        if precision == "int8":  # TensorRT: zero points of 0 everywhere, weights and activations
+            dq_zero = [inits[n.input[2]] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+            assert all(not numpy_helper.to_array(z).any() for z in zero_points + dq_zero)
+        weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                   and inits[n.input[0]].data_type == TensorProto.INT8 and len(inits[n.input[0]].dims) >= 2]
+        assert weights and all(len(inits[n.input[1]].dims) == 1 for n in weights), "weights are per-channel"
+
+
+def test_sensitive_layers_stay_in_float(engine_dir):
+    """Time embedding, conv_in/out and the attention-probability products are never quantized."""
+    fp32 = _onnx(engine_dir / "onnx" / "unet.onnx")
+    scopes = {n.name: next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+              for n in fp32.graph.node}
+    sensitive = {name for name, scope in scopes.items()
+                 if any(s in scope for s in ("time_embedding", "time_emb_proj", "conv_in", "conv_out"))}
+    model = _onnx(engine_dir / "onnx-int8" / "unet.onnx")
+    producers = {out: n for n in model.graph.node for out in n.output}
+    quantized_inputs = lambda node: [i for i in node.input if i in producers and producers[i].op_type == "DequantizeLinear"]
+    compute = [n for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm", "Softmax", "Einsum")]
+    assert [n.name for n in compute if n.name in sensitive and quantized_inputs(n)] == []
+    assert [n.name for n in compute if n.op_type in ("Softmax", "Einsum") and quantized_inputs(n)] == []
+    assert sum(bool(quantized_inputs(n)) for n in compute if n.op_type == "Conv") > 10  # convolutions are quantized
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    kept = manifest["variants"]["int8"]["quantization"]["kept_float"]
+    assert kept["sensitive_scope"] >= 4 and kept["activation_product"] >= 4
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int8-cpu"])
+def test_variant_counterfactuals_match_the_manifest_quality(engine_dir, dicom_path, precision):
+    """Running the variant reproduces the PSNR/SSIM the export measured, against fp32 run now."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    quality = load_manifest(engine_dir).quality(precision)
+    reference = _counterfactuals(engine_dir, "fp32", dicom_path)
+    got = _counterfactuals(engine_dir, precision, dicom_path)
+    psnr = [peak_signal_noise_ratio(r, g, data_range=1.0) for r, g in zip(reference, got)]
+    ssim = [structural_similarity(r, g, data_range=1.0) for r, g in zip(reference, got)]
+    recorded = quality["images"]["counterfactuals"]
+    assert recorded["count"] == len(psnr)
+    assert min(psnr) == pytest.approx(recorded["psnr_db_min"], abs=0.05)
+    assert min(ssim) == pytest.approx(recorded["ssim_min"], abs=1e-3)
+    floor = {"fp16": 30.0, "int8": 15.0, "int8-cpu": 15.0}[precision]  # int8 on random weights: see README
+    assert min(psnr) >= floor
+    noise = quality["noise"]
+    assert noise["calls"] > 0 and 0 < noise["rms_rel"] <= (0.01 if precision == "fp16" else 0.3)
+
+
+def test_cli_edit_runs_each_precision_and_records_it(engine_dir, dicom_path, tmp_path):
+    from prism_rt.cli import main
+
+    for precision in ("fp32", "fp16", "int8", "int8-cpu"):
+        out = tmp_path / precision
+        code = main(["edit", "--model", str(engine_dir), "--backend", "onnxruntime", "--precision", precision,
+                     "--inversion", "direct", "--image", str(dicom_path), "--prompt", "Chest X-ray showing Support Devices",
+                     "--target", "Chest X-ray showing No Finding", "--steps", "4", "--self-replace", "0.6",
+                     "--out", str(out), "--no-progress"])
+        assert code == 0
+        result = json.loads((out / "result.json").read_text())
+        assert precision in json.dumps(result)
+
+
+def test_a_precision_the_engine_lacks_names_the_command_that_adds_it(engine_dir, tmp_path, dicom_path, capsys):
+    from prism_rt.cli import main
+
+    bare = tmp_path / "bare"
+    shutil.copytree(engine_dir, bare)
+    manifest = json.loads((bare / "manifest.json").read_text())
+    del manifest["variants"]["int8"]
+    (bare / "manifest.json").write_text(json.dumps(manifest))
+    code = main(["edit", "--model", str(bare), "--backend", "onnxruntime", "--precision", "int8", "--inversion", "direct",
+                 "--image", str(dicom_path), "--prompt", "a", "--target", "b", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "prism-export variants" in err and "int8" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_changed_variant_file_is_refused_only_when_that_variant_is_loaded(engine_dir, tmp_path):
+    copy = Path(shutil.copytree(engine_dir, tmp_path / "engine"))
+    data = copy / "onnx-int8-cpu" / "unet.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    load_manifest(copy, precision="fp16")  # other precisions are unaffected
+    with pytest.raises(EngineMismatchError, match="onnx-int8-cpu/unet.onnx.data"):
+        load_manifest(copy, precision="int8-cpu")
+
+
+def test_a_failed_variant_build_leaves_the_engine_as_it_was(engine_dir, tmp_path, calibration_dir, monkeypatch):
+    from prism_export import variants
+
+    copy = Path(shutil.copytree(engine_dir, tmp_path / "engine"))
+    before = (copy / "manifest.json").read_bytes()
+    listing = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+
+    def broken(*args, **kwargs):
+        raise variants.VariantError("injected failure")
+
+    monkeypatch.setattr(variants, "quantize_unet", broken)
+    settings = variants.VariantSettings(calibration_images=calibration_dir, calibration_count=1, calibration_steps=2,
+                                        calibration_samples=2, self_replace=(0.5,))
+    with pytest.raises(variants.VariantError, match="injected"):
+        variants.add_variants(copy, ["fp16", "int8"], settings, progress=lambda line: None)
+    assert (copy / "manifest.json").read_bytes() == before
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == listing
+
+
+def test_torch_backend_fp16_matches_fp32(tiny_model_dir, dicom_path):
+    """The torch backend's fp16 graphs (the GPU path) against its fp32 ones; loops stay fp32."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    images = {}
+    for precision in ("fp32", "fp16"):
+        engine = Engine.load(tiny_model_dir, backend="torch", precision=precision)
+        assert engine.backend.describe()["precision"] == precision
+        inversion = engine.invert(dicom_path, "Chest X-ray showing Support Devices", method="direct",
+                                  sampler=engine.sampler(steps=STEPS))
+        result = engine.edit(inversion, ["Chest X-ray showing No Finding"], ControlConfig(self_replace=(0.6,)))
+        assert result.edits[0].dtype == np.float32
+        images[precision] = np.clip((result.edits[0].mean(0) + 1) / 2, 0, 1)
+    assert peak_signal_noise_ratio(images["fp32"], images["fp16"], data_range=1.0) >= 30.0
