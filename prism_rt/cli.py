@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--save", type=Path, required=True, help="the .npz file to write")
     inv.add_argument("--no-progress", action="store_true")
 
+    try:
+        from prism_bench.cli import add_bench_parser
+    except ImportError:  # the benchmark suite is not installed with this copy
+        pass
+    else:
+        add_bench_parser(sub)
+
     info = sub.add_parser("info", help="describe a model or an engine folder")
     info.add_argument("engine", nargs="?", type=Path, help="an engine folder: print its manifest summary")
     _model_args(info, model_required=False)
@@ -201,10 +208,16 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from prism_bench.cli import run_bench_cli
+
+    return run_bench_cli(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"edit": cmd_edit, "invert": cmd_invert, "info": cmd_info}[args.command]
+    handler = {"edit": cmd_edit, "invert": cmd_invert, "info": cmd_info, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except PrismError as exc:

@@ -91,6 +91,10 @@ class OrtBackend:
         kind, index = _parse_device(device)
         self.info = manifest.model_info()
         options = ort.SessionOptions()
+        if kind is OrtDevice.CPU:
+            # the arena keeps each shape's peak (UNet at batch 1 for inversion, 1 + 2K for edits, the VAE at
+            # full resolution) for the session's life: at SD v1.5 size that grew one process past 20 GB
+            options.enable_cpu_mem_arena = False
         if threads:
             options.intra_op_num_threads = int(threads)
         self.sessions = {}

@@ -1,0 +1,444 @@
+"""``prism-rt bench``: latency, throughput, memory and quality, side by side in one run.
+
+Every measurement is a row of ``results.json`` (schema: ``benchmarks/README.md``). Each
+configuration runs in its own spawned process, so its peak host RSS is its own and one
+configuration's caches never warm another's. Times are medians (with p10/p90) over repeats after
+warm-up; speed-ups are ratios of medians measured in the same run.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = "prism-rt-bench/1"
+GRAPHS = ("text_encoder", "vae_encoder", "vae_decoder", "unet")
+SOURCE = "Chest X-ray showing No Finding, Support Devices"
+TARGET = "Chest X-ray showing No Finding"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    steps: int  # DDIM steps of the end-to-end runs
+    repeats: int  # timed repeats per graph measurement (after warm-up)
+    warmup: int
+    batches: tuple[int, ...]  # per-graph batch sizes; the edit batch 2·(1+K·S) is added
+    sweep: tuple[float, ...]  # the self-window values (S of them)
+    mode: str  # "full" (per graph + end to end) or "graphs" (per graph only)
+    throughput_images: int  # G
+    e2e_repeats: int = 1
+
+
+PRESETS = {
+    "tiny": Preset("tiny", steps=20, repeats=5, warmup=1, batches=(1, 2, 4), sweep=(0.4, 0.5, 0.6, 0.7, 0.8),
+                   mode="full", throughput_images=2),
+    "sd15": Preset("sd15", steps=50, repeats=3, warmup=1, batches=(1, 2, 4), sweep=(0.4, 0.5, 0.6, 0.7, 0.8),
+                   mode="auto", throughput_images=2),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One end-to-end configuration: how one counterfactual is made."""
+
+    name: str
+    backend: str
+    precision: str
+    inversion: str
+    sweep: str  # "sequential" (PRISM's published code: one run per self-window value) or "batched"
+    role: str = ""  # reference | algorithmic | runtime
+
+    @property
+    def model_kind(self) -> str:
+        return "checkpoint" if self.backend == "torch" else "engine"
+
+
+REFERENCE = Config("PRISM reference (torch fp32, null-text, sweep value by value)", "torch", "fp32", "null-text",
+                   "sequential", "reference")
+
+
+def e2e_configs(engine_precisions: tuple[str, ...], have_checkpoint: bool, have_engine: bool, gpu: bool) -> list[Config]:
+    configs = []
+    if have_checkpoint:
+        configs += [REFERENCE,
+                    Config("torch fp32, null-text, batched sweep", "torch", "fp32", "null-text", "batched", "algorithmic"),
+                    Config("torch fp32, direct, batched sweep", "torch", "fp32", "direct", "batched", "algorithmic")]
+        if gpu:
+            configs.append(Config("torch fp16, direct, batched sweep", "torch", "fp16", "direct", "batched", "runtime"))
+    if have_engine:
+        configs.append(Config("onnxruntime fp32, negative-prompt, batched sweep", "onnxruntime", "fp32",
+                              "negative-prompt", "batched", "algorithmic"))
+        for precision in engine_precisions:
+            configs.append(Config(f"onnxruntime {precision}, direct, batched sweep", "onnxruntime", precision, "direct",
+                                  "batched", "runtime"))
+    return configs
+
+
+# -- environment ------------------------------------------------------------------------------------
+def environment(threads: int | None, device: str) -> dict:
+    env = {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
+           "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "threads": threads or os.cpu_count(), "device": device}
+    for module in ("numpy", "onnxruntime", "torch", "diffusers", "transformers", "onnx"):
+        try:
+            env[module] = __import__(module).__version__
+        except ImportError:
+            env[module] = None
+    try:
+        import onnxruntime
+
+        env["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+            env["cuda"] = torch.version.cuda
+            env["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    except ImportError:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            env["gpu_driver"] = out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set (Linux incl. Jetson: KiB; macOS: bytes)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / 2**20 if sys.platform == "darwin" else peak / 1024, 1)
+
+
+# -- workers (each in its own process) -------------------------------------------------------------
+def _load(kind: str, backend: str, precision: str, paths: dict, device: str, threads: int | None):
+    if threads:
+        try:
+            import torch
+
+            torch.set_num_threads(threads)
+        except ImportError:
+            pass
+    from prism_rt.engine import Engine
+
+    path = paths["checkpoint"] if backend == "torch" else paths["engine"]
+    return Engine.load(path, backend=backend, device=device if backend == "torch" else _ort_device(device),
+                       precision=precision, threads=threads)
+
+
+def _ort_device(device: str) -> str:
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def _device_peak_mb(engine) -> float | None:
+    if engine.backend.kind.value == "torch" and str(getattr(engine.backend, "device", "cpu")).startswith("cuda"):
+        import torch
+
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return None
+
+
+def _timed(fn, warmup: int, repeats: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    q = np.quantile(times, [0.1, 0.9])
+    return {"median_s": statistics.median(times), "p10_s": float(q[0]), "p90_s": float(q[1]), "repeats": repeats}
+
+
+def unet_layout(batch: int) -> tuple[int, int]:
+    """(U, K) of a UNet batch N = U + (1 + K) with one group: 1 → a direct-inversion call; 2 → one
+    guided step; 2·(1+K) → an edit step with K items, every item with its unconditional half."""
+    if batch == 1:
+        return 0, 0
+    k = batch // 2 - 1
+    return batch - (1 + k), k
+
+
+def graph_inputs(backend, tokenizer, graph: str, batch: int, rng: np.random.Generator) -> dict:
+    info = backend.info
+    s, h, d, t = info.image_size, info.latent_size, info.text_width, info.max_tokens
+    if graph == "text_encoder":
+        ids = tokenizer.encode_batch_padded([SOURCE])[0] if hasattr(tokenizer, "encode_batch_padded") else None
+        ids = np.repeat(np.asarray(ids, np.int32).reshape(1, -1), batch, axis=0)
+        return {"input_ids": backend.asarray(ids)}
+    if graph == "vae_encoder":
+        return {"pixels": backend.asarray(rng.uniform(-1, 1, (batch, 3, s, s)).astype(np.float32))}
+    if graph == "vae_decoder":
+        return {"latents": backend.asarray(rng.standard_normal((batch, info.latent_channels, h, h)).astype(np.float32))}
+    u, k = unet_layout(batch)
+    return {"latents": backend.asarray(rng.standard_normal((batch, info.latent_channels, h, h)).astype(np.float32)),
+            "timestep": backend.asarray(np.array([501.0], np.float32)),
+            "text": backend.asarray(rng.standard_normal((batch, t, d)).astype(np.float32)),
+            "cross_alpha": backend.asarray(np.ones((1, k, t), np.float32)),
+            "token_mapper": backend.asarray(np.broadcast_to(np.eye(t, dtype=np.float32), (1, k, t, t)).copy()),
+            "refine_alpha": backend.asarray(np.ones((1, k, t), np.float32)),
+            "equalizer": backend.asarray(np.ones((1, k, t), np.float32)),
+            "self_replace": backend.asarray(np.full((1, k), 0.5, np.float32))}
+
+
+def graph_worker(job: dict) -> list[dict]:
+    engine = _load("graphs", job["backend"], job["precision"], job["paths"], job["device"], job["threads"])
+    backend, rows, rng = engine.backend, [], np.random.default_rng(0)
+    for graph in GRAPHS:
+        for batch in job["batches"]:
+            inputs = graph_inputs(backend, engine.tokenizer, graph, batch, rng)
+
+            def call():
+                out = backend.run(graph, **inputs)
+                backend.to_numpy(next(iter(out.values())))  # waits for the device
+
+            timing = _timed(call, job["warmup"], job["repeats"])
+            row = {"kind": "graph", "backend": job["backend"], "precision": job["precision"], "graph": graph,
+                   "batch": batch, **timing}
+            if graph == "unet":
+                row["unet_layout"] = dict(zip(("uncond", "edits"), unet_layout(batch)))
+            rows.append(row)
+    for row in rows:
+        row["peak_rss_mb"] = peak_rss_mb()
+        row["device_peak_mb"] = _device_peak_mb(engine)
+    if job["backend"] == "torch" and job["precision"] == "fp32" and job.get("stock_unet"):
+        rows += _stock_unet_rows(engine, job, rng)
+    return rows
+
+
+def _stock_unet_rows(engine, job: dict, rng) -> list[dict]:
+    """diffusers' own UNet (no control) at batch 2, for the price of the controlled one."""
+    import torch
+
+    unet = engine.backend.components.unet.to(engine.backend.device)
+    info = engine.backend.info
+    rows = []
+    for batch in job["batches"]:
+        latents = torch.as_tensor(rng.standard_normal((batch, info.latent_channels, info.latent_size, info.latent_size)),
+                                  dtype=torch.float32, device=engine.backend.device)
+        text = torch.as_tensor(rng.standard_normal((batch, info.max_tokens, info.text_width)), dtype=torch.float32,
+                               device=engine.backend.device)
+        t = torch.tensor([501.0], device=engine.backend.device)
+
+        def call():
+            with torch.no_grad():
+                unet(latents, t, encoder_hidden_states=text).sample.cpu()
+
+        rows.append({"kind": "graph", "backend": "torch (diffusers stock UNet)", "precision": "fp32", "graph": "unet",
+                     "batch": batch, **_timed(call, job["warmup"], job["repeats"])})
+    return rows
+
+
+def e2e_worker(job: dict) -> dict:
+    from prism_rt.config import ControlConfig, RunLimits
+
+    cfg = Config(**job["config"])
+    start = time.perf_counter()
+    engine = _load("e2e", cfg.backend, cfg.precision, job["paths"], job["device"], job["threads"])
+    load_s = time.perf_counter() - start
+    sampler = engine.sampler(steps=job["steps"])
+    images, stages, unet_items, unet_calls = [], {"invert_s": 0.0, "edit_s": 0.0}, 0, 0
+    started = time.perf_counter()
+    for image in job["images"]:
+        t0 = time.perf_counter()
+        inversion = engine.invert(image, SOURCE, method=cfg.inversion, sampler=sampler)
+        stages["invert_s"] += time.perf_counter() - t0
+        counts = inversion.meta["counts"]
+        unet_items += counts["unet_items"]
+        unet_calls += counts["unet_calls"]
+        runs = [tuple(job["sweep"])] if cfg.sweep == "batched" else [(v,) for v in job["sweep"]]
+        t0 = time.perf_counter()
+        edits = []
+        for values in runs:
+            result = engine.edit(inversion, [TARGET], ControlConfig(self_replace=values), RunLimits(max_batch=63))
+            edits += [np.clip((e.mean(0) + 1) / 2, 0, 1) for e in result.edits]
+            unet_items += result.counts["unet_items"]
+            unet_calls += result.counts["unet_calls"]
+        stages["edit_s"] += time.perf_counter() - t0
+        images.append(np.stack(edits))
+    total = time.perf_counter() - started
+    out = Path(job["scratch"]) / f"{abs(hash(cfg.name))}.npy"
+    np.save(out, np.stack(images))
+    n = len(job["images"])
+    return {"kind": "counterfactual", "config": cfg.name, "backend": cfg.backend, "precision": cfg.precision,
+            "inversion": cfg.inversion, "sweep": cfg.sweep, "role": cfg.role, "images": n,
+            "sweep_values": len(job["sweep"]), "steps": job["steps"],
+            "seconds_per_counterfactual": total / n, "stages_s_per_counterfactual": {k: v / n for k, v in stages.items()},
+            "load_s": load_s, "unet_items_per_counterfactual": unet_items / n, "unet_calls_per_counterfactual": unet_calls / n,
+            "peak_rss_mb": peak_rss_mb(), "device_peak_mb": _device_peak_mb(engine), "images_file": str(out)}
+
+
+def _in_process(fn, job):
+    """Run ``fn(job)`` in a fresh spawned process (own RSS, own thread pools)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, job).result()
+
+
+# -- the whole run ------------------------------------------------------------------------------------
+@dataclass
+class BenchPlan:
+    preset: Preset
+    paths: dict  # checkpoint, engine (either may be None)
+    device: str = "cpu"
+    threads: int | None = None
+    images: list = field(default_factory=list)  # gray [0,1] arrays or paths
+    engine_precisions: tuple[str, ...] = ("fp32",)
+    isolate: bool = True
+
+
+def run_bench(plan: BenchPlan, progress=print) -> dict:
+    preset = plan.preset
+    gpu = plan.device.startswith("cuda")
+    full = preset.mode == "full" or (preset.mode == "auto" and gpu)
+    k = len(preset.sweep)
+    edit_batch = 2 * (1 + k)
+    batches = tuple(sorted(set(preset.batches) | {edit_batch}))
+    run = (lambda fn, job: _in_process(fn, job)) if plan.isolate else (lambda fn, job: fn(job))
+    rows: list[dict] = []
+    started = time.perf_counter()
+
+    graph_jobs = []
+    if plan.paths.get("checkpoint"):
+        graph_jobs.append(("torch", "fp32"))
+        if gpu:
+            graph_jobs.append(("torch", "fp16"))
+    if plan.paths.get("engine"):
+        graph_jobs += [("onnxruntime", p) for p in plan.engine_precisions]
+    for backend, precision in graph_jobs:
+        progress(f"per graph: {backend} {precision} at batches {batches} …")
+        rows += run(graph_worker, {"backend": backend, "precision": precision, "paths": plan.paths, "device": plan.device,
+                                   "threads": plan.threads, "batches": batches, "repeats": preset.repeats,
+                                   "warmup": preset.warmup, "stock_unet": backend == "torch" and precision == "fp32"})
+
+    if full:
+        with tempfile.TemporaryDirectory() as scratch:
+            configs = e2e_configs(tuple(plan.engine_precisions), bool(plan.paths.get("checkpoint")),
+                                  bool(plan.paths.get("engine")), gpu)
+            e2e = []
+            for cfg in configs:
+                progress(f"end to end: {cfg.name} …")
+                e2e.append(run(e2e_worker, {"config": asdict(cfg), "paths": plan.paths, "device": plan.device,
+                                            "threads": plan.threads, "steps": preset.steps, "sweep": preset.sweep,
+                                            "images": plan.images[:1], "scratch": scratch}))
+            _quality(e2e)
+            rows += e2e
+            rows += _decomposition(e2e)
+            best = _fastest(e2e)
+            if best is not None and preset.throughput_images > 1:
+                cfg = Config(**{k2: best[k2] for k2 in ("backend", "precision", "inversion", "sweep", "role")},
+                             name=best["config"])
+                progress(f"throughput: {cfg.name} over {preset.throughput_images} images …")
+                row = run(e2e_worker, {"config": asdict(cfg), "paths": plan.paths, "device": plan.device,
+                                       "threads": plan.threads, "steps": preset.steps, "sweep": preset.sweep,
+                                       "images": plan.images[:preset.throughput_images], "scratch": scratch})
+                rows.append({"kind": "throughput", "config": cfg.name, "images": row["images"],
+                             "batching": "sequential: one image after another in one process (images are not "
+                                         "yet batched into one UNet call)",
+                             "counterfactuals_per_minute": 60.0 / row["seconds_per_counterfactual"],
+                             "seconds_per_counterfactual": row["seconds_per_counterfactual"],
+                             "peak_rss_mb": row["peak_rss_mb"], "device_peak_mb": row["device_peak_mb"]})
+            for row in rows:
+                row.pop("images_file", None)
+    _speedups(rows)
+    return {"schema": SCHEMA, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "preset": asdict(preset), "mode": "full" if full else "graphs", "edit_batch": edit_batch,
+            "paths": {k2: (str(v) if v else None) for k2, v in plan.paths.items()},
+            "environment": environment(plan.threads, plan.device), "wall_s": round(time.perf_counter() - started, 1),
+            "rows": rows}
+
+
+def _quality(e2e: list[dict]) -> None:
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    ref = next((r for r in e2e if r["role"] == "reference"), None)
+    if ref is None:
+        return
+    reference = np.load(ref["images_file"])
+    for row in e2e:
+        got = np.load(row["images_file"])
+        pairs = list(zip(reference.reshape(-1, *reference.shape[-2:]), got.reshape(-1, *got.shape[-2:])))
+        with np.errstate(divide="ignore"):
+            psnr = [min(float(peak_signal_noise_ratio(a, b, data_range=1.0)), 99.0) for a, b in pairs]
+        ssim = [float(structural_similarity(a, b, data_range=1.0)) for a, b in pairs]
+        row["quality_vs_reference"] = {"psnr_db_min": round(min(psnr), 2), "psnr_db_mean": round(float(np.mean(psnr)), 2),
+                                       "ssim_min": round(min(ssim), 4), "ssim_mean": round(float(np.mean(ssim)), 4)}
+
+
+def _fastest(e2e: list[dict]) -> dict | None:
+    candidates = [r for r in e2e if r["role"] != "reference"]
+    return min(candidates, key=lambda r: r["seconds_per_counterfactual"]) if candidates else None
+
+
+def _find(e2e, **want):
+    return next((r for r in e2e if all(r.get(k) == v for k, v in want.items())), None)
+
+
+def _decomposition(e2e: list[dict]) -> list[dict]:
+    """The speed-up split into its algorithmic part (same backend and precision) and its runtime
+    part (same algorithm), each a ratio of two measured configurations."""
+    ref = _find(e2e, role="reference")
+    batched = _find(e2e, backend="torch", precision="fp32", inversion="null-text", sweep="batched")
+    direct = _find(e2e, backend="torch", precision="fp32", inversion="direct", sweep="batched")
+    ort = _find(e2e, backend="onnxruntime", precision="fp32", inversion="direct")
+    engine_direct = [r for r in e2e if r["inversion"] == "direct" and r["sweep"] == "batched" and r is not direct]
+    best = min(engine_direct, key=lambda r: r["seconds_per_counterfactual"]) if engine_direct else None
+    rows = []
+
+    def ratio(part, slow, fast, what):
+        if slow is not None and fast is not None:
+            rows.append({"kind": "decomposition", "part": part, "what": what, "from": slow["config"], "to": fast["config"],
+                         "speedup": slow["seconds_per_counterfactual"] / fast["seconds_per_counterfactual"]})
+
+    ratio("algorithmic", ref, batched, "self-window sweep in one batch (null-text, torch fp32)")
+    ratio("algorithmic", batched, direct, "direct inversion in place of null-text (batched, torch fp32)")
+    ratio("algorithmic", ref, direct, "algorithm total (torch fp32)")
+    ratio("runtime", direct, ort, "onnxruntime in place of torch eager (fp32, direct, batched)")
+    if best is not None and ort is not None and best is not ort:
+        ratio("runtime", ort, best, f"precision {best['precision']} in place of fp32 ({best['backend']})")
+    ratio("runtime", direct, best, "runtime total (direct, batched)")
+    ratio("total", ref, best, "PRISM reference → fastest engine configuration")
+    return rows
+
+
+def _speedups(rows: list[dict]) -> None:
+    ref = _find(rows, kind="counterfactual", role="reference")
+    for row in rows:
+        if row["kind"] == "counterfactual" and ref is not None:
+            row["speedup_vs_reference"] = ref["seconds_per_counterfactual"] / row["seconds_per_counterfactual"]
+    torch_fp32 = {(r["graph"], r["batch"]): r["median_s"] for r in rows
+                  if r["kind"] == "graph" and r["backend"] == "torch" and r["precision"] == "fp32"}
+    for row in rows:
+        base = torch_fp32.get((row.get("graph"), row.get("batch"))) if row["kind"] == "graph" else None
+        if base:
+            row["speedup_vs_torch_fp32"] = base / row["median_s"]
