@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from .export_cli import add_export_parser, add_variants_parser, run_export, run_variants
+from .train_phantom import add_train_phantom_parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--seed", type=int, default=0)
     add_export_parser(sub)
     add_variants_parser(sub)
+    add_train_phantom_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "export":
         return run_export(args)
@@ -31,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: prism-export needs the '{exc.name}' package; install it with: pip install 'prism-rt[export]'",
               file=sys.stderr)
         return 2
+    if args.command == "train-phantom":
+        from .train_phantom import run_train_phantom
+
+        return run_train_phantom(args)
     from dataclasses import replace
 
     from .tiny import SD15, TinySpec, save_tiny_model

@@ -1,0 +1,511 @@
+"""``prism-export train-phantom``: train a small SD-v1.5-layout model on procedural chest phantoms.
+
+Everything is trained here, on a CPU, seeded and reproducible (for a given thread count):
+
+1. render the training set (:mod:`.phantom`: patients 0…N-1, independent attributes), gray → 3
+   channels in [-1, 1]; held-out patients (seeds ≥ ``HELDOUT_SEED0``) for evaluation;
+2. a small attribute classifier (Support Devices, Pleural Effusion, Cardiomegaly), exported to
+   ``classifier.onnx`` (input ``image`` [B,1,128,128] gray in [0,1], output ``logits`` [B,3]);
+3. the VAE (AutoencoderKL, 4 levels: 128 px → 16×16×4), L1 + edge + tiny KL, then its
+   ``scaling_factor`` = 1 / std of the posterior means (as SD's 0.18215 was chosen);
+4. the text encoder (CLIP, real 49408-token vocabulary, narrow) and the UNet (SD v1.5 block
+   layout) jointly, epsilon prediction on the precomputed latents (posterior mean × scale), DDPM
+   scaled-linear betas 0.00085 → 0.012 over 1000 steps, captions = PRISM's CheXpert captions with
+   10 % dropped to "" (classifier-free guidance), EMA of the weights;
+5. saved as a diffusers StableDiffusionPipeline folder (the same code path as ``save_tiny_model``)
+   plus ``classifier.onnx``, ``training.json`` and a few held-out ``examples/``.
+
+The models are built by :func:`prism_export.tiny.build_tiny_components`, so they have exactly the
+layout the rest of prism_rt loads and exports.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+LABEL_NAMES: tuple[str, ...] = ("Support Devices", "Pleural Effusion", "Cardiomegaly")
+"""Classifier outputs, in order."""
+
+
+@dataclass
+class TrainConfig:
+    out: Path
+    seed: int = 0
+    threads: int = 1
+    size: int = 128
+    n_train: int = 5000
+    n_heldout: int = 256
+    prevalence: float = 0.45
+    # VAE
+    vae_channels: tuple[int, ...] = (16, 32, 64, 64)
+    vae_steps: int = 6000
+    vae_batch: int = 4  # small batches, many steps: converges faster per CPU second
+    vae_crop: int = 64
+    vae_full_fraction: float = 0.25  # last part of the VAE steps on full images (batch / 4)
+    vae_lr: float = 2e-3
+    vae_kl: float = 1e-6
+    vae_edge: float = 0.5
+    vae_detail: float = 8.0
+    # text encoder + UNet
+    unet_channels: tuple[int, ...] = (32, 64, 64, 64)
+    unet_heads: int = 4
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
+    unet_steps: int = 1600
+    unet_batch: int = 32
+    unet_lr: float = 6e-4
+    caption_dropout: float = 0.1
+    ema: float = 0.995
+    # classifier
+    cls_steps: int = 400
+    cls_batch: int = 32
+    cls_lr: float = 2e-3
+    n_examples: int = 4
+    log_every: int = 50
+
+
+# --------------------------------------------------------------------------------------------
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _lr(step: int, total: int, base: float, warmup: int = 50, floor: float = 0.1) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup, 1)
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def render_set(seeds, size: int, prevalence: float, with_masks: bool = False):
+    """(images float32 N×size×size in [0,1], label matrix N×3 in :data:`LABEL_NAMES` order,
+    captions, optional device masks)."""
+    import numpy as np
+
+    from .phantom import render, render_image, sample_attributes, sample_patient
+
+    images, labels, captions, masks = [], [], [], []
+    for s in seeds:
+        p = sample_patient(int(s))
+        at = sample_attributes(int(s), prevalence)
+        if with_masks:
+            ph = render(p, at, size)
+            img, lab, cap = ph.image, ph.labels, ph.caption
+            masks.append(ph.masks["devices"] if at.devices else np.zeros_like(ph.masks["devices"]))
+        else:
+            img = render_image(p, at, size)
+            lab = at.labels()
+            cap = at.caption()
+        images.append(img)
+        labels.append([lab[n] for n in LABEL_NAMES])
+        captions.append(cap)
+    return (np.stack(images), np.asarray(labels, dtype=np.float32), captions,
+            np.stack(masks) if with_masks else None)
+
+
+# --------------------------------------------------------------------------------------------
+def _classifier():
+    import torch
+    from torch import nn
+
+    def block(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                             nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+    class AttributeClassifier(nn.Module):
+        """gray [0,1] 128 → logits of (Support Devices, Pleural Effusion, Cardiomegaly)."""
+
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(block(1, 16), block(16, 32), block(32, 48), block(48, 64))
+            self.head = nn.Linear(128, len(LABEL_NAMES))
+
+        def forward(self, image):
+            f = self.features(image * 2.0 - 1.0)
+            pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
+            return self.head(pooled)
+
+    return AttributeClassifier()
+
+
+def train_classifier(cfg: TrainConfig, images, labels, held_images, held_labels, log=_log):
+    import numpy as np
+    import torch
+
+    torch.manual_seed(cfg.seed + 3)
+    model = _classifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.cls_lr, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    x_all = torch.from_numpy(images)[:, None]
+    y_all = torch.from_numpy(labels)
+    losses, t0 = [], time.perf_counter()
+    model.train()
+    for step in range(cfg.cls_steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.cls_steps, cfg.cls_lr, warmup=20)
+        idx = torch.randint(0, len(x_all), (cfg.cls_batch,), generator=g)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x_all[idx].float()), y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.cls_steps:
+            dt = (time.perf_counter() - t0) / (step + 1)
+            log(f"classifier step {step + 1}/{cfg.cls_steps} loss {np.mean(losses[-cfg.log_every:]):.4f} {dt:.3f} s/step")
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(torch.from_numpy(held_images[i:i + 64])[:, None]) for i in range(0, len(held_images), 64)])
+    pred = (logits > 0).numpy().astype(np.float32)
+    acc = {name: float((pred[:, k] == held_labels[:, k]).mean()) for k, name in enumerate(LABEL_NAMES)}
+    return model, acc, losses
+
+
+def export_classifier(model, path: Path, size: int = 128) -> None:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    model.eval()
+    example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1, max=63)
+    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=18, input_names=["image"],
+                                output_names=["logits"], dynamic_shapes={"image": {0: batch}}, verbose=False)
+    program.save(str(path))
+    proto = onnx.load(str(path))
+    for key, value in (("prism.labels", json.dumps(list(LABEL_NAMES))), ("prism.input", f"gray [0,1] {size}")):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+    # parity check at two batch sizes
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for b in (1, 5):
+        x = torch.rand(b, 1, size, size, generator=torch.Generator().manual_seed(b))
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = sess.run(["logits"], {"image": x.numpy()})[0]
+        if got.shape != (b, len(LABEL_NAMES)) or not np.allclose(got, ref, atol=1e-4, rtol=1e-4):
+            raise RuntimeError(f"classifier.onnx differs from torch at batch {b}: max err {np.abs(got - ref).max()}")
+
+
+# --------------------------------------------------------------------------------------------
+def _to_model(images, idx):
+    """uint/float gray N×H×W (numpy, [0,1]) rows ``idx`` → torch N×3×H×W in [-1, 1]."""
+    import torch
+
+    x = torch.from_numpy(images[idx]).float()[:, None] * 2.0 - 1.0
+    return x.expand(-1, 3, -1, -1).contiguous()
+
+
+def _psnr(vae, images, masks=None, batch: int = 16):
+    """Mean PSNR (dB, [0,1] gray) of decode(mean(encode(x))) and, with device masks, the mean
+    absolute error inside them."""
+    import numpy as np
+    import torch
+
+    psnrs, dev_err, dev_n = [], 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            idx = np.arange(i, min(i + batch, len(images)))
+            x = _to_model(images, idx)
+            rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+            rec01 = ((rec.mean(dim=1) + 1) / 2).clamp(0, 1).numpy()
+            ref = images[idx]
+            mse = ((rec01 - ref) ** 2).reshape(len(idx), -1).mean(axis=1)
+            psnrs.extend(10 * np.log10(1.0 / np.maximum(mse, 1e-12)))
+            if masks is not None:
+                m = masks[idx]
+                dev_err += float(np.abs(rec01 - ref)[m].sum())
+                dev_n += int(m.sum())
+    return float(np.mean(psnrs)), (dev_err / dev_n if dev_n else None)
+
+
+def train_vae(cfg: TrainConfig, vae, images, held_images, held_masks, log=_log):
+    import numpy as np
+    import torch
+
+    torch.manual_seed(cfg.seed + 1)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    rng = np.random.default_rng(cfg.seed + 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    vae.train()
+    n_full = int(round(cfg.vae_steps * cfg.vae_full_fraction))
+    losses, t0 = [], time.perf_counter()
+    size = images.shape[-1]
+    for step in range(cfg.vae_steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr)
+        full = step >= cfg.vae_steps - n_full or cfg.vae_crop >= size
+        b = max(cfg.vae_batch // 4, 1) if full else cfg.vae_batch
+        idx = torch.randint(0, len(images), (b,), generator=g).numpy()
+        x = _to_model(images, idx)
+        if not full:
+            c = cfg.vae_crop
+            crops = []
+            for k in range(b):
+                r0, c0 = rng.integers(0, size - c + 1, 2)
+                crops.append(x[k, :, r0:r0 + c, c0:c0 + c])
+            x = torch.stack(crops)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.mean).sample  # deterministic: inversion encodes with the mean too
+        # detail weighting: thin bright structures (device leads, rib cortices) are a few % of the
+        # pixels; weight the L1 by the local high-pass magnitude so that they are not averaged away
+        hp = (x - torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False)).abs()
+        w = 1.0 + cfg.vae_detail * hp
+        l1 = (w * (rec - x).abs()).mean() / w.mean()
+        edge = ((rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean())
+        kl = post.kl().mean() / x[0].numel()
+        loss = l1 + cfg.vae_edge * edge + cfg.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(l1.item())
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.vae_steps:
+            dt = (time.perf_counter() - t0) / (step + 1)
+            log(f"vae step {step + 1}/{cfg.vae_steps} l1 {np.mean(losses[-cfg.log_every:]):.4f} "
+                f"{dt:.3f} s/step, {'full' if full else 'crop'}, eta {(cfg.vae_steps - step - 1) * dt / 60:.1f} min")
+    vae.eval()
+    psnr, dev_err = _psnr(vae, held_images, held_masks)
+    return losses, psnr, dev_err
+
+
+def encode_latents(vae, images, batch: int = 32):
+    import numpy as np
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            out.append(vae.encode(_to_model(images, np.arange(i, min(i + batch, len(images))))).latent_dist.mean)
+    return torch.cat(out)
+
+
+def train_unet(cfg: TrainConfig, unet, text_encoder, tokenizer, latents, captions, held_latents, held_captions, log=_log):
+    import copy
+
+    import numpy as np
+    import torch
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(cfg.seed + 2)
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                beta_schedule="scaled_linear", prediction_type="epsilon")
+    alphas = noise_sched.alphas_cumprod
+    vocab = sorted(set(captions) | set(held_captions) | {""})
+    ids = tokenizer(vocab, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    cap_index = torch.tensor([vocab.index(c) for c in captions])
+    held_index = torch.tensor([vocab.index(c) for c in held_captions])
+    empty = vocab.index("")
+    params_u = list(unet.parameters())
+    params_t = list(text_encoder.parameters())
+    opt = torch.optim.AdamW([{"params": params_u, "weight_decay": 1e-2}, {"params": params_t, "weight_decay": 0.0}],
+                            lr=cfg.unet_lr)
+    ema_u, ema_t = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    ema_params = list(ema_u.parameters()) + list(ema_t.parameters())
+    live_params = params_u + params_t
+    for p in ema_params:
+        p.requires_grad_(False)
+    unet.train()
+    text_encoder.train()
+
+    def noised(z0, t, noise):
+        a = alphas[t].view(-1, 1, 1, 1)
+        return a.sqrt() * z0 + (1 - a).sqrt() * noise
+
+    losses, t0 = [], time.perf_counter()
+    for step in range(cfg.unet_steps):
+        lr = _lr(step, cfg.unet_steps, cfg.unet_lr, warmup=100)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(0, len(latents), (cfg.unet_batch,), generator=g)
+        z0 = latents[idx]
+        cidx = cap_index[idx].clone()
+        drop = torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout
+        cidx[drop] = empty
+        used, inverse = torch.unique(cidx, return_inverse=True)
+        emb = text_encoder(ids[used])[0][inverse]
+        t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        pred = unet(noised(z0, t, noise), t, encoder_hidden_states=emb).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(live_params, 1.0)
+        opt.step()
+        decay = min(cfg.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, [p.detach() for p in live_params], 1 - decay)
+        losses.append(loss.item())
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.unet_steps:
+            dt = (time.perf_counter() - t0) / (step + 1)
+            log(f"unet step {step + 1}/{cfg.unet_steps} loss {np.mean(losses[-cfg.log_every:]):.4f} lr {lr:.2e} "
+                f"{dt:.3f} s/step, eta {(cfg.unet_steps - step - 1) * dt / 60:.1f} min")
+    # held-out denoising loss of the EMA model at fixed timesteps and noise
+    gv = torch.Generator().manual_seed(12345)
+    val = {}
+    with torch.no_grad():
+        emb_all = ema_t(ids)[0]
+        n = min(len(held_latents), 64)
+        for tv in (50, 250, 500, 750, 950):
+            t = torch.full((n,), tv)
+            noise = torch.randn(held_latents[:n].shape, generator=gv)
+            pred = ema_u(noised(held_latents[:n], t, noise), t, encoder_hidden_states=emb_all[held_index[:n]]).sample
+            val[str(tv)] = float(torch.nn.functional.mse_loss(pred, noise))
+    unet.eval()
+    text_encoder.eval()
+    return ema_u, ema_t, losses, val
+
+
+# --------------------------------------------------------------------------------------------
+def _versions() -> dict:
+    import diffusers
+    import numpy
+    import onnx
+    import torch
+    import transformers
+
+    return {m.__name__: m.__version__ for m in (torch, diffusers, transformers, numpy, onnx)}
+
+
+def _mb(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2 ** 20, 2)
+
+
+def run(cfg: TrainConfig, log=_log) -> Path:
+    import tempfile
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from .clip_vocab import write_clip_tokenizer_files
+    from .phantom import HELDOUT_SEED0, write_phantom_set
+    from .tiny import TinySpec, build_tiny_components
+
+    torch.set_num_threads(cfg.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                    "versions": _versions(), "times_s": {}, "train_seeds": [0, cfg.n_train - 1],
+                    "heldout_seeds": [HELDOUT_SEED0, HELDOUT_SEED0 + cfg.n_heldout - 1]}
+    t_start = time.perf_counter()
+
+    def stage(name, t):
+        record["times_s"][name] = round(time.perf_counter() - t, 1)
+        (out / "training.json").write_text(json.dumps(record, indent=1))
+        return time.perf_counter()
+
+    t = time.perf_counter()
+    log(f"rendering {cfg.n_train} training + {cfg.n_heldout} held-out phantoms at {cfg.size} px")
+    images, labels, captions, _ = render_set(range(cfg.n_train), cfg.size, cfg.prevalence)
+    held, held_labels, held_captions, held_masks = render_set(range(HELDOUT_SEED0, HELDOUT_SEED0 + cfg.n_heldout),
+                                                              cfg.size, cfg.prevalence, with_masks=True)
+    record["prevalence"] = {n: float(labels[:, k].mean()) for k, n in enumerate(LABEL_NAMES)}
+    record["captions"] = {c: captions.count(c) for c in sorted(set(captions))}
+    log(f"prevalence {record['prevalence']}")
+    t = stage("render", t)
+
+    if cfg.cls_steps > 0:
+        model, acc, cls_losses = train_classifier(cfg, images, labels, held, held_labels, log)
+        export_classifier(model, out / "classifier.onnx", cfg.size)
+        record["classifier"] = {"heldout_accuracy": acc, "mean_accuracy": float(np.mean(list(acc.values()))),
+                                "labels": list(LABEL_NAMES), "final_loss": float(np.mean(cls_losses[-25:])),
+                                "file": "classifier.onnx"}
+        log(f"classifier held-out accuracy {acc}")
+        t = stage("classifier", t)
+
+    spec = TinySpec(image_size=cfg.size, unet_channels=tuple(cfg.unet_channels), unet_heads=cfg.unet_heads,
+                    unet_norm_groups=16, vae_channels=tuple(cfg.vae_channels), vae_layers=1, vae_norm_groups=8,
+                    text_width=cfg.text_width, text_layers=cfg.text_layers, text_heads=cfg.text_heads,
+                    text_intermediate=4 * cfg.text_width, seed=cfg.seed, calibrate_latent_scale=False)
+    comps = build_tiny_components(spec)
+    vae, unet, text_encoder = comps["vae"], comps["unet"], comps["text_encoder"]
+    record["parameters_M"] = {k: round(sum(p.numel() for p in m.parameters()) / 1e6, 3)
+                              for k, m in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))}
+    log(f"parameters (M): {record['parameters_M']}")
+
+    vae_losses, psnr, dev_err = train_vae(cfg, vae, images, held, held_masks, log)
+    record["vae"] = {"heldout_psnr_db": round(psnr, 2), "heldout_device_mae": dev_err,
+                     "final_l1": float(np.mean(vae_losses[-25:])), "l1_curve": vae_losses[:: max(1, len(vae_losses) // 100)]}
+    log(f"vae held-out PSNR {psnr:.2f} dB, device-region MAE {dev_err}")
+    means = encode_latents(vae, images)
+    scale = float(round(1.0 / means[: min(len(means), 1024)].std().item(), 5))
+    vae.register_to_config(scaling_factor=scale)
+    latents = means * scale
+    held_latents = encode_latents(vae, held) * scale
+    record["vae"]["scaling_factor"] = scale
+    log(f"latents {tuple(latents.shape)}, scaling_factor {scale}")
+    vae.requires_grad_(False)
+    t = stage("vae", t)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # from_pretrained: the plain constructor silently builds an empty vocabulary in transformers 5
+        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(Path(tmp)))
+        ema_u, ema_t, unet_losses, val = train_unet(cfg, unet, text_encoder, tokenizer, latents, captions,
+                                                    held_latents, held_captions, log)
+        record["unet"] = {"final_loss": float(np.mean(unet_losses[-50:])), "heldout_loss_by_t": val,
+                          "loss_curve": unet_losses[:: max(1, len(unet_losses) // 200)], "ema": cfg.ema}
+        log(f"unet held-out eps-MSE by t: {val}")
+        t = stage("unet", t)
+        pipe = StableDiffusionPipeline(vae=vae, unet=ema_u, text_encoder=ema_t, tokenizer=tokenizer,
+                                       scheduler=comps["scheduler"], safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.save_pretrained(out, safe_serialization=True)
+    if cfg.n_examples:
+        write_phantom_set(out / "examples", range(HELDOUT_SEED0, HELDOUT_SEED0 + cfg.n_examples), cfg.size)
+    record["sizes_mb"] = {d: _mb(out / d) for d in ("unet", "vae", "text_encoder") if (out / d).exists()}
+    record["total_s"] = round(time.perf_counter() - t_start, 1)
+    stage("save", t)
+    log(f"done in {record['total_s'] / 60:.1f} min: {out}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+def _channels(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def add_train_phantom_parser(sub) -> argparse.ArgumentParser:
+    d = TrainConfig(out=Path("."))
+    p = sub.add_parser("train-phantom", help="train a small SD-v1.5-layout model on procedural chest phantoms (CPU)")
+    p.add_argument("--out", type=Path, required=True, help="folder to create (must not exist, or be empty)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default %(default)s)")
+    p.add_argument("--n-train", type=int, default=d.n_train, help="training patients (default %(default)s)")
+    p.add_argument("--n-heldout", type=int, default=d.n_heldout, help="held-out patients (default %(default)s)")
+    p.add_argument("--vae-steps", type=int, default=d.vae_steps, help="default %(default)s")
+    p.add_argument("--unet-steps", type=int, default=d.unet_steps, help="default %(default)s")
+    p.add_argument("--cls-steps", type=int, default=d.cls_steps, help="classifier steps (default %(default)s)")
+    p.add_argument("--vae-batch", type=int, default=d.vae_batch)
+    p.add_argument("--unet-batch", type=int, default=d.unet_batch)
+    p.add_argument("--unet-channels", type=_channels, default=d.unet_channels, help="e.g. 32,64,64,64")
+    p.add_argument("--vae-channels", type=_channels, default=d.vae_channels, help="e.g. 16,32,64,64")
+    p.add_argument("--text-width", type=int, default=d.text_width)
+    p.add_argument("--n-examples", type=int, default=d.n_examples, help="held-out phantoms written to examples/")
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    return p
+
+
+def run_train_phantom(args) -> int:
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        print(f"error: --out {out} exists and is not empty; choose a new folder", file=sys.stderr)
+        return 2
+    cfg = TrainConfig(out=out, seed=args.seed, threads=args.threads, n_train=args.n_train, n_heldout=args.n_heldout,
+                      vae_steps=args.vae_steps, unet_steps=args.unet_steps, cls_steps=args.cls_steps,
+                      vae_batch=args.vae_batch, unet_batch=args.unet_batch, unet_channels=args.unet_channels,
+                      vae_channels=args.vae_channels, text_width=args.text_width, n_examples=args.n_examples,
+                      log_every=args.log_every)
+    run(cfg)
+    return 0
