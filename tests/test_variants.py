@@ -220,3 +220,57 @@ def test_torch_backend_fp16_matches_fp32(tiny_model_dir, dicom_path):
         assert result.edits[0].dtype == np.float32
         images[precision] = np.clip((result.edits[0].mean(0) + 1) / 2, 0, 1)
     assert peak_signal_noise_ratio(images["fp32"], images["fp16"], data_range=1.0) >= 30.0
+
+
+# -- the benchmark suite, on this engine (its source checkpoint runs the torch rows) ----------------
+def test_unet_layout_of_bench_batches():
+    from prism_bench.suite import unet_layout
+
+    # N = U + (1 + K): a direct-inversion call, one guided step, an edit step with K items
+    assert [unet_layout(n) for n in (1, 2, 4, 12)] == [(0, 0), (1, 0), (2, 1), (6, 5)]
+
+
+def test_bench_writes_results_tables_plots_and_compares(engine_dir, tmp_path, capsys):
+    from prism_rt.cli import main
+
+    out = tmp_path / "bench"
+    args = ["bench", "--model", str(engine_dir), "--out", str(out), "--steps", "3", "--repeats", "2", "--threads", "1"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema"] == "prism-rt-bench/1" and results["mode"] == "full"
+    rows = results["rows"]
+    graphs = {(r["backend"], r["precision"], r["graph"], r["batch"]) for r in rows if r["kind"] == "graph"}
+    for config in (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16"), ("onnxruntime", "int8"),
+                   ("onnxruntime", "int8-cpu")):
+        for graph in ("text_encoder", "vae_encoder", "vae_decoder", "unet"):
+            assert {(*config, graph, b) for b in (1, 2, 4, 12)} <= graphs
+    cf = {r["config"]: r for r in rows if r["kind"] == "counterfactual"}
+    ref = next(r for r in cf.values() if r["role"] == "reference")
+    assert ref["sweep"] == "sequential" and ref["inversion"] == "null-text" and ref["speedup_vs_reference"] == 1.0
+    for row in cf.values():  # every configuration: its speed-up over the reference and its quality against it
+        assert row["speedup_vs_reference"] == pytest.approx(ref["seconds_per_counterfactual"] / row["seconds_per_counterfactual"])
+        assert row["quality_vs_reference"]["psnr_db_min"] > 0 and row["peak_rss_mb"] > 0
+    # batching the sweep saves the source's repeated passes: fewer UNet items than value by value
+    batched = next(r for r in cf.values() if r["inversion"] == "null-text" and r["sweep"] == "batched")
+    assert batched["unet_items_per_counterfactual"] < ref["unet_items_per_counterfactual"]
+    parts = {r["what"]: r["speedup"] for r in rows if r["kind"] == "decomposition"}
+    total = next(r["speedup"] for r in rows if r["kind"] == "decomposition" and r["part"] == "total")
+    assert parts["algorithm total (torch fp32)"] * parts["runtime total (direct, batched)"] == pytest.approx(total)
+    assert [r for r in rows if r["kind"] == "throughput"][0]["counterfactuals_per_minute"] > 0
+    text = (out / "results.md").read_text()
+    assert "speed-up vs reference" in text and "## unet" in text
+    for png in ("counterfactual_latency.png", "graph_latency.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert main(args[:4] + [str(tmp_path / "again"), "--mode", "graphs", "--repeats", "2", "--threads", "1",
+                            "--compare", str(out / "results.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "change against" in printed and "onnxruntime int8-cpu unet 12" in printed
+
+
+def test_bench_refuses_a_missing_compare_file(engine_dir, tmp_path, capsys):
+    from prism_rt.cli import main
+
+    code = main(["bench", "--model", str(engine_dir), "--out", str(tmp_path / "b"), "--compare", str(tmp_path / "no.json")])
+    assert code == 2 and "--compare" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Fill build/gpu-wheels with what benchmarks/gpu_check.sh installs on a GPU machine that has torch
+# and numpy but no network: pure-Python / abi3 wheels of the model libraries and their small
+# dependencies (torch, numpy and the CUDA stack are left out: the machine has its own), plus the
+# real radiograph RG1_UNCR.dcm. Run it here, then carry build/gpu-wheels to the GPU machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEST=build/gpu-wheels
+rm -rf "$DEST" && mkdir -p "$DEST"
+PY=${PYTHON:-.venv/bin/python}
+"$PY" -m pip download --quiet --dest "$DEST" --only-binary=:all: \
+    "diffusers==$("$PY" -c 'import diffusers; print(diffusers.__version__)')" \
+    "transformers==$("$PY" -c 'import transformers; print(transformers.__version__)')" \
+    tokenizers safetensors pydicom array-api-compat
+# what the GPU machine already has (and the heavy ones it must not take from here)
+rm -f "$DEST"/numpy-* "$DEST"/torch-* "$DEST"/nvidia_* "$DEST"/triton-* "$DEST"/sympy-* "$DEST"/networkx-*
+"$PY" -c "import data_store, pathlib, shutil; shutil.copy(pathlib.Path(data_store.__file__).parent / 'data' / 'RG1_UNCR.dcm', '$DEST')"
+du -sh "$DEST"
