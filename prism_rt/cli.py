@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--legacy", action="store_true", help="the published code's behaviour: no attention control, no blend")
     edit.add_argument("--max-batch", type=int, default=32, help="largest UNet batch; more edit items are chunked")
     edit.add_argument("--seed", type=int, default=0, help="recorded; every step is deterministic (η = 0)")
+    edit.add_argument("--select", type=Path, metavar="CLASSIFIER.onnx",
+                      help="pick, per edit, the self-window value whose counterfactual flips the attribute with the "
+                           "best identity (PRISM's filter); writes selected-K.png and the scores to result.json")
+    edit.add_argument("--figure", action="store_true", help="also write figure.png (source | reconstruction | "
+                                                             "counterfactual | change)")
     edit.add_argument("--no-progress", action="store_true")
 
     inv = sub.add_parser("invert", help="invert an image once and save it for many edits")
@@ -87,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     _invert_args(inv, required_prompt=True)
     inv.add_argument("--save", type=Path, required=True, help="the .npz file to write")
     inv.add_argument("--no-progress", action="store_true")
+
+    demo = sub.add_parser("demo", help="the bundled demo: remove the support devices from a phantom radiograph")
+    demo.add_argument("--out", type=Path, required=True)
+    demo.add_argument("--engine", type=Path, help="default: the bundled engines/phantom-demo")
+    demo.add_argument("--image", type=Path, help="default: the engine's demo image")
+    demo.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int8-cpu"])
+    demo.add_argument("--inversion", default="direct", choices=["direct", "negative-prompt"],
+                      help="onnxruntime has no autograd, so no null-text here (default direct)")
+    demo.add_argument("--no-progress", action="store_true")
+
+    from .evaluate_cli import add_evaluate_parser
+
+    add_evaluate_parser(sub)
 
     try:
         from prism_bench.cli import add_bench_parser
@@ -158,6 +176,13 @@ def cmd_edit(args) -> int:
         raise PromptError("give --image and --prompt (or --inversion-file from `prism-rt invert --save`)")
     saved = Inversion.load(args.inversion_file) if args.inversion_file else None
     source = load_image(args.image) if saved is None else None  # bad images fail before the model loads
+    classifier = None
+    if args.select is not None:
+        from .evaluate import Classifier, edit_direction
+
+        classifier = Classifier.load(args.select)
+        for target in args.target:  # which attribute each edit changes: known before any model work
+            edit_direction(saved.source_prompt if saved else args.prompt, target, classifier.labels)
     start = time.perf_counter()
     engine = _load(args)
     load_s = time.perf_counter() - start
@@ -167,9 +192,22 @@ def cmd_edit(args) -> int:
     result = engine.edit(inversion, args.target, control, RunLimits(max_batch=args.max_batch), progress=not args.no_progress)
     result.timings["load_s"] = load_s
     parameters = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("func",)}
-    write_edit_outputs(args.out, result, inversion, parameters)
+    selection = None
+    if classifier is not None:
+        from .evaluate import select_edits
+
+        selection = select_edits(classifier, inversion.source_prompt, result, inversion.fitted_pixels)
+    write_edit_outputs(args.out, result, inversion, parameters, selection=selection, figure=args.figure)
     print(f"wrote {len(result.edits)} counterfactual(s) to {args.out} "
           f"(reconstruction error {result.reconstruction_error:.2e}, {result.counts['unet_items']} UNet items)")
+    for k, choice in enumerate(selection or []):
+        if choice["selected_item"] is None:
+            print(f"  edit {k} ({choice['direction']} {choice['attribute']}): no self-window value flips the classifier")
+        else:
+            scores = next(c for c in choice["candidates"] if c["item"] == choice["selected_item"])
+            print(f"  edit {k} ({choice['direction']} {choice['attribute']}): selected {choice['selected_item']} → "
+                  f"{args.out / choice['file']} (p {scores['classifier']['p_source']:.2f} → "
+                  f"{scores['classifier']['p_counterfactual']:.2f})")
     return 0
 
 
@@ -208,6 +246,45 @@ def cmd_info(args) -> int:
     return 0
 
 
+DEMO_ENGINE = Path(__file__).resolve().parent.parent / "engines" / "phantom-demo"
+
+
+def cmd_demo(args) -> int:
+    """`prism-rt edit` on the bundled engine with the demo's own settings (engine/demo.json)."""
+    from .errors import ModelError
+
+    engine = (args.engine or DEMO_ENGINE).expanduser()
+    spec_path = engine / "demo.json"
+    if not spec_path.is_file():
+        raise ModelError(f"{engine} is not a demo engine (no demo.json); the bundled one lives in the repository's "
+                         "engines/phantom-demo: run from a checkout, or pass --engine")
+    spec = json.loads(spec_path.read_text())
+    argv = ["edit", "--model", str(engine), "--backend", "onnxruntime", "--precision", args.precision,
+            "--inversion", args.inversion, "--image", str(args.image or engine / spec["image"]),
+            "--prompt", spec["prompt"], "--out", str(args.out), "--figure"]
+    for target in spec["targets"]:
+        argv += ["--target", target]
+    if spec.get("classifier"):
+        argv += ["--select", str(engine / spec["classifier"])]
+    argv += [str(x) for x in spec.get("edit_args", [])]
+    if args.no_progress:
+        argv.append("--no-progress")
+    edit_args = build_parser().parse_args(argv)
+    print(f"demo: {spec['prompt']!r} → {spec['targets'][0]!r} on {edit_args.image.name} "
+          f"({args.inversion} inversion, onnxruntime {args.precision})")
+    code = cmd_edit(edit_args)
+    if code == 0:
+        print(f"see {args.out / 'figure.png'} (source | reconstruction | counterfactual | change); every "
+              f"self-window value's counterfactual and result.json are in {args.out}")
+    return code
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate_cli import run_evaluate
+
+    return run_evaluate(args)
+
+
 def cmd_bench(args) -> int:
     from prism_bench.cli import run_bench_cli
 
@@ -217,7 +294,8 @@ def cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"edit": cmd_edit, "invert": cmd_invert, "info": cmd_info, "bench": cmd_bench}[args.command]
+    handler = {"edit": cmd_edit, "invert": cmd_invert, "info": cmd_info, "bench": cmd_bench,
+               "demo": cmd_demo, "evaluate": cmd_evaluate}[args.command]
     try:
         return handler(args)
     except PrismError as exc:

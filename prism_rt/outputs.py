@@ -28,7 +28,11 @@ def library_versions() -> dict:
     return versions
 
 
-def write_edit_outputs(out_dir, result: EditResult, inversion: Inversion, parameters: dict) -> Path:
+def write_edit_outputs(out_dir, result: EditResult, inversion: Inversion, parameters: dict,
+                       selection: list[dict] | None = None, figure: bool = False) -> Path:
+    """``selection``: ``prism_rt.evaluate.select_edits``'s choice per edit (``selected-K.png`` is
+    that counterfactual); ``figure``: also write ``figure.png`` (source | reconstruction | chosen
+    counterfactual | signed change)."""
     from PIL import Image
 
     from .imageio import FitInfo, diff_heatmap, save_png, unfit
@@ -54,6 +58,25 @@ def write_edit_outputs(out_dir, result: EditResult, inversion: Inversion, parame
             diff_name = "diff-" + item.name.removeprefix("edit-") + ".png"
             Image.fromarray(diff_heatmap(edited, recon)).save(stage / diff_name)
             files["items"].append({"name": item.name, "edit": f"{item.name}.png", "diff": diff_name})
+        if selection is not None:
+            names = {item.name: i for i, item in enumerate(result.items)}
+            for k, choice in enumerate(selection):
+                if choice["selected_item"] is not None:
+                    shutil.copy(stage / f"{choice['selected_item']}.png", stage / f"selected-{k}.png")
+                    choice["file"] = f"selected-{k}.png"
+        if figure:
+            shown = None
+            if selection and selection[0]["selected_item"] is not None:
+                shown = selection[0]["selected_item"]
+            elif result.items:
+                shown = result.items[len(result.items) // 2].name
+            if shown is not None:
+                index = [item.name for item in result.items].index(shown)
+                source = unfit(inversion.fitted_pixels, fit)
+                edited = unfit(result.edits[index], fit)
+                _side_by_side(stage / "figure.png", [("source", source), ("reconstruction", recon),
+                                                     (f"counterfactual ({shown})", edited)], diff_heatmap(edited, recon))
+                files["figure"] = "figure.png"
         record = {
             "parameters": parameters,
             "source_prompt": inversion.source_prompt,
@@ -73,6 +96,7 @@ def write_edit_outputs(out_dir, result: EditResult, inversion: Inversion, parame
                 "libraries": library_versions(),
             },
             "files": files,
+            **({"selection": selection} if selection is not None else {}),
             "notes": {"mean_abs_diff": "mean |edit − reconstruction| on the [0, 1] intensity scale, model space "
                       "(S×S); inside/outside the item's final LocalBlend mask when LocalBlend is on",
                       "reconstruction_error": "‖z_src − z*_0‖ / ‖z*_0‖ of the source branch's final latent"},
@@ -83,6 +107,33 @@ def write_edit_outputs(out_dir, result: EditResult, inversion: Inversion, parame
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
     return out_dir
+
+
+def _side_by_side(path: Path, panels: list, heatmap: np.ndarray) -> None:
+    """One PNG: gray panels with a caption each, then the signed-difference heatmap."""
+    from PIL import Image, ImageDraw
+
+    from .imageio import to_uint
+
+    height = max(p.shape[0] for _, p in panels)
+    scale = max(1, 256 // height)
+    tiles = []
+    for title, pixels in panels:
+        tile = Image.fromarray(to_uint(pixels, 8)).convert("RGB")
+        tiles.append((title, tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST)))
+    heat = Image.fromarray(heatmap)
+    heat = heat.resize((heat.width * tiles[0][1].height // heat.height, tiles[0][1].height), Image.NEAREST)
+    tiles.append(("change (counterfactual − reconstruction)", heat))
+    pad, caption = 6, 18
+    width = sum(t.width for _, t in tiles) + pad * (len(tiles) + 1)
+    canvas = Image.new("RGB", (width, tiles[0][1].height + caption + 2 * pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = pad
+    for title, tile in tiles:
+        canvas.paste(tile, (x, caption + pad))
+        draw.text((x, 3), title, fill="black")
+        x += tile.width + pad
+    canvas.save(path)
 
 
 def _publish(stage: Path, out_dir: Path):

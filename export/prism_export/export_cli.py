@@ -58,9 +58,9 @@ def add_variant_options(p: argparse.ArgumentParser, default_precision: str = "fp
                    help="DDIM steps of the calibration/quality runs (default %(default)s; use ~5 at SD v1.5 size on a CPU)")
     p.add_argument("--calibration-samples", type=int, default=d.calibration_samples,
                    help="UNet calls kept for int8 calibration, evenly spread (default %(default)s)")
-    p.add_argument("--calibration-method", default=d.calibration_method, choices=["minmax", "percentile", "entropy"])
     p.add_argument("--calibration-self-replace", type=lambda s: tuple(float(v) for v in s.split(",") if v),
                    default=d.self_replace, help="self-window sweep of the calibration edits (default PRISM's 0.4…0.8)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads of the calibration/quality runs")
 
 
 def variant_settings(args):
@@ -68,8 +68,8 @@ def variant_settings(args):
 
     return VariantSettings(fp16_graphs=tuple(args.fp16_graphs), calibration_images=args.calibration_images,
                            calibration_count=args.calibration_count, calibration_steps=args.calibration_steps,
-                           calibration_samples=args.calibration_samples, calibration_method=args.calibration_method,
-                           self_replace=tuple(args.calibration_self_replace))
+                           calibration_samples=args.calibration_samples,
+                           self_replace=tuple(args.calibration_self_replace), threads=args.threads)
 
 
 def add_variants_parser(sub) -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import shutil
 import time
@@ -77,7 +78,6 @@ class VariantSettings:
     calibration_count: int = 4
     calibration_steps: int = 50
     calibration_samples: int = 64  # UNet calls kept for calibration, evenly spread over the trajectories
-    calibration_method: str = "minmax"  # minmax | percentile | entropy (onnxruntime's calibrators)
     self_replace: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
     threads: int | None = None
 
@@ -87,8 +87,6 @@ class VariantSettings:
             raise VariantError(f"--fp16-graphs names unknown graph(s) {unknown}; graphs are {', '.join(GRAPHS)}")
         if self.calibration_count < 1 or self.calibration_steps < 2 or self.calibration_samples < 1:
             raise VariantError("--calibration-count and --calibration-samples must be ≥ 1 and --calibration-steps ≥ 2")
-        if self.calibration_method not in ("minmax", "percentile", "entropy"):
-            raise VariantError(f"--calibration-method must be minmax, percentile or entropy, not {self.calibration_method!r}")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -225,37 +223,87 @@ def unet_nodes_to_quantize(model) -> tuple[list[str], dict]:
                     "kept_float_scopes": list(UNET_FLOAT_SCOPES), "quantized_ops": list(QUANTIZED_OPS)}
 
 
-def quantize_unet(src: Path, dst: Path, feeds: Sequence[dict], precision: str, method: str) -> dict:
-    """Static Q/DQ quantization of the UNet graph ``src`` into ``dst`` (+ ``dst.data``)."""
+def calibrate_ranges(src: Path, feeds: Sequence[dict], nodes: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """Min / max of the activation input and the output of each node to quantize, over the feeds.
+
+    Done here rather than by ``quantize_static``'s calibrator, which records every float tensor
+    of the calibrated op types, attention probabilities included: at SD v1.5 size that is
+    gigabytes per feed and was killed at 23 GB on a 24 GB machine. Only the tensors that get a
+    Q/DQ pair are made outputs here (a few MB)."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    import onnxruntime as ort
+
+    model = onnx.load(str(src), load_external_data=False)
+    wanted = set(nodes)
+    tensors = sorted({t for n in model.graph.node if n.name in wanted for t in (n.input[0], n.output[0])})
+    present = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in present)
+    ranges: dict[str, list[float]] = {}
+    # beside the graph: onnxruntime refuses external data outside the model's folder (links included)
+    path = src.with_name(f".{src.stem}.calibrate-{os.getpid()}.onnx")
+    try:
+        onnx.save_model(model, str(path))
+        options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = False
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        for feed in feeds:
+            for name, value in zip(tensors, session.run(tensors, feed)):
+                if value.size == 0:
+                    continue
+                lo, hi = float(value.min()), float(value.max())
+                old = ranges.get(name)
+                ranges[name] = [min(lo, old[0]), max(hi, old[1])] if old else [lo, hi]
+        del session
+    finally:
+        path.unlink(missing_ok=True)
+    return {k: (min(v[0], 0.0), max(v[1], 0.0)) for k, v in ranges.items()}
+
+
+class _DropPreprocessAdvice(logging.Filter):
+    """quantize_static advises shape-inference pre-processing, twice per call; its symbolic shape
+    inference cannot follow the UNet's batch arithmetic (N = U + G·(1+K)) and is not needed."""
+
+    def filter(self, record):
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+def quantize_unet(src: Path, dst: Path, feeds: Sequence[dict], precision: str) -> dict:
+    """Static Q/DQ quantization of the UNet graph ``src`` into ``dst`` (+ ``dst.data``), with
+    MinMax ranges from :func:`calibrate_ranges` handed to ``quantize_static`` as its calibration
+    cache."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
     nodes, summary = unet_nodes_to_quantize(onnx.load(str(src), load_external_data=False))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._it = iter(feeds)
-
-        def get_next(self):
-            return next(self._it, None)
-
+    ranges = calibrate_ranges(src, feeds, nodes)
     symmetric = precision == "int8"
     activation = QuantType.QInt8 if symmetric else QuantType.QUInt8
     options = {"ActivationSymmetric": symmetric, "WeightSymmetric": True}
-    calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                 "entropy": CalibrationMethod.Entropy}[method]
     dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, activation_type=activation,
-                        weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes,
-                        calibrate_method=calibrate, use_external_data_format=True, extra_options=options)
-    except Exception as exc:  # onnxruntime's own exception types
-        raise VariantError(f"onnxruntime could not quantize the UNet to {precision}: {type(exc).__name__}: {exc}") from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "ranges.json"
+        save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
+            k: (np.float32(lo), np.float32(hi)) for k, (lo, hi) in ranges.items()}), cache)
+        quiet = _DropPreprocessAdvice()
+        logging.getLogger().addFilter(quiet)
+        try:
+            quantize_static(str(src), str(dst), None, quant_format=QuantFormat.QDQ, activation_type=activation,
+                            weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes,
+                            op_types_to_quantize=list(QUANTIZED_OPS), calibrate_method=CalibrationMethod.MinMax,
+                            calibration_cache_path=str(cache), use_external_data_format=True, extra_options=options)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise VariantError(f"onnxruntime could not quantize the UNet to {precision}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            logging.getLogger().removeFilter(quiet)
     _one_data_file(dst)
     return {**summary, "format": "QDQ", "activations": "int8 symmetric" if symmetric else "uint8 asymmetric",
-            "weights": "int8 symmetric per-channel", "calibration_method": method, "calibration_feeds": len(feeds),
-            "tool": "onnxruntime.quantization.quantize_static"}
+            "weights": "int8 symmetric per-channel", "calibration": "min/max of each quantized input over the feeds",
+            "calibrated_tensors": len(ranges), "calibration_feeds": len(feeds),
+            "tool": "onnxruntime.quantization.quantize_static (ranges from prism_export.variants.calibrate_ranges)"}
 
 
 def convert_fp16(src: Path, dst: Path) -> dict:
@@ -365,7 +413,7 @@ def add_variants(engine_dir, precisions: Sequence[str], settings: VariantSetting
                     graphs[name] = made
             else:
                 made = quantize_unet(manifest.graphs["unet"].file, staging / "unet.onnx",
-                                     [feeds for feeds, _ in calibration], precision, settings.calibration_method)
+                                     [feeds for feeds, _ in calibration], precision)
                 graphs["unet"] = made
             build_s = time.perf_counter() - start
             entry = {"graphs": {}, "built_utc": _now(), "build_s": round(build_s, 1), "settings": settings.to_json()}

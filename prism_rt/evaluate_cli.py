@@ -1,0 +1,205 @@
+"""``prism-rt evaluate``: edits with known ground truth on held-out phantom patients.
+
+For each patient (seeds from ``prism_export.phantom.HELDOUT_SEED0``, never trained on) and each
+edit (remove / add support devices, remove / add pleural effusion), the patient is rendered with
+the attribute as the edit's source and, toggled, as its true counterfactual; the attribute's mask
+is where the two differ. Each configuration (inversion method, LocalBlend on/off, legacy) inverts
+and edits with the self-window sweep; PRISM's filter (``--select`` logic) picks one value per
+edit with the classifier; the chosen counterfactual is scored: success (the classifier flips),
+CPG, identity outside the mask against the reconstruction, the VAE's own loss, and the error to
+the true counterfactual inside and outside the mask. Writes ``evaluation.json`` (every edit) and
+``evaluation.md`` (the table per edit × configuration).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .config import ControlConfig, RunLimits
+from .errors import MissingExtraError, SettingsError
+
+EDITS = ("devices-remove", "devices-add", "effusion-remove", "effusion-add")
+CONFIGS = ("null-text", "null-text+blend", "direct", "direct+blend", "negative-prompt", "negative-prompt+blend",
+           "legacy", "ddim")
+WORD = {"devices": "Devices", "effusion": "Effusion"}
+
+
+@dataclass(frozen=True)
+class EditCase:
+    patient: int
+    edit: str
+    source01: np.ndarray
+    truth01: np.ndarray
+    mask: np.ndarray
+    prompt: str
+    target: str
+    attribute: str
+    direction: str
+
+
+def phantom_cases(patients: int, edits, size: int, seed0: int | None = None) -> list[EditCase]:
+    try:
+        from prism_export import phantom
+    except ImportError:
+        raise MissingExtraError("export", "prism_export", "prism-rt evaluate (phantom patients)") from None
+    seed0 = phantom.HELDOUT_SEED0 if seed0 is None else seed0
+    cases = []
+    for seed in range(seed0, seed0 + patients):
+        patient, sampled = phantom.sample_patient(seed), phantom.sample_attributes(seed)
+        for edit in edits:
+            name, direction = edit.split("-")
+            on = direction == "remove"
+            if name == "devices":
+                source_attrs = replace(sampled, devices=on)
+            else:
+                source_attrs = replace(sampled, effusion=(patient.effusion_side if on else None))
+            source = phantom.render(patient, source_attrs, size)
+            truth = phantom.counterfactuals(patient, source_attrs, size)[name]
+            cases.append(EditCase(seed, edit, source.image, truth.image, source.masks[name], source.caption,
+                                  truth.caption, phantom.LABEL_OF[name], direction))
+    return cases
+
+
+def _control(config: str, case: EditCase, sweep) -> ControlConfig:
+    if config == "legacy":
+        return ControlConfig(legacy=True, self_replace=(0.0,))
+    blend = None
+    if config.endswith("+blend"):
+        word = WORD[case.edit.split("-")[0]]
+        blend = (word, "showing") if case.direction == "remove" else ("showing", word)
+    return ControlConfig(self_replace=tuple(sweep), blend_words=blend)
+
+
+def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, sweep, progress=print) -> list[dict]:
+    from .evaluate import edit_metrics, select, to01
+
+    rows = []
+    inversions: dict = {}
+    started = time.perf_counter()
+    for n, case in enumerate(cases):
+        for config in configs:
+            method = config.split("+")[0]
+            method = "direct" if method == "legacy" else method
+            key = (case.patient, case.edit, method)
+            if key not in inversions:
+                inversions.clear()  # one case at a time: keep memory flat
+                inversions[key] = engine.invert(case.source01, case.prompt, method=method,
+                                                sampler=engine.sampler(steps=steps))
+            inversion = inversions[key]
+            start = time.perf_counter()
+            result = engine.edit(inversion, [case.target], _control(config, case, sweep), RunLimits(max_batch=63))
+            source01, recon01 = to01(inversion.fitted_pixels), to01(result.reconstruction)
+            candidates = [edit_metrics(classifier, case.attribute, case.direction, source01, recon01, to01(image),
+                                       case.mask, case.truth01) for image in result.edits]
+            chosen = select(candidates)
+            index = chosen["selected"] if chosen["selected"] is not None else chosen["best_cpg_index"]
+            best = candidates[index]
+            rows.append({"patient": case.patient, "edit": case.edit, "config": config, "prompt": case.prompt,
+                         "target": case.target, "self_replace": result.items[index].self_replace,
+                         "success": chosen["flipped"], "reconstruction_error": result.reconstruction_error,
+                         "mask_fraction": float(case.mask.mean()), "seconds": time.perf_counter() - start, **best})
+        if progress and (n + 1) % max(1, len(cases) // 10) == 0:
+            progress(f"  {n + 1}/{len(cases)} edits, {time.perf_counter() - started:.0f} s")
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    table = []
+    keys = list(dict.fromkeys((r["edit"], r["config"]) for r in rows))
+    for edit, config in keys:
+        sel = [r for r in rows if r["edit"] == edit and r["config"] == config]
+        mean = lambda f: float(np.mean([v for v in map(f, sel) if v is not None])) if sel else None  # noqa: E731
+        table.append({
+            "edit": edit, "config": config, "n": len(sel),
+            "success_rate": mean(lambda r: float(r["success"])),
+            "cpg": mean(lambda r: r["classifier"]["cpg"]),
+            "l1_outside_mask": mean(lambda r: r["identity_outside_mask"]["l1"]),
+            "psnr_outside_mask_db": mean(lambda r: r["identity_outside_mask"]["psnr_db"]),
+            "ssim_outside_mask": mean(lambda r: r["identity_outside_mask"]["ssim"]),
+            "psnr30_rate": mean(lambda r: float((r["identity_outside_mask"]["psnr_db"] or 0) >= 30)),
+            "truth_l1_inside": mean(lambda r: r["truth"]["l1_inside"]),
+            "truth_l1_outside": mean(lambda r: r["truth"]["l1_outside"]),
+            "vae_psnr_db": mean(lambda r: r["vae"]["psnr_db"]),
+            "reconstruction_error": mean(lambda r: r["reconstruction_error"]),
+        })
+    return table
+
+
+def markdown(table: list[dict], meta: dict) -> str:
+    lines = [f"# Phantom evaluation ({meta['patients']} held-out patients, {meta['steps']} steps, sweep {meta['sweep']})",
+             "", f"engine {meta['model']} ({meta['backend']}, {meta['precision']}); classifier {meta['classifier']}; "
+             f"{meta['seconds']:.0f} s.", "",
+             "success: the classifier flips the attribute (PRISM's filter picks the self-window value); CPG: gain in "
+             "the attribute's probability in the edit's direction; identity: the chosen counterfactual against the "
+             "source's reconstruction, outside the attribute's mask; truth: L1 to the true counterfactual.", "",
+             "| edit | configuration | n | success | CPG | L1 outside | PSNR outside dB | PSNR≥30 | SSIM outside | "
+             "truth L1 in | truth L1 out | latent recon. error |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    f = lambda v, s="{:.3f}": "–" if v is None else s.format(v)  # noqa: E731
+    for r in table:
+        lines.append(f"| {r['edit']} | {r['config']} | {r['n']} | {f(r['success_rate'], '{:.0%}')} | {f(r['cpg'])} | "
+                     f"{f(r['l1_outside_mask'], '{:.4f}')} | {f(r['psnr_outside_mask_db'], '{:.1f}')} | "
+                     f"{f(r['psnr30_rate'], '{:.0%}')} | {f(r['ssim_outside_mask'])} | {f(r['truth_l1_inside'], '{:.4f}')} | "
+                     f"{f(r['truth_l1_outside'], '{:.4f}')} | {f(r['reconstruction_error'], '{:.2e}')} |")
+    return "\n".join(lines)
+
+
+def add_evaluate_parser(sub):
+    p = sub.add_parser("evaluate", help="edit held-out phantom patients with known true counterfactuals and score them")
+    p.add_argument("--model", type=Path, required=True, help="a phantom model (checkpoint folder or engine folder)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int8-cpu"])
+    p.add_argument("--classifier", type=Path, required=True, help="ONNX attribute classifier (e.g. the model's classifier.onnx)")
+    p.add_argument("--patients", type=int, default=50)
+    p.add_argument("--seed0", type=int, help="first patient seed (default: the held-out range)")
+    p.add_argument("--edits", default=",".join(EDITS), help=f"comma-separated subset of {','.join(EDITS)}")
+    p.add_argument("--configs", default="direct,direct+blend,negative-prompt,negative-prompt+blend,legacy",
+                   help=f"comma-separated subset of {','.join(CONFIGS)} (null-text needs --backend torch)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--self-replace", default="0.4,0.5,0.6,0.7,0.8")
+    p.add_argument("--out", type=Path, required=True)
+    return p
+
+
+def run_evaluate(args) -> int:
+    from .engine import Engine
+    from .evaluate import Classifier
+    from .outputs import library_versions
+
+    edits = [e for e in args.edits.split(",") if e]
+    configs = [c for c in args.configs.split(",") if c]
+    bad = [e for e in edits if e not in EDITS] + [c for c in configs if c not in CONFIGS]
+    if bad or not edits or not configs or args.patients < 1:
+        raise SettingsError(f"unknown edit(s)/configuration(s) {bad}; edits: {', '.join(EDITS)}; "
+                            f"configurations: {', '.join(CONFIGS)}; --patients ≥ 1")
+    try:
+        sweep = tuple(float(v) for v in args.self_replace.split(","))
+    except ValueError:
+        raise SettingsError(f"--self-replace takes numbers such as 0.4,0.6; got {args.self_replace!r}") from None
+    try:
+        import skimage  # noqa: F401
+    except ImportError:
+        raise MissingExtraError("bench", "scikit-image", "prism-rt evaluate") from None
+    if args.out.exists() and not args.out.is_dir():
+        raise SettingsError(f"--out {args.out} is a file; give a folder")
+    classifier = Classifier.load(args.classifier)
+    engine = Engine.load(args.model, backend=args.backend, precision=args.precision)
+    cases = phantom_cases(args.patients, edits, engine.backend.info.image_size, args.seed0)
+    print(f"evaluating {len(cases)} edits × {len(configs)} configurations …", flush=True)
+    start = time.perf_counter()
+    rows = evaluate(engine, classifier, cases, configs, args.steps, sweep)
+    table = summarize(rows)
+    meta = {"patients": args.patients, "steps": args.steps, "sweep": list(sweep), "model": str(args.model),
+            "backend": args.backend, "precision": args.precision, "classifier": str(args.classifier),
+            "seconds": time.perf_counter() - start, "libraries": library_versions()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = args.out / ".evaluation.json.tmp"
+    tmp.write_text(json.dumps({"meta": meta, "summary": table, "edits": rows}, indent=1, default=float))
+    tmp.replace(args.out / "evaluation.json")
+    (args.out / "evaluation.md").write_text(markdown(table, meta) + "\n")
+    print(markdown(table, meta))
+    return 0

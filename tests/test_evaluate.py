@@ -1,0 +1,123 @@
+"""Judging counterfactuals: the ONNX classifier wrapper, CPG and flips, identity outside the mask,
+PRISM's selection over the sweep, and `prism-rt edit --select` end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from prism_rt.errors import PromptError, SettingsError
+from prism_rt.evaluate import Classifier, ClassifierError, edit_direction, edit_metrics, select
+
+LABELS = ["Support Devices", "Pleural Effusion"]
+
+
+def write_classifier(path, weights=(8.0, -8.0), bias=(-4.0, 4.0), size=16, labels=LABELS, meta=True):
+    """logits_j = w_j · mean(image) + b_j: a classifier whose probabilities are known in closed form."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("ReduceMean", ["image"], ["m"], axes=[1, 2, 3], keepdims=0),
+             helper.make_node("Unsqueeze", ["m", "one"], ["m1"]),
+             helper.make_node("Mul", ["m1", "w"], ["wx"]), helper.make_node("Add", ["wx", "b"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "toy", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(labels)])],
+        [numpy_helper.from_array(np.array(weights, np.float32)[None], "w"),
+         numpy_helper.from_array(np.array(bias, np.float32)[None], "b"),
+         numpy_helper.from_array(np.array([1], np.int64), "one")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    if meta:
+        model.metadata_props.add(key="prism.labels", value=json.dumps(list(labels)))
+    onnx.save(model, str(path))
+    return path
+
+
+def test_classifier_probabilities_match_the_closed_form(tmp_path):
+    clf = Classifier.load(write_classifier(tmp_path / "c.onnx"))
+    assert clf.labels == tuple(LABELS) and clf.size == (16, 16)
+    images = [np.full((32, 32), 0.25, np.float32), np.full((16, 16), 0.75, np.float32)]  # any size: resized
+    p = clf.probabilities(images)
+    expected = 1 / (1 + np.exp(-(np.array([[8.0, -8.0]]) * np.array([[0.25], [0.75]]) + np.array([[-4.0, 4.0]]))))
+    np.testing.assert_allclose(p, expected, rtol=1e-5)
+
+
+def test_classifier_without_labels_or_missing_is_refused(tmp_path):
+    with pytest.raises(ClassifierError, match="prism.labels"):
+        Classifier.load(write_classifier(tmp_path / "c.onnx", meta=False))
+    assert Classifier.load(tmp_path / "c.onnx", labels=("A", "B")).labels == ("A", "B")
+    with pytest.raises(ClassifierError, match="does not exist"):
+        Classifier.load(tmp_path / "missing.onnx")
+
+
+def test_edit_direction_reads_the_captions():
+    assert edit_direction("Chest X-ray showing No Finding, Support Devices", "Chest X-ray showing No Finding",
+                          LABELS) == ("Support Devices", "remove")
+    assert edit_direction("Chest X-ray showing No Finding", "Chest X-ray showing Pleural Effusion",
+                          LABELS) == ("Pleural Effusion", "add")
+    with pytest.raises(PromptError, match="cannot tell"):
+        edit_direction("Chest X-ray showing Support Devices", "Chest X-ray showing Pleural Effusion", LABELS)
+
+
+def test_edit_metrics_by_hand(tmp_path):
+    clf = Classifier.load(write_classifier(tmp_path / "c.onnx"))
+    recon = np.full((16, 16), 0.8, np.float32)  # p(devices) = σ(8·0.8 − 4) = σ(2.4) > 0.5
+    cf = recon.copy()
+    mask = np.zeros((16, 16), bool)
+    mask[:8] = True
+    cf[mask] = 0.2  # inside the mask only: mean 0.5 → σ(0) = 0.5 → not < 0.5, so no flip
+    cf_out = cf.copy()
+    cf_out[~mask] -= 0.1  # now also 0.1 darker outside the mask: mean 0.45 → flips
+    row = edit_metrics(clf, "Support Devices", "remove", recon, recon, cf, mask, truth01=cf)
+    assert row["classifier"]["p_source"] == pytest.approx(1 / (1 + np.exp(-2.4)), rel=1e-5)
+    assert not row["classifier"]["flipped"]
+    assert row["identity_outside_mask"]["l1"] == 0.0 and row["identity_outside_mask"]["psnr_db"] == 99.0
+    assert row["truth"] == {"l1_inside": 0.0, "l1_outside": 0.0}
+    row = edit_metrics(clf, "Support Devices", "remove", recon, recon, cf_out, mask)
+    assert row["classifier"]["flipped"] and row["classifier"]["cpg"] > 0
+    assert row["identity_outside_mask"]["l1"] == pytest.approx(0.1, abs=1e-6)
+    assert row["identity_outside_mask"]["psnr_db"] == pytest.approx(20.0, abs=1e-3)  # 10·log10(1/0.01)
+    with pytest.raises(SettingsError, match="no label"):
+        edit_metrics(clf, "Cardiomegaly", "add", recon, recon, cf)
+
+
+def test_select_prefers_a_flip_then_identity():
+    def row(flipped, ssim, l1, cpg=0.1):
+        return {"classifier": {"flipped": flipped, "cpg": cpg}, "identity_outside_mask": {"ssim": ssim, "l1": l1}}
+
+    assert select([row(False, 0.99, 0.0), row(True, 0.8, 0.1), row(True, 0.9, 0.2)])["selected"] == 2
+    none = select([row(False, 0.9, 0.1, cpg=0.1), row(False, 0.8, 0.1, cpg=0.3)])
+    assert none["selected"] is None and not none["flipped"] and none["best_cpg_index"] == 1
+
+
+def test_cli_edit_select_writes_the_choice(tiny_model_dir, dicom_path, tmp_path, capsys):
+    from prism_rt.cli import main
+
+    # a classifier that sees devices everywhere: no value can flip it, which the output must say
+    clf = write_classifier(tmp_path / "c.onnx", weights=(0.0, 0.0), bias=(1.0, 1.0))
+    out = tmp_path / "out"
+    code = main(["edit", "--model", str(tiny_model_dir), "--inversion", "direct", "--steps", "4", "--image",
+                 str(dicom_path), "--prompt", "Chest X-ray showing Support Devices", "--target",
+                 "Chest X-ray showing No Finding", "--self-replace", "0.4,0.8", "--select", str(clf), "--figure",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    result = json.loads((out / "result.json").read_text())
+    choice = result["selection"][0]
+    assert choice["attribute"] == "Support Devices" and choice["direction"] == "remove"
+    assert not choice["flipped"] and choice["selected_item"] is None and "no self-window value" in choice["note"]
+    assert [c["self_replace"] for c in choice["candidates"]] == [0.4, 0.8]
+    assert all(c["classifier"]["p_source"] == pytest.approx(1 / (1 + np.exp(-1))) for c in choice["candidates"])
+    assert not (out / "selected-0.png").exists() and (out / "figure.png").is_file()
+    assert "no self-window value flips" in capsys.readouterr().out
+
+
+def test_cli_edit_select_with_an_unrelated_edit_fails_before_work(tiny_model_dir, dicom_path, tmp_path, capsys):
+    from prism_rt.cli import main
+
+    clf = write_classifier(tmp_path / "c.onnx")
+    code = main(["edit", "--model", str(tiny_model_dir), "--image", str(dicom_path), "--prompt",
+                 "Chest X-ray showing Cardiomegaly", "--target", "Chest X-ray showing No Finding",
+                 "--select", str(clf), "--out", str(tmp_path / "out")])
+    assert code == 2 and "cannot tell" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
