@@ -14,7 +14,8 @@ from .blend import nearest_resize
 from .config import ControlConfig, Fit, InversionConfig, InversionMethod, RunLimits, SamplerConfig
 from .errors import BackendError, InputImageError, InversionFileError, MissingExtraError
 from .inversion import Inversion
-from .loop import Counter, EditInputs, ddim_inversion, decode_latents, edit_loop, encode_image, encode_prompts
+from .loop import (Counter, EditInputs, ddim_inversion, decode_latents, edit_loop, edit_loop_groups, encode_image,
+                   encode_prompts)
 from .schedule import DDIMSchedule
 
 
@@ -217,6 +218,72 @@ class Engine:
             settings={"chunks": len(chunks), "items_per_chunk": per_chunk, "mode": control.mode,
                       "blend_downsample": backend.info.blend_downsample, "backend": backend.kind.value},
         )
+
+    def edit_many(self, inversions: Sequence[Inversion], targets: Sequence[str], control: ControlConfig | None = None,
+                  limits: RunLimits | None = None, progress: bool = False) -> list[EditResult]:
+        """The same edits of several images, their groups batched into one UNet call per step
+        (the controlled UNet's G axis): throughput for batch jobs. All inversions need the same
+        method and sampler. Images are grouped so that a step's batch stays ≤ ``max_batch``; an
+        image whose own edits exceed it is edited alone (its items chunked) by :meth:`edit`."""
+        control = control or ControlConfig()
+        limits = limits or RunLimits()
+        targets, inversions = list(targets), list(inversions)
+        if not inversions:
+            return []
+        first = inversions[0]
+        for inv in inversions:
+            self._check_inversion(inv)
+            if inv.method != first.method or inv.sampler != first.sampler:
+                raise BackendError("edit_many needs inversions made with one method and sampler; edit the others apart")
+        plans = [self.plan(inv.source_prompt, targets, control, first.sampler.steps) for inv in inversions]
+        items = 1 + len(plans[0].items)
+        both_halves = first.method in (InversionMethod.DDIM, InversionMethod.NULL_TEXT)
+        per_image = items + (items if both_halves else items - 1)
+        per_batch = limits.max_batch // per_image
+        if per_batch < 2:
+            return [self.edit(inv, targets, control, limits, progress) for inv in inversions]
+        backend, xp = self.backend, self.backend.xp
+        schedule = DDIMSchedule.from_config(first.sampler)
+        results = []
+        for start_index in range(0, len(inversions), per_batch):
+            chunk = list(range(start_index, min(start_index + per_batch, len(inversions))))
+            counter, timings = Counter(), {}
+            start = time.perf_counter()
+            inputs = []
+            for k in chunk:
+                inv = inversions[k]
+                emb = encode_prompts(backend, self.tokenizer, [inv.source_prompt, "", *targets], allow_empty=True)
+                trajectory = [backend.asarray(z) for z in inv.trajectory]
+                nulls = (xp.stack([backend.asarray(n) for n in inv.null_embeddings])
+                         if inv.null_embeddings is not None else None)
+                rows = {t: emb[2 + i: 3 + i] for i, t in enumerate(targets)}
+                inputs.append(EditInputs(
+                    method=inv.method, latents_T=trajectory[-1], source_embedding=emb[0:1],
+                    target_embeddings=xp.concat([rows[item.target] for item in plans[k].items], axis=0),
+                    null_embedding=emb[1:2], null_embeddings=nulls, trajectory=trajectory,
+                    guidance=first.sampler.guidance, blend_threshold=control.blend_threshold,
+                    blend_start=control.blend_start))
+            timings["encode_s"] = time.perf_counter() - start
+            bar = _progress(progress, first.sampler.steps, f"edit {len(chunk)} images")
+            start = time.perf_counter()
+            outcomes = edit_loop_groups(backend, schedule, [plans[k] for k in chunk], inputs, counter, bar.update_one)
+            bar.close()
+            timings["edit_loop_s"] = time.perf_counter() - start
+            for k, x, outcome in zip(chunk, inputs, outcomes):
+                start = time.perf_counter()
+                final, z0 = outcome.latents, x.trajectory[0]
+                recon_error = float(xp.linalg.vector_norm(final[:1] - z0) / xp.linalg.vector_norm(z0))
+                images = np.concatenate([decode_latents(backend, final[i:i + 1]) for i in range(final.shape[0])], axis=0)
+                size = images.shape[-1]
+                masks = ([None] * items if outcome.masks is None else
+                         [backend.to_numpy(nearest_resize(xp, m[0], (size, size))) for m in outcome.masks])
+                results.append(EditResult(
+                    items=plans[k].items, reconstruction=images[0], edits=list(images[1:]), masks=masks[1:],
+                    reconstruction_error=recon_error, counts=dict(counter.to_json(), images_in_batch=len(chunk)),
+                    timings=dict(timings, decode_s=time.perf_counter() - start), plan_words=plans[k].edit_words,
+                    settings={"chunks": 1, "images_in_batch": len(chunk), "mode": control.mode,
+                              "blend_downsample": backend.info.blend_downsample, "backend": backend.kind.value}))
+        return results
 
     def _items_per_chunk(self, method: InversionMethod, limits: RunLimits) -> int:
         """Edit items per chunk so that the UNet batch stays ≤ max_batch (each chunk repeats the

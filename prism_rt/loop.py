@@ -3,7 +3,7 @@ interface and the array API: they never know which backend runs the graphs."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Sequence, Any, Callable
 
 import numpy as np
 
@@ -117,63 +117,92 @@ class EditInputs:
 
 def edit_loop(backend, schedule: DDIMSchedule, plan, inputs: EditInputs, counter: Counter,
               progress: Callable[[], None] | None = None) -> EditOutcome:
-    """Prompt-to-prompt editing from ``z*_T``: the source item and K edit items in one batch.
+    """Prompt-to-prompt editing of one image: :func:`edit_loop_groups` with one group."""
+    return edit_loop_groups(backend, schedule, [plan], [inputs], counter, progress)[0]
+
+
+def edit_loop_groups(backend, schedule: DDIMSchedule, plans: Sequence, inputs: Sequence[EditInputs], counter: Counter,
+                     progress: Callable[[], None] | None = None) -> list[EditOutcome]:
+    """Prompt-to-prompt editing from ``z*_T`` of G images at once: group g is image g's source
+    item and its K edit items (every group has the same K), all in one UNet batch
+    ``N = U + G·(1+K)`` (the controlled UNet's layout: unconditional halves first, then the
+    groups); each group's control tensors come from its own plan.
 
     Which items carry an unconditional CFG half depends on the inversion: all of them for ddim
     and null-text; the edits only for negative-prompt (the source's two halves are equal) and
     direct (the source's noise is never used: its latent is pinned to ``z*_{t_prev}``).
     """
     xp = backend.xp
-    method = inputs.method
-    edits = len(plan.items)
+    first = inputs[0]
+    method = first.method
+    groups = len(inputs)
+    edits = len(plans[0].items)
+    if any(len(p.items) != edits for p in plans) or any(i.method != method for i in inputs):
+        raise ValueError("every group of one edit batch needs the same number of edit items and inversion method")
     items = 1 + edits
     steps = len(schedule.timesteps)
     source_uncond = method in (InversionMethod.DDIM, InversionMethod.NULL_TEXT)
     uncond_items = list(range(items)) if source_uncond else list(range(1, items))
     n_uncond = len(uncond_items)
+    uncond_global = [g * items + j for g in range(groups) for j in uncond_items]
 
-    latents = xp.concat([inputs.latents_T] * items, axis=0)
-    cond_text = xp.concat([inputs.source_embedding, inputs.target_embeddings], axis=0)
+    latents = xp.concat([x.latents_T for x in inputs for _ in range(items)], axis=0)
+    cond_text = xp.concat([t for x in inputs for t in (x.source_embedding, x.target_embeddings)], axis=0)
     static = dict(
-        token_mapper=backend.asarray(plan.token_mapper[None]),
-        refine_alpha=backend.asarray(plan.refine_alpha[None]),
-        equalizer=backend.asarray(plan.equalizer[None]),
+        token_mapper=backend.asarray(np.stack([p.token_mapper for p in plans])),
+        refine_alpha=backend.asarray(np.stack([p.refine_alpha for p in plans])),
+        equalizer=backend.asarray(np.stack([p.equalizer for p in plans])),
     )
-    blend_weights = backend.asarray(plan.blend_words) if plan.blend_words is not None else None
-    blend_from = int(inputs.blend_start * steps)
-    maps_sum, masks = None, None
+    blending = plans[0].blend_words is not None
+    blend_weights = [backend.asarray(p.blend_words) for p in plans] if blending else None
+    blend_from = int(first.blend_start * steps)
+    maps_sum: list = [None] * groups
+    masks: list = [None] * groups
     latent_hw = (int(latents.shape[2]), int(latents.shape[3]))
-    uncond_index = xp.asarray(np.array(uncond_items, np.int64))
+    uncond_index = xp.asarray(np.array(uncond_global, np.int64))
 
     for i in range(steps):
         t, alpha_t, alpha_prev = schedule.forward_alphas(i)
         if method == InversionMethod.NULL_TEXT:
-            uncond = inputs.null_embeddings[i]
+            uncond = [x.null_embeddings[i] for x in inputs]
         elif method == InversionMethod.NEGATIVE_PROMPT:
-            uncond = inputs.source_embedding
+            uncond = [x.source_embedding for x in inputs]
         else:
-            uncond = inputs.null_embedding
+            uncond = [x.null_embedding for x in inputs]
         batch_latents = xp.concat([xp.take(latents, uncond_index, axis=0), latents], axis=0) if n_uncond else latents
-        text = xp.concat([xp.concat([uncond] * n_uncond, axis=0), cond_text], axis=0) if n_uncond else cond_text
+        text = (xp.concat([u for g in range(groups) for u in [uncond[g]] * n_uncond] + [cond_text], axis=0)
+                if n_uncond else cond_text)
         controls = dict(static,
-                        cross_alpha=backend.asarray(plan.cross_alpha[i][None]),
-                        self_replace=backend.asarray(plan.self_replace[i][None]))
+                        cross_alpha=backend.asarray(np.stack([p.cross_alpha[i] for p in plans])),
+                        self_replace=backend.asarray(np.stack([p.self_replace[i] for p in plans])))
         noise, blend_maps = unet_noise(backend, counter, batch_latents, t, text, controls, step=i)
-        noise_cond = noise[n_uncond:]
-        if n_uncond == items:
-            guided = classifier_free_guidance(noise[:n_uncond], noise_cond, inputs.guidance)
-        else:  # the source has no unconditional half: its CFG is its conditional noise
-            guided = xp.concat([noise_cond[:1], classifier_free_guidance(noise[:n_uncond], noise_cond[1:], inputs.guidance)], axis=0)
+        n_uncond_all = n_uncond * groups
+        guided_groups = []
+        for g in range(groups):
+            noise_u = noise[g * n_uncond: (g + 1) * n_uncond]
+            noise_c = noise[n_uncond_all + g * items: n_uncond_all + (g + 1) * items]
+            if n_uncond == items:
+                guided_groups.append(classifier_free_guidance(noise_u, noise_c, first.guidance))
+            else:  # the source has no unconditional half: its CFG is its conditional noise
+                guided_groups.append(xp.concat([noise_c[:1], classifier_free_guidance(noise_u, noise_c[1:], first.guidance)],
+                                               axis=0))
+        guided = guided_groups[0] if groups == 1 else xp.concat(guided_groups, axis=0)
         latents = ddim_step(latents, guided, alpha_t, alpha_prev)
         if method == InversionMethod.DIRECT:
-            # pin the source to the inversion path (set, not offset-add: immune to rounding)
-            latents = xp.concat([inputs.trajectory[steps - i - 1], latents[1:]], axis=0)
-        if blend_weights is not None and blend_maps.shape[-1] > 0:
-            maps = blend_maps[0]
-            maps_sum = maps if maps_sum is None else maps_sum + maps
-            if i >= blend_from:
-                masks = blend_mask(xp, maps_sum, blend_weights, latent_hw, inputs.blend_threshold)
-                latents = apply_blend(latents, masks)
+            # pin each source to its inversion path (set, not offset-add: immune to rounding)
+            latents = xp.concat([part for g, x in enumerate(inputs)
+                                 for part in (x.trajectory[steps - i - 1], latents[g * items + 1:(g + 1) * items])], axis=0)
+        if blending and blend_maps.shape[-1] > 0:
+            blended = []
+            for g in range(groups):
+                maps = blend_maps[g]
+                maps_sum[g] = maps if maps_sum[g] is None else maps_sum[g] + maps
+                group_latents = latents[g * items:(g + 1) * items]
+                if i >= blend_from:
+                    masks[g] = blend_mask(xp, maps_sum[g], blend_weights[g], latent_hw, first.blend_threshold)
+                    group_latents = apply_blend(group_latents, masks[g])
+                blended.append(group_latents)
+            latents = blended[0] if groups == 1 else xp.concat(blended, axis=0)
         if progress:
             progress()
-    return EditOutcome(latents=latents, masks=masks)
+    return [EditOutcome(latents=latents[g * items:(g + 1) * items], masks=masks[g]) for g in range(groups)]
