@@ -274,3 +274,28 @@ def test_bench_refuses_a_missing_compare_file(engine_dir, tmp_path, capsys):
     code = main(["bench", "--model", str(engine_dir), "--out", str(tmp_path / "b"), "--compare", str(tmp_path / "no.json")])
     assert code == 2 and "--compare" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_a_nan_from_a_graph_is_a_typed_error_and_no_output(engine_dir, dicom_path, tmp_path, monkeypatch, capsys):
+    """A variant that overflows (fp16 is the usual suspect) must never write a black image."""
+    import prism_rt.ort_backend as ort_backend
+    from prism_rt.cli import main
+
+    real_run = ort_backend.OrtBackend.run
+
+    def run(self, graph, **inputs):
+        out = real_run(self, graph, **inputs)
+        if graph == "vae_decoder":
+            out["pixels"] = out["pixels"].copy()
+            out["pixels"][0, 0, 0, 0] = np.nan
+        return out
+
+    monkeypatch.setattr(ort_backend.OrtBackend, "run", run)
+    out = tmp_path / "out"
+    code = main(["edit", "--model", str(engine_dir), "--backend", "onnxruntime", "--precision", "fp16",
+                 "--inversion", "direct", "--image", str(dicom_path), "--prompt", "Chest X-ray showing Support Devices",
+                 "--target", "Chest X-ray showing No Finding", "--steps", "2", "--self-replace", "0.5",
+                 "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0 and "vae_decoder" in err and err.startswith("error:")
+    assert not out.exists() and not list(tmp_path.glob(".out*"))

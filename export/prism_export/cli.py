@@ -21,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     add_export_parser(sub)
     add_variants_parser(sub)
     add_train_phantom_parser(sub)
+    bundle = sub.add_parser("bundle-demo", help="a trained phantom model → the bundled demo engine folder")
+    bundle.add_argument("--model", type=Path, required=True, help="the folder `prism-export train-phantom` wrote")
+    bundle.add_argument("--out", type=Path, default=Path("engines/phantom-demo"))
+    bundle.add_argument("--precision", default="fp32,int8-cpu", help="variants to bundle (default fp32,int8-cpu)")
+    bundle.add_argument("--calibration-steps", type=int, default=50)
     args = parser.parse_args(argv)
     if args.command == "export":
         return run_export(args)
@@ -33,6 +38,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: prism-export needs the '{exc.name}' package; install it with: pip install 'prism-rt[export]'",
               file=sys.stderr)
         return 2
+    if args.command == "bundle-demo":
+        from prism_rt.errors import PrismError
+
+        from .demo_bundle import bundle_demo
+
+        try:
+            out = bundle_demo(args.model, args.out, tuple(p for p in args.precision.split(",") if p),
+                              calibration_steps=args.calibration_steps, progress=lambda line: print(line, flush=True))
+        except PrismError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        print(f"wrote the demo engine {out}; run it with: prism-rt demo --out out/demo")
+        return 0
     if args.command == "train-phantom":
         from .train_phantom import run_train_phantom
 

@@ -1,0 +1,85 @@
+"""``prism-export bundle-demo``: a trained phantom model → the bundled ``engines/phantom-demo``.
+
+The engine (fp32 + the chosen variants, calibrated on phantom patients), the model's attribute
+classifier, a few held-out phantom radiographs with their masks and true counterfactuals, and
+``demo.json`` (what ``prism-rt demo`` edits). Everything is staged and renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from .onnx_export import ExportError, export_engine
+from .variants import CALIBRATION_SEED0, VariantSettings
+
+DEMO_IMAGES = 4
+
+
+def _demo_seeds(count: int) -> list[int]:
+    """Held-out patients that carry support devices (the demo removes them)."""
+    from . import phantom
+
+    seeds, seed = [], phantom.HELDOUT_SEED0
+    while len(seeds) < count:
+        if phantom.sample_attributes(seed).devices:
+            seeds.append(seed)
+        seed += 1
+    return seeds
+
+
+def _calibration_folder(folder: Path, count: int, size: int) -> Path:
+    """Phantom patients (their own seed range) with their captions and the devices edit."""
+    from . import phantom
+
+    folder.mkdir(parents=True)
+    captions = {}
+    for seed in range(CALIBRATION_SEED0, CALIBRATION_SEED0 + count):
+        patient, attributes = phantom.sample_patient(seed), phantom.sample_attributes(seed)
+        sample = phantom.render(patient, attributes, size)
+        toggled = phantom.counterfactuals(patient, attributes, size)["devices"]
+        name = f"calibration-{seed}.png"
+        phantom._save_png(folder / name, sample.image, 16)
+        captions[name] = {"prompt": sample.caption, "targets": [toggled.caption]}
+    (folder / "captions.json").write_text(json.dumps(captions, indent=1))
+    return folder
+
+
+def bundle_demo(model: Path, out: Path, precisions=("int8-cpu",), calibration_count: int = 4,
+                calibration_steps: int = 50, progress=print) -> Path:
+    from . import phantom
+
+    model, out = Path(model), Path(out)
+    classifier = model / "classifier.onnx"
+    if not classifier.is_file():
+        raise ExportError(f"{model} has no classifier.onnx; train the model with `prism-export train-phantom`")
+    if out.exists():
+        raise ExportError(f"{out} exists; remove it first (the bundle is rebuilt whole)")
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        size = json.loads((model / "unet" / "config.json").read_text())["sample_size"] * 8
+        calibration = _calibration_folder(staging.parent / f".{out.name}.calibration-{os.getpid()}", calibration_count, size)
+        settings = VariantSettings(calibration_images=calibration, calibration_count=calibration_count,
+                                   calibration_steps=calibration_steps, calibration_samples=64)
+        export_engine(model, staging, progress=progress, precisions=tuple(p for p in precisions if p != "fp32"),
+                      variant_settings=settings)
+        shutil.copy2(classifier, staging / "classifier.onnx")
+        seeds = _demo_seeds(DEMO_IMAGES)
+        phantom.write_phantom_set(staging / "images", seeds, size)
+        first = json.loads((staging / "images" / "phantoms.json").read_text())["phantoms"][0]
+        (staging / "demo.json").write_text(json.dumps({
+            "image": f"images/{first['file']}", "prompt": first["caption"], "targets": [first["cf_devices_caption"]],
+            "classifier": "classifier.onnx", "truth": f"images/{first['cf_devices']}",
+            "mask": f"images/{first['mask_devices']}",
+            "about": "held-out phantom patient (never trained on); the edit removes the support devices; "
+                     "images/ holds its mask and true counterfactual",
+            "training": json.loads((model / "training.json").read_text()) if (model / "training.json").is_file() else None,
+        }, indent=1) + "\n")
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging.parent / f".{out.name}.calibration-{os.getpid()}", ignore_errors=True)
+    return out
