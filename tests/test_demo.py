@@ -1,0 +1,62 @@
+"""The bundled demo engine (engines/phantom-demo, a model trained on phantoms): its size, and that
+`prism-rt demo` really removes the support devices of a held-out patient, against the patient's
+true counterfactual."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DEMO = Path(__file__).resolve().parent.parent / "engines" / "phantom-demo"
+pytestmark = pytest.mark.skipif(not (DEMO / "demo.json").is_file(),
+                                reason="engines/phantom-demo is not in this checkout (scripts/build_demo.sh builds it)")
+
+
+def _gray(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    image = np.asarray(Image.open(path)).astype(np.float64)
+    return image / (65535.0 if image.max() > 255 else 255.0)
+
+
+def test_bundle_is_small_and_complete():
+    from prism_rt.manifest import load_manifest
+
+    size = sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file())
+    assert size <= 40 * 2**20, f"the bundled demo is {size / 2**20:.1f} MiB"
+    manifest = load_manifest(DEMO)  # every hash checked
+    for precision in manifest.precisions[1:]:
+        load_manifest(DEMO, precision=precision)
+    spec = json.loads((DEMO / "demo.json").read_text())
+    for key in ("image", "truth", "mask", "classifier"):
+        assert (DEMO / spec[key]).is_file()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    from prism_rt.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_demo_removes_the_devices(demo_run):
+    spec = json.loads((DEMO / "demo.json").read_text())
+    result = json.loads((demo_run / "result.json").read_text())
+    choice = result["selection"][0]
+    assert choice["attribute"] == "Support Devices" and choice["direction"] == "remove"
+    assert choice["flipped"], choice  # the classifier no longer sees devices
+    assert (demo_run / "figure.png").is_file() and (demo_run / "selected-0.png").is_file()
+    source, truth = _gray(DEMO / spec["image"]), _gray(DEMO / spec["truth"])
+    mask = _gray(DEMO / spec["mask"]) > 0.5
+    edited, recon = _gray(demo_run / "selected-0.png"), _gray(demo_run / "reconstruction.png")
+    # inside the devices' mask the counterfactual moved towards the patient without devices
+    before = np.abs(source - truth)[mask].mean()
+    after = np.abs(edited - truth)[mask].mean()
+    assert after < 0.6 * before, (before, after)
+    # outside it, the anatomy stays: PSNR against the reconstruction
+    mse = np.mean((edited - recon)[~mask] ** 2)
+    assert 10 * np.log10(1 / mse) >= 30.0
