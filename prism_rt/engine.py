@@ -219,29 +219,34 @@ class Engine:
                       "blend_downsample": backend.info.blend_downsample, "backend": backend.kind.value},
         )
 
-    def edit_many(self, inversions: Sequence[Inversion], targets: Sequence[str], control: ControlConfig | None = None,
+    def edit_many(self, inversions: Sequence[Inversion], targets, control: ControlConfig | None = None,
                   limits: RunLimits | None = None, progress: bool = False) -> list[EditResult]:
-        """The same edits of several images, their groups batched into one UNet call per step
-        (the controlled UNet's G axis): throughput for batch jobs. All inversions need the same
-        method and sampler. Images are grouped so that a step's batch stays ≤ ``max_batch``; an
-        image whose own edits exceed it is edited alone (its items chunked) by :meth:`edit`."""
+        """Edits of several images, their groups batched into one UNet call per step (the
+        controlled UNet's G axis): throughput for batch jobs. ``targets``: the edited captions of
+        every image, or one list per image (each with as many captions). All inversions need the
+        same method and sampler. Images are grouped so that a step's batch stays ≤ ``max_batch``;
+        an image whose own edits exceed it is edited alone (its items chunked) by :meth:`edit`."""
         control = control or ControlConfig()
         limits = limits or RunLimits()
-        targets, inversions = list(targets), list(inversions)
+        inversions = list(inversions)
         if not inversions:
             return []
+        targets = list(targets)
+        per_image = ([list(t) for t in targets] if targets and not isinstance(targets[0], str)
+                     else [targets] * len(inversions))
+        if len(per_image) != len(inversions) or len({len(t) for t in per_image}) != 1:
+            raise BackendError("edit_many needs one target list for all images, or one per image, all of one length")
         first = inversions[0]
         for inv in inversions:
             self._check_inversion(inv)
             if inv.method != first.method or inv.sampler != first.sampler:
                 raise BackendError("edit_many needs inversions made with one method and sampler; edit the others apart")
-        plans = [self.plan(inv.source_prompt, targets, control, first.sampler.steps) for inv in inversions]
+        plans = [self.plan(inv.source_prompt, t, control, first.sampler.steps) for inv, t in zip(inversions, per_image)]
         items = 1 + len(plans[0].items)
         both_halves = first.method in (InversionMethod.DDIM, InversionMethod.NULL_TEXT)
-        per_image = items + (items if both_halves else items - 1)
-        per_batch = limits.max_batch // per_image
+        per_batch = limits.max_batch // (items + (items if both_halves else items - 1))
         if per_batch < 2:
-            return [self.edit(inv, targets, control, limits, progress) for inv in inversions]
+            return [self.edit(inv, t, control, limits, progress) for inv, t in zip(inversions, per_image)]
         backend, xp = self.backend, self.backend.xp
         schedule = DDIMSchedule.from_config(first.sampler)
         results = []
@@ -251,12 +256,12 @@ class Engine:
             start = time.perf_counter()
             inputs = []
             for k in chunk:
-                inv = inversions[k]
-                emb = encode_prompts(backend, self.tokenizer, [inv.source_prompt, "", *targets], allow_empty=True)
+                inv, image_targets = inversions[k], per_image[k]
+                emb = encode_prompts(backend, self.tokenizer, [inv.source_prompt, "", *image_targets], allow_empty=True)
                 trajectory = [backend.asarray(z) for z in inv.trajectory]
                 nulls = (xp.stack([backend.asarray(n) for n in inv.null_embeddings])
                          if inv.null_embeddings is not None else None)
-                rows = {t: emb[2 + i: 3 + i] for i, t in enumerate(targets)}
+                rows = {t: emb[2 + i: 3 + i] for i, t in enumerate(image_targets)}
                 inputs.append(EditInputs(
                     method=inv.method, latents_T=trajectory[-1], source_embedding=emb[0:1],
                     target_embeddings=xp.concat([rows[item.target] for item in plans[k].items], axis=0),

@@ -74,36 +74,45 @@ def _control(config: str, case: EditCase, sweep) -> ControlConfig:
     return ControlConfig(self_replace=tuple(sweep), blend_words=blend)
 
 
-def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, sweep, progress=print) -> list[dict]:
+def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, sweep, group: int = 4,
+             progress=print) -> list[dict]:
+    """Every case under every configuration; cases of one edit kind are inverted one by one and
+    edited ``group`` at a time in one batch (``Engine.edit_many``)."""
     from .evaluate import edit_metrics, select, to01
 
     rows = []
-    inversions: dict = {}
     started = time.perf_counter()
-    for n, case in enumerate(cases):
-        for config in configs:
-            method = config.split("+")[0]
-            method = "direct" if method == "legacy" else method
-            key = (case.patient, case.edit, method)
-            if key not in inversions:
-                inversions.clear()  # one case at a time: keep memory flat
-                inversions[key] = engine.invert(case.source01, case.prompt, method=method,
-                                                sampler=engine.sampler(steps=steps))
-            inversion = inversions[key]
-            start = time.perf_counter()
-            result = engine.edit(inversion, [case.target], _control(config, case, sweep), RunLimits(max_batch=63))
-            source01, recon01 = to01(inversion.fitted_pixels), to01(result.reconstruction)
-            candidates = [edit_metrics(classifier, case.attribute, case.direction, source01, recon01, to01(image),
-                                       case.mask, case.truth01) for image in result.edits]
-            chosen = select(candidates)
-            index = chosen["selected"] if chosen["selected"] is not None else chosen["best_cpg_index"]
-            best = candidates[index]
-            rows.append({"patient": case.patient, "edit": case.edit, "config": config, "prompt": case.prompt,
-                         "target": case.target, "self_replace": result.items[index].self_replace,
-                         "success": chosen["flipped"], "reconstruction_error": result.reconstruction_error,
-                         "mask_fraction": float(case.mask.mean()), "seconds": time.perf_counter() - start, **best})
-        if progress and (n + 1) % max(1, len(cases) // 10) == 0:
-            progress(f"  {n + 1}/{len(cases)} edits, {time.perf_counter() - started:.0f} s")
+    done = 0
+    kinds = list(dict.fromkeys(c.edit for c in cases))
+    methods = list(dict.fromkeys("direct" if c in ("legacy",) else c.split("+")[0] for c in configs))
+    for kind in kinds:
+        same = [c for c in cases if c.edit == kind]
+        for start_index in range(0, len(same), group):
+            chunk = same[start_index:start_index + group]
+            for method in methods:
+                inversions = [engine.invert(c.source01, c.prompt, method=method, sampler=engine.sampler(steps=steps))
+                              for c in chunk]
+                for config in configs:
+                    if ("direct" if config == "legacy" else config.split("+")[0]) != method:
+                        continue
+                    t0 = time.perf_counter()
+                    results = engine.edit_many(inversions, [[c.target] for c in chunk], _control(config, chunk[0], sweep),
+                                               RunLimits(max_batch=63))
+                    seconds = (time.perf_counter() - t0) / len(chunk)
+                    for case, inversion, result in zip(chunk, inversions, results):
+                        source01, recon01 = to01(inversion.fitted_pixels), to01(result.reconstruction)
+                        candidates = [edit_metrics(classifier, case.attribute, case.direction, source01, recon01,
+                                                   to01(image), case.mask, case.truth01) for image in result.edits]
+                        chosen = select(candidates)
+                        index = chosen["selected"] if chosen["selected"] is not None else chosen["best_cpg_index"]
+                        rows.append({"patient": case.patient, "edit": case.edit, "config": config, "prompt": case.prompt,
+                                     "target": case.target, "self_replace": result.items[index].self_replace,
+                                     "success": chosen["flipped"], "reconstruction_error": result.reconstruction_error,
+                                     "mask_fraction": float(case.mask.mean()), "seconds": seconds,
+                                     **candidates[index]})
+            done += len(chunk)
+            if progress:
+                progress(f"  {done}/{len(cases)} edits, {time.perf_counter() - started:.0f} s")
     return rows
 
 
