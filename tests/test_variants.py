@@ -114,7 +114,7 @@ def test_sensitive_layers_stay_in_float(engine_dir):
     scopes = {n.name: next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
               for n in fp32.graph.node}
     sensitive = {name for name, scope in scopes.items()
-                 if any(s in scope for s in ("time_embedding", "time_emb_proj", "conv_in", "conv_out"))}
+                 if any(s in scope for s in ("time_embedding", "time_emb_proj", "conv_in", "conv_out", "conv_shortcut"))}
     model = _onnx(engine_dir / "onnx-int8" / "unet.onnx")
     producers = {out: n for n in model.graph.node for out in n.output}
     quantized_inputs = lambda node: [i for i in node.input if i in producers and producers[i].op_type == "DequantizeLinear"]
