@@ -138,6 +138,17 @@ def run_bench_cli(args) -> int:
     plan = BenchPlan(preset=preset, paths=paths, device=args.device, threads=args.threads,
                      images=_images(args, size, preset.throughput_images), engine_precisions=precisions,
                      isolate=not args.no_isolate)
+    demo = Path(paths["engine"]) / "demo.json" if paths.get("engine") else None
+    if demo is not None and demo.is_file() and not args.image:  # a phantom engine: its edit, judged on the truth
+        from prism_rt.imageio import load_image
+
+        spec, root = json.loads(demo.read_text()), demo.parent
+        first = load_image(root / spec["image"]).pixels
+        plan.images = [first] + plan.images[1:]
+        plan.prompt, plan.target = spec["prompt"], spec["targets"][0]
+        if spec.get("classifier") and spec.get("truth") and spec.get("mask"):
+            plan.judge = {"classifier": str(root / spec["classifier"]), "truth": load_image(root / spec["truth"]).pixels,
+                          "mask": load_image(root / spec["mask"]).pixels > 0.5}
     results = run_bench(plan, progress)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")

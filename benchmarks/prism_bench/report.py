@@ -37,6 +37,18 @@ def markdown(results: dict) -> str:
                        f"{r['unet_items_per_counterfactual']:.0f} | {_opt(r['peak_rss_mb'], '{:.0f}')} | "
                        f"{_opt(q.get('psnr_db_min'), '{:.1f} dB')} | {_opt(q.get('ssim_min'), '{:.3f}')} |")
         out.append("")
+    judged = [r for r in cf if r.get("edit_judgement")]
+    if judged:
+        j0 = judged[0]["edit_judgement"]
+        out += [f"## Edit judged against the true counterfactual ({j0['direction']} {j0['attribute']})", "",
+                "| configuration | success | CPG | PSNR outside mask dB | truth L1 inside | truth L1 outside |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for r in judged:
+            j = r["edit_judgement"]
+            out.append(f"| {r['config']} | {'yes' if j['success'] else 'no'} | {j['cpg']:.3f} | "
+                       f"{_opt(j['identity_outside_mask']['psnr_db'])} | {_opt((j.get('truth') or {}).get('l1_inside'), '{:.4f}')} | "
+                       f"{_opt((j.get('truth') or {}).get('l1_outside'), '{:.4f}')} |")
+        out.append("")
     dec = [r for r in rows if r["kind"] == "decomposition"]
     if dec:
         out += ["## Where the speed-up comes from", "", "| part | change | speed-up |", "|---|---|---:|"]

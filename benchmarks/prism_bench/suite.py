@@ -269,13 +269,14 @@ def e2e_worker(job: dict) -> dict:
     load_s = time.perf_counter() - start
     sampler = engine.sampler(steps=job["steps"])
     images, stages, unet_items, unet_calls = [], {"invert_s": 0.0, "edit_s": 0.0}, 0, 0
+    recons, sources = [], []
     started = time.perf_counter()
     if job.get("grouped"):  # G images: inverted one by one, edited in one batch per step
         t0 = time.perf_counter()
-        inversions = [engine.invert(image, SOURCE, method=cfg.inversion, sampler=sampler) for image in job["images"]]
+        inversions = [engine.invert(image, job["prompt"], method=cfg.inversion, sampler=sampler) for image in job["images"]]
         stages["invert_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        results = engine.edit_many(inversions, [TARGET], ControlConfig(self_replace=tuple(job["sweep"])),
+        results = engine.edit_many(inversions, [job["target"]], ControlConfig(self_replace=tuple(job["sweep"])),
                                    RunLimits(max_batch=63))
         stages["edit_s"] += time.perf_counter() - t0
         unet_items = sum(i.meta["counts"]["unet_items"] for i in inversions) + results[0].counts["unet_items"]
@@ -283,7 +284,7 @@ def e2e_worker(job: dict) -> dict:
         images = [np.stack([np.clip((e.mean(0) + 1) / 2, 0, 1) for e in r.edits]) for r in results]
     for image in ([] if job.get("grouped") else job["images"]):
         t0 = time.perf_counter()
-        inversion = engine.invert(image, SOURCE, method=cfg.inversion, sampler=sampler)
+        inversion = engine.invert(image, job["prompt"], method=cfg.inversion, sampler=sampler)
         stages["invert_s"] += time.perf_counter() - t0
         counts = inversion.meta["counts"]
         unet_items += counts["unet_items"]
@@ -292,15 +293,19 @@ def e2e_worker(job: dict) -> dict:
         t0 = time.perf_counter()
         edits = []
         for values in runs:
-            result = engine.edit(inversion, [TARGET], ControlConfig(self_replace=values), RunLimits(max_batch=63))
+            result = engine.edit(inversion, [job["target"]], ControlConfig(self_replace=values), RunLimits(max_batch=63))
             edits += [np.clip((e.mean(0) + 1) / 2, 0, 1) for e in result.edits]
             unet_items += result.counts["unet_items"]
             unet_calls += result.counts["unet_calls"]
         stages["edit_s"] += time.perf_counter() - t0
         images.append(np.stack(edits))
+        recons.append(np.clip((result.reconstruction.mean(0) + 1) / 2, 0, 1))
+        sources.append(np.clip((inversion.fitted_pixels.mean(0) + 1) / 2, 0, 1))
     total = time.perf_counter() - started
     out = Path(job["scratch"]) / f"{abs(hash(cfg.name))}.npy"
     np.save(out, np.stack(images))
+    if recons:
+        np.save(str(out).replace(".npy", "-recon.npy"), np.stack([np.stack([s_, r]) for s_, r in zip(sources, recons)]))
     n = len(job["images"])
     return {"kind": "counterfactual", "config": cfg.name, "backend": cfg.backend, "precision": cfg.precision,
             "inversion": cfg.inversion, "sweep": cfg.sweep, "role": cfg.role, "images": n,
@@ -328,6 +333,9 @@ class BenchPlan:
     images: list = field(default_factory=list)  # gray [0,1] arrays or paths
     engine_precisions: tuple[str, ...] = ("fp32",)
     isolate: bool = True
+    prompt: str = SOURCE
+    target: str = TARGET
+    judge: dict | None = None  # {"classifier": path, "truth": [H,W] array, "mask": [H,W] bool}: edit metrics
 
 
 def run_bench(plan: BenchPlan, progress=print) -> dict:
@@ -365,8 +373,11 @@ def run_bench(plan: BenchPlan, progress=print) -> dict:
                 progress(f"end to end: {cfg.name} …")
                 e2e.append(run(e2e_worker, {"config": asdict(cfg), "paths": plan.paths, "device": plan.device,
                                             "threads": plan.threads, "steps": preset.steps, "sweep": preset.sweep,
-                                            "images": plan.images[:1], "scratch": scratch}))
+                                            "images": plan.images[:1], "scratch": scratch, "prompt": plan.prompt,
+                                            "target": plan.target}))
             _quality(e2e)
+            if plan.judge:
+                _judge(e2e, plan)
             rows += e2e
             rows += _decomposition(e2e)
             best = _fastest(e2e)
@@ -377,7 +388,8 @@ def run_bench(plan: BenchPlan, progress=print) -> dict:
                 progress(f"throughput: {cfg.name}, {g} images edited in one batch …")
                 row = run(e2e_worker, {"config": asdict(cfg), "paths": plan.paths, "device": plan.device,
                                        "threads": plan.threads, "steps": preset.steps, "sweep": preset.sweep,
-                                       "images": plan.images[:g], "scratch": scratch, "grouped": True})
+                                       "images": plan.images[:g], "scratch": scratch, "grouped": True,
+                                       "prompt": plan.prompt, "target": plan.target})
                 rows.append({"kind": "throughput", "config": cfg.name, "images": row["images"],
                              "batching": f"{g} images' edits in one UNet batch per step (Engine.edit_many)",
                              "counterfactuals_per_minute": 60.0 / row["seconds_per_counterfactual"],
@@ -410,6 +422,26 @@ def _quality(e2e: list[dict]) -> None:
         ssim = [float(structural_similarity(a, b, data_range=1.0)) for a, b in pairs]
         row["quality_vs_reference"] = {"psnr_db_min": round(min(psnr), 2), "psnr_db_mean": round(float(np.mean(psnr)), 2),
                                        "ssim_min": round(min(ssim), 4), "ssim_mean": round(float(np.mean(ssim)), 4)}
+
+
+def _judge(e2e: list[dict], plan: BenchPlan) -> None:
+    """With a classifier and the true counterfactual (a phantom engine's demo.json): PRISM's
+    selection over the sweep, then success, CPG and identity of the chosen value, per
+    configuration (``prism_rt.evaluate``, the same code as ``prism-rt evaluate``)."""
+    from prism_rt.evaluate import Classifier, edit_direction, edit_metrics, select
+
+    classifier = Classifier.load(plan.judge["classifier"])
+    attribute, direction = edit_direction(plan.prompt, plan.target, classifier.labels)
+    for row in e2e:
+        edits = np.load(row["images_file"])[0]
+        source, recon = np.load(row["images_file"].replace(".npy", "-recon.npy"))[0]
+        candidates = [edit_metrics(classifier, attribute, direction, source, recon, e, plan.judge["mask"],
+                                   plan.judge["truth"]) for e in edits]
+        chosen = select(candidates)
+        best = candidates[chosen["selected"] if chosen["selected"] is not None else chosen["best_cpg_index"]]
+        row["edit_judgement"] = {"attribute": attribute, "direction": direction, "success": chosen["flipped"],
+                                 "cpg": best["classifier"]["cpg"], "identity_outside_mask": best["identity_outside_mask"],
+                                 "truth": best.get("truth")}
 
 
 def _fastest(e2e: list[dict]) -> dict | None:
