@@ -123,7 +123,7 @@ def _side_by_side(path: Path, panels: list, heatmap: np.ndarray) -> None:
         tiles.append((title, tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST)))
     heat = Image.fromarray(heatmap)
     heat = heat.resize((heat.width * tiles[0][1].height // heat.height, tiles[0][1].height), Image.NEAREST)
-    tiles.append(("change (counterfactual − reconstruction)", heat))
+    tiles.append(("change (counterfactual - reconstruction)", heat))
     pad, caption = 6, 18
     width = sum(t.width for _, t in tiles) + pad * (len(tiles) + 1)
     canvas = Image.new("RGB", (width, tiles[0][1].height + caption + 2 * pad), "white")

@@ -36,6 +36,9 @@ from prism_rt.errors import PrismError
 from .specs import GraphSpec, ModelDims, UNetSpec, graph_specs
 
 OPSET = 18
+# node metadata the dynamo exporter writes: the module scope is kept; the stack trace (the exporting
+# machine's file paths), class hierarchy, fx node and namespace strings are 75 % of a graph file
+KEPT_NODE_METADATA = ("pkg.torch.onnx.name_scopes",)
 DEFAULT_PARITY_TOLERANCE = 1e-3  # max |onnx − torch| / max |torch| above which an export fails
 
 
@@ -135,7 +138,8 @@ def export_graph(module, spec: GraphSpec, path: Path, opset: int = OPSET) -> Non
 
 
 def _name_dims(path: Path, spec: GraphSpec) -> None:
-    """Rename the exporter's symbols (s48, …) to the spec's dims; fail on a specialised axis."""
+    """Rename the exporter's symbols (s48, …) to the spec's dims; fail on a specialised axis; keep
+    only the module-scope metadata of each node."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -164,6 +168,11 @@ def _name_dims(path: Path, spec: GraphSpec) -> None:
             return m.group(0) if new is None else new if re.fullmatch(r"[a-z_]+", new) else f"({new})"
         return re.sub(r"\b[su]\d+\b", sub, text)
 
+    for node in graph.node:  # keep the module scopes (int8 picks nodes by them); drop stack traces & co.
+        keep = [(p.key, p.value) for p in node.metadata_props if p.key in KEPT_NODE_METADATA]
+        del node.metadata_props[:]
+        for key, value in keep:
+            node.metadata_props.add(key=key, value=value)
     for value in graph.value_info:
         for dim in value.type.tensor_type.shape.dim:
             if dim.HasField("dim_param"):
