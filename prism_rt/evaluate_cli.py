@@ -170,6 +170,7 @@ def add_evaluate_parser(sub):
                    help=f"comma-separated subset of {','.join(CONFIGS)} (null-text needs --backend torch)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--self-replace", default="0.4,0.5,0.6,0.7,0.8")
+    p.add_argument("--threads", type=int, help="onnxruntime / torch threads (default: all cores)")
     p.add_argument("--out", type=Path, required=True)
     return p
 
@@ -196,7 +197,11 @@ def run_evaluate(args) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise SettingsError(f"--out {args.out} is a file; give a folder")
     classifier = Classifier.load(args.classifier)
-    engine = Engine.load(args.model, backend=args.backend, precision=args.precision)
+    if args.threads and args.backend == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
+    engine = Engine.load(args.model, backend=args.backend, precision=args.precision, threads=args.threads)
     cases = phantom_cases(args.patients, edits, engine.backend.info.image_size, args.seed0)
     print(f"evaluating {len(cases)} edits × {len(configs)} configurations …", flush=True)
     start = time.perf_counter()
