@@ -76,7 +76,6 @@ def main(argv=None) -> int:
             report["build_model_s"] = round(time.perf_counter() - t0, 1)
         engines = {p: Engine.load(model, backend="torch", device="cuda", precision=p) for p in ("fp16", "fp32")}
         edit_batch = 2 * (1 + 5)
-        rng = np.random.default_rng(0)
         noise = {}
         for precision, engine in engines.items():
             for batch in (2, edit_batch):
@@ -85,7 +84,9 @@ def main(argv=None) -> int:
                 noise[(precision, batch)] = engine.backend.to_numpy(engine.backend.run("unet", **inputs)["noise"])
                 report["rows"].append({"what": "controlled UNet step", "precision": precision, "batch": batch, **timing})
             save()
-        unet = engines["fp32"].backend.components.unet.to("cuda", torch.float16)
+        import copy  # a copy: the fp32 engine's graphs share this module and run again below
+
+        unet = copy.deepcopy(engines["fp32"].backend.components.unet).to("cuda", torch.float16)
         info = engines["fp32"].backend.info
         for batch in (2, edit_batch):
             latents = torch.randn(batch, 4, info.latent_size, info.latent_size, device="cuda", dtype=torch.float16)

@@ -7,7 +7,6 @@ warm-up; speed-ups are ratios of medians measured in the same run.
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import platform
@@ -16,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np

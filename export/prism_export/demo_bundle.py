@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 from .onnx_export import ExportError, export_engine
