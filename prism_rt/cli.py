@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--edit-words", type=lambda s: tuple(w for w in s.split(",") if w), help="words to reweight (default: new words of the target)")
     edit.add_argument("--blend-words", type=_pair, help="SRC_WORD,EDIT_WORD: turn LocalBlend on")
     edit.add_argument("--blend-threshold", type=float, default=0.3)
+    edit.add_argument("--noise-blend", action="store_true",
+                      help="LocalBlend with a mask from the noise predictions under the source vs the target caption "
+                           "(DiffEdit) instead of the cross-attention maps: for models whose attention does not "
+                           "localise words; needs no --blend-words")
+    edit.add_argument("--noise-blend-threshold", type=float, default=1.0,
+                      help="noise-blend mask: where the prediction difference exceeds this × its image mean")
     edit.add_argument("--legacy", action="store_true", help="the published code's behaviour: no attention control, no blend")
     edit.add_argument("--max-batch", type=int, default=32, help="largest UNet batch; more edit items are chunked")
     edit.add_argument("--seed", type=int, default=0, help="recorded; every step is deterministic (η = 0)")
@@ -144,7 +150,8 @@ def _control(args) -> ControlConfig:
         return ControlConfig(cross_replace=args.cross_replace, self_replace=tuple(args.self_replace),
                              edit_weight=args.edit_weight,
                              edit_words=args.edit_words, blend_words=args.blend_words,
-                             blend_threshold=args.blend_threshold, mode=args.mode, legacy=args.legacy)
+                             blend_threshold=args.blend_threshold, noise_blend=args.noise_blend,
+                             noise_blend_threshold=args.noise_blend_threshold, mode=args.mode, legacy=args.legacy)
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
 

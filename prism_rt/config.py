@@ -87,6 +87,13 @@ class ControlConfig:
     blend_words: (source word, edit word) for LocalBlend; None = no LocalBlend.
     blend_threshold / blend_start: LocalBlend mask threshold (0.3) and the fraction of steps
       after which the blend applies (0.2).
+    noise_blend: LocalBlend with a mask from the noise predictions instead of the cross-attention
+      maps (DiffEdit, Couairon et al. 2022): the source latent noised to ``noise_blend_strength``
+      of the diffusion time with ``noise_blend_samples`` noise draws, the guided noise predicted
+      under the source and under each target caption, |difference| averaged over draws and
+      channels; the mask is where it exceeds ``noise_blend_threshold`` × its mean over the image.
+      For models whose cross-attention does not localise words (small or briefly trained ones);
+      needs no blend words. Exclusive with ``blend_words``.
     legacy: reproduce the published PRISM code (no attention control, no blend: null-text +
       plain prompt swap).
     """
@@ -98,6 +105,10 @@ class ControlConfig:
     blend_words: tuple[str, str] | None = None
     blend_threshold: float = 0.3
     blend_start: float = 0.2
+    noise_blend: bool = False
+    noise_blend_threshold: float = 1.0
+    noise_blend_samples: int = 10
+    noise_blend_strength: float = 0.5
     mode: str = "refine"
     legacy: bool = False
 
@@ -111,6 +122,14 @@ class ControlConfig:
                 raise ValueError(f"self_replace values must be in [0, 1], got {s}")
         if self.mode not in ("refine", "replace"):
             raise ValueError(f"mode must be refine or replace, got {self.mode!r}")
+        if self.noise_blend and self.blend_words is not None:
+            raise ValueError("choose one LocalBlend mask: blend_words (attention maps) or noise_blend, not both")
+        if not 0.0 < self.noise_blend_strength < 1.0:
+            raise ValueError(f"noise_blend_strength must be in (0, 1), got {self.noise_blend_strength}")
+        if self.noise_blend_samples < 1:
+            raise ValueError(f"noise_blend_samples must be ≥ 1, got {self.noise_blend_samples}")
+        if self.noise_blend_threshold < 0:
+            raise ValueError(f"noise_blend_threshold must be ≥ 0, got {self.noise_blend_threshold}")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from .config import ControlConfig, Fit, InversionConfig, InversionMethod, RunLim
 from .errors import BackendError, InputImageError, InversionFileError, MissingExtraError
 from .inversion import Inversion
 from .loop import (Counter, EditInputs, ddim_inversion, decode_latents, edit_loop, edit_loop_groups, encode_image,
-                   encode_prompts)
+                   encode_prompts, noise_difference_masks)
 from .schedule import DDIMSchedule
 
 
@@ -185,6 +185,12 @@ class Engine:
 
         per_chunk = self._items_per_chunk(inversion.method, limits)
         chunks = [list(range(i, min(i + per_chunk, len(plan.items)))) for i in range(0, len(plan.items), per_chunk)]
+        noise_masks = None
+        if control.noise_blend and not control.legacy:
+            start = time.perf_counter()
+            noise_masks = self._noise_masks(trajectory[0], source_embedding, null_embedding, target_rows, control,
+                                            limits, schedule, sampler.guidance, counter)
+            timings["noise_blend_s"] = time.perf_counter() - start
         bar = _progress(progress, len(chunks) * sampler.steps, "edit")
         start = time.perf_counter()
         source_latent, edit_latents, masks = None, [], []
@@ -194,7 +200,8 @@ class Engine:
                 method=inversion.method, latents_T=trajectory[-1], source_embedding=source_embedding,
                 target_embeddings=xp.concat([target_rows[item.target] for item in sub.items], axis=0),
                 null_embedding=null_embedding, null_embeddings=nulls, trajectory=trajectory,
-                guidance=sampler.guidance, blend_threshold=control.blend_threshold, blend_start=control.blend_start)
+                guidance=sampler.guidance, blend_threshold=control.blend_threshold, blend_start=control.blend_start,
+                fixed_masks=None if noise_masks is None else self._fixed_masks(noise_masks, sub.items))
             outcome = edit_loop(backend, schedule, sub, inputs, counter, bar.update_one)
             if source_latent is None:
                 source_latent = outcome.latents[:1]
@@ -262,12 +269,16 @@ class Engine:
                 nulls = (xp.stack([backend.asarray(n) for n in inv.null_embeddings])
                          if inv.null_embeddings is not None else None)
                 rows = {t: emb[2 + i: 3 + i] for i, t in enumerate(image_targets)}
+                noise_masks = (self._noise_masks(trajectory[0], emb[0:1], emb[1:2], rows, control, limits, schedule,
+                                                 first.sampler.guidance, counter)
+                               if control.noise_blend and not control.legacy else None)
                 inputs.append(EditInputs(
                     method=inv.method, latents_T=trajectory[-1], source_embedding=emb[0:1],
                     target_embeddings=xp.concat([rows[item.target] for item in plans[k].items], axis=0),
                     null_embedding=emb[1:2], null_embeddings=nulls, trajectory=trajectory,
                     guidance=first.sampler.guidance, blend_threshold=control.blend_threshold,
-                    blend_start=control.blend_start))
+                    blend_start=control.blend_start,
+                    fixed_masks=None if noise_masks is None else self._fixed_masks(noise_masks, plans[k].items)))
             timings["encode_s"] = time.perf_counter() - start
             bar = _progress(progress, first.sampler.steps, f"edit {len(chunk)} images")
             start = time.perf_counter()
@@ -289,6 +300,23 @@ class Engine:
                     settings={"chunks": 1, "images_in_batch": len(chunk), "mode": control.mode,
                               "blend_downsample": backend.info.blend_downsample, "backend": backend.kind.value}))
         return results
+
+    def _noise_masks(self, z0, source_embedding, null_embedding, target_rows: dict, control: ControlConfig,
+                     limits: RunLimits, schedule, guidance: float, counter) -> dict:
+        """noise_blend's mask of each distinct target caption, [1,1,h,w] each."""
+        xp = self.backend.xp
+        names = list(target_rows)
+        stacked = noise_difference_masks(
+            self.backend, schedule, z0, source_embedding, null_embedding, xp.concat([target_rows[t] for t in names], axis=0),
+            guidance, counter, samples=control.noise_blend_samples, strength=control.noise_blend_strength,
+            threshold=control.noise_blend_threshold, max_batch=limits.max_batch)
+        return {t: stacked[i:i + 1] for i, t in enumerate(names)}
+
+    def _fixed_masks(self, noise_masks: dict, items):
+        """[1+K,1,h,w]: the source row (never blended) then each item's target mask."""
+        xp = self.backend.xp
+        rows = [noise_masks[item.target] for item in items]
+        return xp.concat([xp.zeros_like(rows[0]), *rows], axis=0)
 
     def _items_per_chunk(self, method: InversionMethod, limits: RunLimits) -> int:
         """Edit items per chunk so that the UNet batch stays ≤ max_batch (each chunk repeats the

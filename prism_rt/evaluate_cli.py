@@ -23,8 +23,8 @@ from .config import ControlConfig, RunLimits
 from .errors import MissingExtraError, SettingsError
 
 EDITS = ("devices-remove", "devices-add", "effusion-remove", "effusion-add")
-CONFIGS = ("null-text", "null-text+blend", "direct", "direct+blend", "negative-prompt", "negative-prompt+blend",
-           "legacy", "ddim")
+CONFIGS = ("null-text", "null-text+blend", "null-text+noise-blend", "direct", "direct+blend", "direct+noise-blend",
+           "negative-prompt", "negative-prompt+blend", "negative-prompt+noise-blend", "legacy", "ddim")
 WORD = {"devices": "Devices", "effusion": "Effusion"}
 
 
@@ -64,9 +64,11 @@ def phantom_cases(patients: int, edits, size: int, seed0: int | None = None) -> 
     return cases
 
 
-def _control(config: str, case: EditCase, sweep) -> ControlConfig:
+def _control(config: str, case: EditCase, sweep, noise_threshold: float = 1.0) -> ControlConfig:
     if config == "legacy":
         return ControlConfig(legacy=True, self_replace=(0.0,))
+    if config.endswith("+noise-blend"):
+        return ControlConfig(self_replace=tuple(sweep), noise_blend=True, noise_blend_threshold=noise_threshold)
     blend = None
     if config.endswith("+blend"):
         word = WORD[case.edit.split("-")[0]]
@@ -75,7 +77,7 @@ def _control(config: str, case: EditCase, sweep) -> ControlConfig:
 
 
 def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, sweep, group: int = 4,
-             progress=print) -> list[dict]:
+             progress=print, noise_threshold: float = 1.0) -> list[dict]:
     """Every case under every configuration; cases of one edit kind are inverted one by one and
     edited ``group`` at a time in one batch (``Engine.edit_many``)."""
     from .evaluate import edit_metrics, select, to01
@@ -96,7 +98,7 @@ def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, swe
                     if ("direct" if config == "legacy" else config.split("+")[0]) != method:
                         continue
                     t0 = time.perf_counter()
-                    results = engine.edit_many(inversions, [[c.target] for c in chunk], _control(config, chunk[0], sweep),
+                    results = engine.edit_many(inversions, [[c.target] for c in chunk], _control(config, chunk[0], sweep, noise_threshold),
                                                RunLimits(max_batch=63))
                     seconds = (time.perf_counter() - t0) / len(chunk)
                     for case, inversion, result in zip(chunk, inversions, results):
@@ -170,6 +172,8 @@ def add_evaluate_parser(sub):
                    help=f"comma-separated subset of {','.join(CONFIGS)} (null-text needs --backend torch)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--self-replace", default="0.4,0.5,0.6,0.7,0.8")
+    p.add_argument("--noise-blend-threshold", type=float, default=1.0,
+                   help="the +noise-blend configurations' mask threshold (× the mean prediction difference)")
     p.add_argument("--threads", type=int, help="onnxruntime / torch threads (default: all cores)")
     p.add_argument("--out", type=Path, required=True)
     return p
@@ -205,7 +209,7 @@ def run_evaluate(args) -> int:
     cases = phantom_cases(args.patients, edits, engine.backend.info.image_size, args.seed0)
     print(f"evaluating {len(cases)} edits × {len(configs)} configurations …", flush=True)
     start = time.perf_counter()
-    rows = evaluate(engine, classifier, cases, configs, args.steps, sweep)
+    rows = evaluate(engine, classifier, cases, configs, args.steps, sweep, noise_threshold=args.noise_blend_threshold)
     table = summarize(rows)
     meta = {"patients": args.patients, "steps": args.steps, "sweep": list(sweep), "model": str(args.model),
             "backend": args.backend, "precision": args.precision, "classifier": str(args.classifier),

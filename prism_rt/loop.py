@@ -75,6 +75,44 @@ def unet_noise(backend, counter: Counter, latents, t: int, text, controls: dict,
     return out["noise"], out["blend_maps"]
 
 
+def noise_difference_masks(backend, schedule: DDIMSchedule, z0, source_embedding, null_embedding, target_embeddings,
+                           guidance: float, counter: Counter, *, samples: int = 10, strength: float = 0.5,
+                           threshold: float = 1.0, max_batch: int = 63, seed: int = 0):
+    """LocalBlend masks from the noise predictions (DiffEdit, Couairon et al. 2022), one per target.
+
+    ``z_t = √ᾱ_t z0 + √(1−ᾱ_t) n`` at ``t = strength · T`` for ``samples`` draws of ``n`` (numpy,
+    seeded: every backend sees the same draws); for each draw the guided noise
+    ``ε_u + w (ε_c − ε_u)`` under the source caption and under each target caption;
+    ``d_k = mean over draws and channels |ε_target_k − ε_source|``; mask_k = ``d_k > threshold ·
+    mean(d_k)``. Returns a float array [K,1,h,w] (1 = the edit may change the latent there).
+    """
+    xp = backend.xp
+    targets = int(target_embeddings.shape[0])
+    per_draw = 2 + targets  # uncond, source, targets
+    if per_draw > max_batch:
+        raise ValueError(f"noise_blend needs {per_draw} UNet items per noise draw; raise max_batch to at least that")
+    t = min(int(round(strength * schedule.config.num_train_timesteps)), schedule.config.num_train_timesteps - 1)
+    alpha = float(schedule.alphas_cumprod[t])
+    rng = np.random.default_rng(seed)
+    draws = rng.standard_normal((samples, *tuple(int(d) for d in z0.shape[1:]))).astype(np.float32)
+    text_one = xp.concat([null_embedding, source_embedding, target_embeddings], axis=0)
+    diff_sum = None
+    per_call = max(1, max_batch // per_draw)
+    for start in range(0, samples, per_call):
+        count = min(per_call, samples - start)
+        noised = alpha ** 0.5 * z0 + (1 - alpha) ** 0.5 * backend.asarray(draws[start:start + count])  # [c,4,h,w]
+        latents = xp.concat([noised[j:j + 1] for j in range(count) for _ in range(per_draw)], axis=0)
+        text = xp.concat([text_one] * count, axis=0)
+        noise, _ = unet_noise(backend, counter, latents, t, text, _no_controls(backend, 1, int(text.shape[1])))  # K = 0: nothing is controlled
+        for j in range(count):
+            e = noise[j * per_draw:(j + 1) * per_draw]
+            guided = classifier_free_guidance(e[:1], e[1:], guidance)  # [1+K,4,h,w]
+            diff = xp.mean(xp.abs(guided[1:] - guided[:1]), axis=1, keepdims=True)  # [K,1,h,w]
+            diff_sum = diff if diff_sum is None else diff_sum + diff
+    mean = xp.mean(xp.reshape(diff_sum, (targets, -1)), axis=1)
+    return xp.astype(diff_sum > threshold * mean[:, None, None, None], diff_sum.dtype)
+
+
 def ddim_inversion(backend, schedule: DDIMSchedule, z0, source_embedding, counter: Counter,
                    progress: Callable[[], None] | None = None) -> list:
     """DDIM inversion with ``ε(z, t, c_src)`` (w = 1): the trajectory ``z*_0 … z*_T``."""
@@ -112,6 +150,7 @@ class EditInputs:
     guidance: float = 7.5
     blend_threshold: float = 0.3
     blend_start: float = 0.2
+    fixed_masks: Any | None = None  # [1+K,1,h,w] LocalBlend masks known before the loop (noise_blend)
     extras: dict = field(default_factory=dict)
 
 
@@ -153,7 +192,10 @@ def edit_loop_groups(backend, schedule: DDIMSchedule, plans: Sequence, inputs: S
         refine_alpha=backend.asarray(np.stack([p.refine_alpha for p in plans])),
         equalizer=backend.asarray(np.stack([p.equalizer for p in plans])),
     )
-    blending = plans[0].blend_words is not None
+    fixed = first.fixed_masks is not None
+    if fixed and any(x.fixed_masks is None for x in inputs):
+        raise ValueError("either every group of one edit batch has a fixed blend mask or none has")
+    blending = plans[0].blend_words is not None and not fixed
     blend_weights = [backend.asarray(p.blend_words) for p in plans] if blending else None
     blend_from = int(first.blend_start * steps)
     maps_sum: list = [None] * groups
@@ -192,14 +234,16 @@ def edit_loop_groups(backend, schedule: DDIMSchedule, plans: Sequence, inputs: S
             # pin each source to its inversion path (set, not offset-add: immune to rounding)
             latents = xp.concat([part for g, x in enumerate(inputs)
                                  for part in (x.trajectory[steps - i - 1], latents[g * items + 1:(g + 1) * items])], axis=0)
-        if blending and blend_maps.shape[-1] > 0:
+        if fixed or (blending and blend_maps.shape[-1] > 0):
             blended = []
             for g in range(groups):
-                maps = blend_maps[g]
-                maps_sum[g] = maps if maps_sum[g] is None else maps_sum[g] + maps
+                if blending:
+                    maps = blend_maps[g]
+                    maps_sum[g] = maps if maps_sum[g] is None else maps_sum[g] + maps
                 group_latents = latents[g * items:(g + 1) * items]
                 if i >= blend_from:
-                    masks[g] = blend_mask(xp, maps_sum[g], blend_weights[g], latent_hw, first.blend_threshold)
+                    masks[g] = (inputs[g].fixed_masks if fixed else
+                                blend_mask(xp, maps_sum[g], blend_weights[g], latent_hw, first.blend_threshold))
                     group_latents = apply_blend(group_latents, masks[g])
                 blended.append(group_latents)
             latents = blended[0] if groups == 1 else xp.concat(blended, axis=0)

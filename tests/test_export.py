@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from prism_rt.backend import GRAPHS
-from prism_rt.config import ControlConfig
+from prism_rt.config import ControlConfig, RunLimits
 from prism_rt.engine import Engine
 from prism_rt.errors import BackendError
 from prism_rt.manifest import FORMAT_VERSION, EngineMismatchError, load_manifest, sha256_file
@@ -202,6 +202,20 @@ def test_onnxruntime_edit_equals_torch_edit(engines, image):
         assert np.abs(a - b).max() / 2 <= 2 * ONE_LEVEL  # [-1, 1] → [0, 1]
     assert np.abs(ort_result.edits[0] - ort_result.reconstruction).max() > 10 * ONE_LEVEL  # not a vacuous comparison
     assert all(m is not None for m in ort_result.masks)
+    assert ort_result.counts == torch_result.counts
+
+
+def test_onnxruntime_noise_blend_equals_torch(engines, image):
+    """The noise-prediction blend mask (30-item UNet batches, one group) on both backends."""
+    config = ControlConfig(self_replace=(0.5,), noise_blend=True)
+    results = {}
+    for kind, engine in engines.items():
+        inversion = engine.invert(image, SOURCE, method="direct", sampler=engine.sampler(steps=8))
+        results[kind] = engine.edit(inversion, [TARGET], config, RunLimits(max_batch=63))
+    ort_result, torch_result = results["onnxruntime"], results["torch"]
+    assert 0 < ort_result.masks[0].mean() < 1
+    assert np.mean(ort_result.masks[0] != torch_result.masks[0]) < 0.01  # a pixel at the threshold may differ
+    assert np.abs(ort_result.edits[0] - torch_result.edits[0]).max() / 2 <= 2 * ONE_LEVEL
     assert ort_result.counts == torch_result.counts
 
 
