@@ -132,6 +132,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             "psnr_outside_mask_db": mean(lambda r: r["identity_outside_mask"]["psnr_db"]),
             "ssim_outside_mask": mean(lambda r: r["identity_outside_mask"]["ssim"]),
             "psnr30_rate": mean(lambda r: float((r["identity_outside_mask"]["psnr_db"] or 0) >= 30)),
+            "success_psnr30_rate": mean(lambda r: float(r["success"] and (r["identity_outside_mask"]["psnr_db"] or 0) >= 30)),
             "truth_l1_inside": mean(lambda r: r["truth"]["l1_inside"]),
             "truth_l1_outside": mean(lambda r: r["truth"]["l1_outside"]),
             "vae_psnr_db": mean(lambda r: r["vae"]["psnr_db"]),
@@ -147,14 +148,14 @@ def markdown(table: list[dict], meta: dict) -> str:
              "success: the classifier flips the attribute (PRISM's filter picks the self-window value); CPG: gain in "
              "the attribute's probability in the edit's direction; identity: the chosen counterfactual against the "
              "source's reconstruction, outside the attribute's mask; truth: L1 to the true counterfactual.", "",
-             "| edit | configuration | n | success | CPG | L1 outside | PSNR outside dB | PSNR≥30 | SSIM outside | "
-             "truth L1 in | truth L1 out | latent recon. error |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| edit | configuration | n | success | CPG | L1 outside | PSNR outside dB | PSNR≥30 | success & PSNR≥30 | "
+             "SSIM outside | truth L1 in | truth L1 out | latent recon. error |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     f = lambda v, s="{:.3f}": "–" if v is None else s.format(v)  # noqa: E731
     for r in table:
         lines.append(f"| {r['edit']} | {r['config']} | {r['n']} | {f(r['success_rate'], '{:.0%}')} | {f(r['cpg'])} | "
                      f"{f(r['l1_outside_mask'], '{:.4f}')} | {f(r['psnr_outside_mask_db'], '{:.1f}')} | "
-                     f"{f(r['psnr30_rate'], '{:.0%}')} | {f(r['ssim_outside_mask'])} | {f(r['truth_l1_inside'], '{:.4f}')} | "
+                     f"{f(r['psnr30_rate'], '{:.0%}')} | {f(r['success_psnr30_rate'], '{:.0%}')} | {f(r['ssim_outside_mask'])} | {f(r['truth_l1_inside'], '{:.4f}')} | "
                      f"{f(r['truth_l1_outside'], '{:.4f}')} | {f(r['reconstruction_error'], '{:.2e}')} |")
     return "\n".join(lines)
 
@@ -213,6 +214,7 @@ def run_evaluate(args) -> int:
     table = summarize(rows)
     meta = {"patients": args.patients, "steps": args.steps, "sweep": list(sweep), "model": str(args.model),
             "backend": args.backend, "precision": args.precision, "classifier": str(args.classifier),
+            "seed0": args.seed0, "noise_blend_threshold": args.noise_blend_threshold,
             "seconds": time.perf_counter() - start, "libraries": library_versions()}
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = args.out / ".evaluation.json.tmp"
