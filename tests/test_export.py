@@ -172,6 +172,39 @@ def test_every_op_of_every_graph_is_supported_by_tensorrt(engine_dir):
         assert OPSET_RANGE[0] <= opsets["ai.onnx"] <= OPSET_RANGE[1]
 
 
+def test_cpu_attention_fusion_is_exact_and_leaves_controlled_layers(engine_dir, tmp_path):
+    """int8-cpu's graph pass: the uncontrolled attention layers (the 16×16 self-attention here, as
+    SELF_MAX_QUERIES is below 256) become ONNX Runtime's MultiHeadAttention; outputs unchanged."""
+    import onnx
+    import onnxruntime as ort
+    from prism_export.cpu_attention import fuse_attention_file
+
+    folder = _copy_engine(engine_dir, tmp_path)
+    fused_path = folder / "onnx" / "unet-fused.onnx"
+    shutil.copy(folder / "onnx" / "unet.onnx", fused_path)  # shares unet.onnx.data
+    before = onnx.load(str(fused_path), load_external_data=False)
+    summary = fuse_attention_file(fused_path)
+    after = onnx.load(str(fused_path), load_external_data=False)
+    ops = lambda m, t: sum(n.op_type == t for n in m.graph.node)  # noqa: E731
+    # two 16×16 transformer blocks in the first down block, three in the last up block
+    assert summary["fused_attention_layers"] == 5 == ops(after, "MultiHeadAttention")
+    assert ops(after, "Softmax") == ops(before, "Softmax") - 5 > 0  # the controlled layers keep theirs
+    rng = np.random.default_rng(0)
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+                for p in (folder / "onnx" / "unet.onnx", fused_path)]
+    for batch, groups, edits in ((1, 1, 0), (5, 1, 2), (6, 2, 1)):
+        feeds = dict(latents=rng.standard_normal((batch, 4, 16, 16), dtype=np.float32),
+                     timestep=np.array([401.0], np.float32), text=rng.standard_normal((batch, 77, 32), dtype=np.float32),
+                     cross_alpha=np.full((groups, edits, 77), 0.5, np.float32),
+                     token_mapper=np.broadcast_to(np.eye(77, dtype=np.float32), (groups, edits, 77, 77)).copy(),
+                     refine_alpha=np.ones((groups, edits, 77), np.float32),
+                     equalizer=np.ones((groups, edits, 77), np.float32),
+                     self_replace=np.full((groups, edits), 0.5, np.float32))
+        (noise_a, maps_a), (noise_b, maps_b) = (s.run(None, feeds) for s in sessions)
+        np.testing.assert_allclose(noise_b, noise_a, atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(maps_b, maps_a, atol=1e-6)
+
+
 def test_a_failed_export_leaves_no_engine_folder(tiny_model_dir, tmp_path, monkeypatch):
     from prism_export import onnx_export
 

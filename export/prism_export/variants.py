@@ -10,7 +10,9 @@ the same folder (ARCHITECTURE.md, "Engine folder"):
   weights), which is what TensorRT's explicit quantization accepts; the same file runs in ONNX
   Runtime.
 * ``onnx-int8-cpu/unet.onnx``: the UNet with u8 (asymmetric) activations and s8 per-channel
-  weights, the layout ONNX Runtime's x86 int8 kernels (VNNI) are fastest with.
+  weights, the layout ONNX Runtime's x86 int8 kernels (VNNI) are fastest with; its uncontrolled
+  attention layers (SD v1.5's 64×64 self-attention) fused into ONNX Runtime's
+  ``MultiHeadAttention`` (flash attention on CPU, :mod:`prism_export.cpu_attention`).
 
 Both int8 variants come from ``onnxruntime.quantization.quantize_static`` calibrated on the UNet
 inputs recorded while the fp32 engine inverts and edits the calibration images (latents,
@@ -45,6 +47,7 @@ import numpy as np
 from prism_rt.backend import GRAPHS
 from prism_rt.errors import PrismError
 from prism_rt.manifest import MANIFEST_NAME, PRECISIONS, REFERENCE_PRECISION, load_manifest, sha256_file
+from .cpu_attention import fuse_attention_file
 
 VARIANT_DIRS = {"fp16": "onnx-fp16", "int8": "onnx-int8", "int8-cpu": "onnx-int8-cpu"}
 FP16_GRAPHS_DEFAULT = ("text_encoder", "vae_encoder", "vae_decoder", "unet")
@@ -418,6 +421,8 @@ def add_variants(engine_dir, precisions: Sequence[str], settings: VariantSetting
             else:
                 made = quantize_unet(manifest.graphs["unet"].file, staging / "unet.onnx",
                                      [feeds for feeds, _ in calibration], precision)
+                if precision == "int8-cpu":  # an ONNX Runtime-only graph: its flash attention may be used
+                    made["cpu_attention"] = fuse_attention_file(staging / "unet.onnx")
                 graphs["unet"] = made
             build_s = time.perf_counter() - start
             entry = {"graphs": {}, "built_utc": _now(), "build_s": round(build_s, 1), "settings": settings.to_json()}
