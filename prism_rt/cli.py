@@ -44,6 +44,9 @@ def _model_args(p: argparse.ArgumentParser, model_required: bool = True):
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int8-cpu"],
                    help="an engine folder's variant (`prism-rt info ENGINE` lists them with their measured quality); "
                         "torch: fp32 or fp16 graphs (loops stay fp32)")
+    p.add_argument("--no-cpu-arena", action="store_true",
+                   help="onnxruntime on a CPU: free every tensor after each call instead of keeping one memory arena "
+                        "(lower resident memory between calls, slower)")
     p.add_argument("--self-max-queries", type=int, default=None,
                    help="self-attention layers with at most this many queries are controlled (PRISM 1024, the "
                         "default for torch; p2p 256); an engine folder uses the value it was exported with")
@@ -161,7 +164,7 @@ def _load(args):
 
     return Engine.load(args.model, backend=args.backend, device=args.device, unet_weights=args.unet_weights,
                        allow_pickle=args.allow_pickle, config=args.config, self_max_queries=args.self_max_queries,
-                       precision=args.precision)
+                       precision=args.precision, cpu_arena=not args.no_cpu_arena)
 
 
 def _invert(engine, args, source):

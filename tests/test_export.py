@@ -264,6 +264,22 @@ def test_onnxruntime_runs_the_other_inversions(engines, image, method):
     assert outs[0].reconstruction_error == pytest.approx(outs[1].reconstruction_error, rel=1e-2, abs=1e-5)
 
 
+def test_cpu_arena_on_or_off_gives_the_same_noise(engine_dir):
+    rng = np.random.default_rng(3)
+    feeds = dict(latents=rng.standard_normal((3, 4, 16, 16), dtype=np.float32), timestep=np.array([301.0], np.float32),
+                 text=rng.standard_normal((3, 77, 32), dtype=np.float32),
+                 cross_alpha=np.zeros((1, 1, 77), np.float32), token_mapper=np.zeros((1, 1, 77, 77), np.float32),
+                 refine_alpha=np.zeros((1, 1, 77), np.float32), equalizer=np.ones((1, 1, 77), np.float32),
+                 self_replace=np.zeros((1, 1), np.float32))
+    outs = []
+    for arena in (True, False):
+        backend = Engine.load(engine_dir, backend="onnxruntime", cpu_arena=arena).backend
+        assert backend.cpu_arena is arena
+        outs.append([backend.run("unet", **feeds)["noise"] for _ in range(2)])  # twice: reused arena memory
+    for noise in outs[0] + outs[1][1:]:
+        np.testing.assert_array_equal(noise, outs[1][0])
+
+
 def test_null_text_on_onnxruntime_points_to_the_torch_backend(engines, image):
     with pytest.raises(BackendError, match="--backend torch"):
         engines["onnxruntime"].invert(image, SOURCE, method="null-text")

@@ -30,6 +30,10 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed repeats per graph measurement (default: the preset's)")
     p.add_argument("--mode", choices=["full", "graphs"], help="full: per graph + end to end; graphs: per graph only "
                                                               "(default: sd15 runs full on a GPU only)")
+    p.add_argument("--graphs", help="per-graph measurements of these graphs only, comma-separated "
+                                    "(text_encoder,vae_encoder,vae_decoder,unet; default: all)")
+    p.add_argument("--precisions", help="the engine precisions to measure, comma-separated (default: all it has)")
+    p.add_argument("--batches", help="per-graph batch sizes, comma-separated (default: the preset's)")
     p.add_argument("--image", type=Path, action="append",
                    help="radiograph(s) to edit (default: pydicom-data's RG1_UNCR.dcm and phantom patients)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where preset models and engines are kept")
@@ -119,6 +123,22 @@ def run_bench_cli(args) -> int:
     overrides = {k: v for k, v in (("steps", args.steps), ("repeats", args.repeats), ("mode", args.mode)) if v}
     if any(v is not None and v < 1 for v in (args.steps, args.repeats, args.threads) if isinstance(v, int)):
         raise SettingsError("--steps, --repeats and --threads must be ≥ 1")
+    if args.batches:
+        try:
+            batches = tuple(int(b) for b in args.batches.split(",") if b)
+        except ValueError:
+            raise SettingsError(f"--batches takes integers such as 1,2; got {args.batches!r}") from None
+        if not batches or min(batches) < 1:
+            raise SettingsError("--batches needs batch sizes ≥ 1")
+        overrides.update(batches=batches, cpu_batches=batches)
+    if args.graphs:
+        from prism_rt.backend import GRAPHS
+
+        graphs = tuple(g for g in args.graphs.split(",") if g)
+        bad = [g for g in graphs if g not in GRAPHS]
+        if bad or not graphs:
+            raise SettingsError(f"unknown graph(s) {bad} in --graphs; choose from {', '.join(GRAPHS)}")
+        overrides["graphs"] = graphs
     preset = replace(preset, **overrides)
 
     def progress(line):
@@ -132,6 +152,12 @@ def run_bench_cli(args) -> int:
     if paths.get("engine"):
         manifest = load_manifest(paths["engine"])
         precisions = manifest.precisions
+        if args.precisions:
+            wanted = tuple(x for x in args.precisions.split(",") if x)
+            missing = [x for x in wanted if x not in precisions]
+            if missing or not wanted:
+                raise SettingsError(f"--precisions {args.precisions!r}: the engine has {', '.join(precisions)}")
+            precisions = wanted
         size = int(manifest.model["image_size"])
     if size is None:
         size = 128

@@ -38,6 +38,7 @@ class Preset:
     throughput_images: int  # G
     e2e_repeats: int = 1
     cpu_batches: tuple[int, ...] | None = None  # per-graph batches on a CPU (None: batches + the edit batch)
+    graphs: tuple[str, ...] | None = None  # per-graph measurements of these graphs (None: all)
 
 
 PRESETS = {
@@ -214,7 +215,7 @@ def graph_inputs(backend, tokenizer, graph: str, batch: int, rng: np.random.Gene
 def graph_worker(job: dict) -> list[dict]:
     engine = _load("graphs", job["backend"], job["precision"], job["paths"], job["device"], job["threads"])
     backend, rows, rng = engine.backend, [], np.random.default_rng(0)
-    for graph in GRAPHS:
+    for graph in job.get("graphs") or GRAPHS:
         for batch in job["batches"]:
             inputs = graph_inputs(backend, engine.tokenizer, graph, batch, rng)
 
@@ -231,7 +232,7 @@ def graph_worker(job: dict) -> list[dict]:
     for row in rows:
         row["peak_rss_mb"] = peak_rss_mb()
         row["device_peak_mb"] = _device_peak_mb(engine)
-    if job["backend"] == "torch" and job["precision"] == "fp32" and job.get("stock_unet"):
+    if job["backend"] == "torch" and job["precision"] == "fp32" and job.get("stock_unet") and "unet" in (job.get("graphs") or GRAPHS):
         rows += _stock_unet_rows(engine, job, rng)
     return rows
 
@@ -346,6 +347,8 @@ def run_bench(plan: BenchPlan, progress=print) -> dict:
     batches = tuple(sorted(set(preset.batches) | {edit_batch}))
     if not gpu and preset.cpu_batches:
         batches = tuple(preset.cpu_batches)
+    if preset.cpu_batches == preset.batches:  # batches given explicitly: exactly those
+        batches = tuple(preset.batches)
     run = (lambda fn, job: _in_process(fn, job)) if plan.isolate else (lambda fn, job: fn(job))
     rows: list[dict] = []
     started = time.perf_counter()
@@ -361,7 +364,8 @@ def run_bench(plan: BenchPlan, progress=print) -> dict:
         progress(f"per graph: {backend} {precision} at batches {batches} …")
         rows += run(graph_worker, {"backend": backend, "precision": precision, "paths": plan.paths, "device": plan.device,
                                    "threads": plan.threads, "batches": batches, "repeats": preset.repeats,
-                                   "warmup": preset.warmup, "stock_unet": backend == "torch" and precision == "fp32"})
+                                   "warmup": preset.warmup, "stock_unet": backend == "torch" and precision == "fp32",
+                                   "graphs": list(preset.graphs or GRAPHS)})
 
     if full:
         with tempfile.TemporaryDirectory() as scratch:
