@@ -187,11 +187,10 @@ class Engine:
 
         per_chunk = self._items_per_chunk(inversion.method, limits)
         chunks = [list(range(i, min(i + per_chunk, len(plan.items)))) for i in range(0, len(plan.items), per_chunk)]
-        noise_masks = None
-        if control.noise_blend and not control.legacy:
-            start = time.perf_counter()
-            noise_masks = self._noise_masks(trajectory[0], source_embedding, null_embedding, target_rows, control,
-                                            limits, schedule, sampler.guidance, counter)
+        start = time.perf_counter()
+        noise_masks = self._noise_masks(trajectory[0], source_embedding, null_embedding, target_rows, control,
+                                        limits, schedule, sampler.guidance, counter)
+        if noise_masks is not None:
             timings["noise_blend_s"] = time.perf_counter() - start
         bar = _progress(progress, len(chunks) * sampler.steps, "edit")
         start = time.perf_counter()
@@ -271,9 +270,8 @@ class Engine:
                 nulls = (xp.stack([backend.asarray(n) for n in inv.null_embeddings])
                          if inv.null_embeddings is not None else None)
                 rows = {t: emb[2 + i: 3 + i] for i, t in enumerate(image_targets)}
-                noise_masks = (self._noise_masks(trajectory[0], emb[0:1], emb[1:2], rows, control, limits, schedule,
-                                                 first.sampler.guidance, counter)
-                               if control.noise_blend and not control.legacy else None)
+                noise_masks = self._noise_masks(trajectory[0], emb[0:1], emb[1:2], rows, control, limits, schedule,
+                                                first.sampler.guidance, counter)
                 inputs.append(EditInputs(
                     method=inv.method, latents_T=trajectory[-1], source_embedding=emb[0:1],
                     target_embeddings=xp.concat([rows[item.target] for item in plans[k].items], axis=0),
@@ -304,8 +302,11 @@ class Engine:
         return results
 
     def _noise_masks(self, z0, source_embedding, null_embedding, target_rows: dict, control: ControlConfig,
-                     limits: RunLimits, schedule, guidance: float, counter) -> dict:
-        """noise_blend's mask of each distinct target caption, [1,1,h,w] each."""
+                     limits: RunLimits, schedule, guidance: float, counter) -> dict | None:
+        """noise_blend's mask of each distinct target caption, [1,1,h,w] each; None when the edit
+        has no noise blend (legacy never blends)."""
+        if not control.noise_blend or control.legacy:
+            return None
         xp = self.backend.xp
         names = list(target_rows)
         stacked = noise_difference_masks(

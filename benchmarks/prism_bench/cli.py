@@ -130,7 +130,7 @@ def run_bench_cli(args) -> int:
             raise SettingsError(f"--batches takes integers such as 1,2; got {args.batches!r}") from None
         if not batches or min(batches) < 1:
             raise SettingsError("--batches needs batch sizes ≥ 1")
-        overrides.update(batches=batches, cpu_batches=batches)
+        overrides.update(batches=batches, cpu_batches=batches, add_edit_batch=False)
     if args.graphs:
         from prism_rt.backend import GRAPHS
 

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from prism_rt.backend import GRAPHS
+
 SCHEMA = "prism-rt-bench/1"
-GRAPHS = ("text_encoder", "vae_encoder", "vae_decoder", "unet")
 SOURCE = "Chest X-ray showing No Finding, Support Devices"
 TARGET = "Chest X-ray showing No Finding"
 
@@ -39,6 +40,7 @@ class Preset:
     e2e_repeats: int = 1
     cpu_batches: tuple[int, ...] | None = None  # per-graph batches on a CPU (None: batches + the edit batch)
     graphs: tuple[str, ...] | None = None  # per-graph measurements of these graphs (None: all)
+    add_edit_batch: bool = True  # per-graph batches include the edit batch 2·(1+K·S) (off: exactly ``batches``)
 
 
 PRESETS = {
@@ -215,7 +217,8 @@ def graph_inputs(backend, tokenizer, graph: str, batch: int, rng: np.random.Gene
 def graph_worker(job: dict) -> list[dict]:
     engine = _load("graphs", job["backend"], job["precision"], job["paths"], job["device"], job["threads"])
     backend, rows, rng = engine.backend, [], np.random.default_rng(0)
-    for graph in job.get("graphs") or GRAPHS:
+    graphs = job.get("graphs") or GRAPHS
+    for graph in graphs:
         for batch in job["batches"]:
             inputs = graph_inputs(backend, engine.tokenizer, graph, batch, rng)
 
@@ -232,7 +235,7 @@ def graph_worker(job: dict) -> list[dict]:
     for row in rows:
         row["peak_rss_mb"] = peak_rss_mb()
         row["device_peak_mb"] = _device_peak_mb(engine)
-    if job["backend"] == "torch" and job["precision"] == "fp32" and job.get("stock_unet") and "unet" in (job.get("graphs") or GRAPHS):
+    if job["backend"] == "torch" and job["precision"] == "fp32" and job.get("stock_unet") and "unet" in graphs:
         rows += _stock_unet_rows(engine, job, rng)
     return rows
 
@@ -344,11 +347,9 @@ def run_bench(plan: BenchPlan, progress=print) -> dict:
     full = preset.mode == "full" or (preset.mode == "auto" and gpu)
     k = len(preset.sweep)
     edit_batch = 2 * (1 + k)
-    batches = tuple(sorted(set(preset.batches) | {edit_batch}))
+    batches = tuple(sorted(set(preset.batches) | ({edit_batch} if preset.add_edit_batch else set())))
     if not gpu and preset.cpu_batches:
         batches = tuple(preset.cpu_batches)
-    if preset.cpu_batches == preset.batches:  # batches given explicitly: exactly those
-        batches = tuple(preset.batches)
     run = (lambda fn, job: _in_process(fn, job)) if plan.isolate else (lambda fn, job: fn(job))
     rows: list[dict] = []
     started = time.perf_counter()
