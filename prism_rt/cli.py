@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ControlConfig, Fit, InversionConfig, InversionMethod, RunLimits
+from .config import NOISE_BLEND_THRESHOLDS, ControlConfig, Fit, InversionConfig, InversionMethod, RunLimits
 from .config import SamplerConfig
 from .errors import InversionFileError, OutputError, PrismError, PromptError, SettingsError
 
@@ -84,14 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="LocalBlend with a mask from the noise predictions under the source vs the target caption "
                            "(DiffEdit) instead of the cross-attention maps: for models whose attention does not "
                            "localise words; needs no --blend-words")
-    edit.add_argument("--noise-blend-threshold", type=float, default=1.0,
-                      help="noise-blend mask: where the prediction difference exceeds this × its image mean")
+    edit.add_argument("--noise-blend-threshold", type=_floats, default=NOISE_BLEND_THRESHOLDS,
+                      help="noise-blend mask: where the prediction difference exceeds this × its image mean; "
+                           "comma-separated values run as extra items, like --self-replace (--select picks one) "
+                           f"(default {','.join(map(str, NOISE_BLEND_THRESHOLDS))})")
     edit.add_argument("--legacy", action="store_true", help="the published code's behaviour: no attention control, no blend")
     edit.add_argument("--max-batch", type=int, default=32, help="largest UNet batch; more edit items are chunked")
     edit.add_argument("--seed", type=int, default=0, help="recorded; every step is deterministic (η = 0)")
     edit.add_argument("--select", type=Path, metavar="CLASSIFIER.onnx",
-                      help="pick, per edit, the self-window value whose counterfactual flips the attribute with the "
-                           "best identity (PRISM's filter); writes selected-K.png and the scores to result.json")
+                      help="pick, per edit, the candidate (self-window value, noise-blend threshold) whose counterfactual "
+                           "flips the attribute with the best identity to the reconstruction (PRISM's filter); writes "
+                           "selected-K.png and the scores to result.json")
     edit.add_argument("--figure", action="store_true", help="also write figure.png (source | reconstruction | "
                                                              "counterfactual | change)")
     edit.add_argument("--no-progress", action="store_true")
@@ -212,7 +215,7 @@ def cmd_edit(args) -> int:
           f"(reconstruction error {result.reconstruction_error:.2e}, {result.counts['unet_items']} UNet items)")
     for k, choice in enumerate(selection or []):
         if choice["selected_item"] is None:
-            print(f"  edit {k} ({choice['direction']} {choice['attribute']}): no self-window value flips the classifier")
+            print(f"  edit {k} ({choice['direction']} {choice['attribute']}): no candidate flips the classifier")
         else:
             scores = next(c for c in choice["candidates"] if c["item"] == choice["selected_item"])
             print(f"  edit {k} ({choice['direction']} {choice['attribute']}): selected {choice['selected_item']} → "

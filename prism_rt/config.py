@@ -71,6 +71,11 @@ class InversionConfig:
     null_lr: float = 1e-2
 
 
+NOISE_BLEND_THRESHOLDS = (0.85, 1.0, 1.7)
+"""noise_blend's default thresholds: chosen on validation phantom patients (README, "Edit precision
+on phantoms"), never on the held-out ones."""
+
+
 @dataclass(frozen=True)
 class ControlConfig:
     """Prompt-to-prompt attention control (PRISM_METHOD §5).
@@ -92,8 +97,11 @@ class ControlConfig:
       of the diffusion time with ``noise_blend_samples`` noise draws, the guided noise predicted
       under the source and under each target caption, |difference| averaged over draws and
       channels; the mask is where it exceeds ``noise_blend_threshold`` × its mean over the image.
-      For models whose cross-attention does not localise words (small or briefly trained ones);
-      needs no blend words. Exclusive with ``blend_words``.
+      Several thresholds (like ``self_replace``) run as extra items of one batch, each edit with
+      its own mask from the same prediction differences: a higher threshold edits less of the
+      image; ``--select`` then keeps, per edit, the item that flips the attribute with the best
+      identity (the smallest sufficient mask). For models whose cross-attention does not localise
+      words (small or briefly trained ones); needs no blend words. Exclusive with ``blend_words``.
     legacy: reproduce the published PRISM code (no attention control, no blend: null-text +
       plain prompt swap).
     """
@@ -106,7 +114,7 @@ class ControlConfig:
     blend_threshold: float = 0.3
     blend_start: float = 0.2
     noise_blend: bool = False
-    noise_blend_threshold: float = 1.0
+    noise_blend_threshold: tuple[float, ...] = NOISE_BLEND_THRESHOLDS  # one value or several
     noise_blend_samples: int = 10
     noise_blend_strength: float = 0.5
     mode: str = "refine"
@@ -128,8 +136,12 @@ class ControlConfig:
             raise ValueError(f"noise_blend_strength must be in (0, 1), got {self.noise_blend_strength}")
         if self.noise_blend_samples < 1:
             raise ValueError(f"noise_blend_samples must be ≥ 1, got {self.noise_blend_samples}")
-        if self.noise_blend_threshold < 0:
-            raise ValueError(f"noise_blend_threshold must be ≥ 0, got {self.noise_blend_threshold}")
+        if isinstance(self.noise_blend_threshold, (int, float)):
+            object.__setattr__(self, "noise_blend_threshold", (float(self.noise_blend_threshold),))
+        else:
+            object.__setattr__(self, "noise_blend_threshold", tuple(float(v) for v in self.noise_blend_threshold))
+        if not self.noise_blend_threshold or min(self.noise_blend_threshold) < 0:
+            raise ValueError(f"noise_blend_threshold needs one or more values ≥ 0, got {self.noise_blend_threshold}")
 
 
 @dataclass(frozen=True)

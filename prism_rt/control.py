@@ -204,19 +204,21 @@ def _check_steps(steps: int) -> None:
 
 @dataclass(frozen=True)
 class EditItem:
-    """One edited branch of the batch: an edit prompt run with one self-attention window."""
+    """One edited branch of the batch: an edit prompt run with one self-attention window (and,
+    with a noise blend, one mask threshold)."""
 
     edit_index: int  # which target (0-based)
     target: str
     self_replace: float
-    name: str  # file stem: depends only on the edit and its window
+    name: str  # file stem: depends only on the edit, its window and its blend threshold
+    blend_threshold: float | None = None  # noise_blend's mask threshold; None without a noise blend
 
 
 @dataclass(frozen=True, eq=False)
 class ControlPlan:
     """Everything the controlled UNet needs for K edit items (source excluded), per step."""
 
-    items: tuple[EditItem, ...]  # edit-major: for each target, each self value
+    items: tuple[EditItem, ...]  # edit-major: for each target, each noise-blend threshold, each self value
     token_mapper: np.ndarray  # [K, 77, 77]
     refine_alpha: np.ndarray  # [K, 77]
     equalizer: np.ndarray  # [K, 77]
@@ -281,12 +283,13 @@ def build_control_plan(tokenizer: ClipTokenizer, source: str, targets: Sequence[
             raise PromptError(f"edit word(s) {missing} appear in none of the edit prompts {targets}; "
                               "edit_words must be words of the targets")
 
-    items = tuple(EditItem(e, target, float(s), f"edit-{e + 1}-s{s:.2f}")
-                  for e, target in enumerate(targets) for s in config.self_replace)
+    thresholds = config.noise_blend_threshold if config.noise_blend and not config.legacy else (None,)
+    items = tuple(EditItem(e, target, float(s), f"edit-{e + 1}-s{s:.2f}" + (f"-m{m:.2f}" if len(thresholds) > 1 else ""), m)
+                  for e, target in enumerate(targets) for m in thresholds for s in config.self_replace)
     names = [item.name for item in items]
     if len(set(names)) != len(names):
-        raise SettingsError(f"self_replace values {config.self_replace} give duplicate output names; "
-                         "use distinct values (two decimals)")
+        raise SettingsError(f"self_replace values {config.self_replace} (or noise-blend thresholds {config.noise_blend_threshold}) "
+                            "give duplicate output names; use distinct values (two decimals)")
     per_item = np.array([item.edit_index for item in items], dtype=np.int64)
     k = len(items)
     if config.legacy:

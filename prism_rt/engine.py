@@ -15,7 +15,7 @@ from .config import ControlConfig, Fit, InversionConfig, InversionMethod, RunLim
 from .errors import BackendError, InputImageError, InversionFileError, MissingExtraError
 from .inversion import Inversion
 from .loop import (Counter, EditInputs, ddim_inversion, decode_latents, edit_loop, edit_loop_groups, encode_image,
-                   encode_prompts, noise_difference_masks)
+                   encode_prompts, noise_difference_maps)
 from .schedule import DDIMSchedule
 
 
@@ -41,6 +41,7 @@ class EditResult:
         for item, image, mask in zip(self.items, self.edits, self.masks):
             delta = np.abs((image.mean(0) + 1) / 2 - recon)
             row = {"name": item.name, "target": item.target, "self_replace": item.self_replace,
+                   "blend_threshold": item.blend_threshold,
                    "mean_abs_diff": float(delta.mean())}
             if mask is not None:
                 inside = mask > 0.5
@@ -303,22 +304,24 @@ class Engine:
 
     def _noise_masks(self, z0, source_embedding, null_embedding, target_rows: dict, control: ControlConfig,
                      limits: RunLimits, schedule, guidance: float, counter) -> dict | None:
-        """noise_blend's mask of each distinct target caption, [1,1,h,w] each; None when the edit
-        has no noise blend (legacy never blends)."""
+        """noise_blend's relative prediction difference of each distinct target caption, [1,1,h,w]
+        each (thresholded per item by :meth:`_fixed_masks`); None when the edit has no noise blend
+        (legacy never blends)."""
         if not control.noise_blend or control.legacy:
             return None
         xp = self.backend.xp
         names = list(target_rows)
-        stacked = noise_difference_masks(
+        stacked = noise_difference_maps(
             self.backend, schedule, z0, source_embedding, null_embedding, xp.concat([target_rows[t] for t in names], axis=0),
             guidance, counter, samples=control.noise_blend_samples, strength=control.noise_blend_strength,
-            threshold=control.noise_blend_threshold, max_batch=limits.max_batch)
+            max_batch=limits.max_batch)
         return {t: stacked[i:i + 1] for i, t in enumerate(names)}
 
-    def _fixed_masks(self, noise_masks: dict, items):
-        """[1+K,1,h,w]: the source row (never blended) then each item's target mask."""
+    def _fixed_masks(self, noise_maps: dict, items):
+        """[1+K,1,h,w]: the source row (never blended) then each item's mask: its target's map
+        above the item's threshold."""
         xp = self.backend.xp
-        rows = [noise_masks[item.target] for item in items]
+        rows = [xp.astype(noise_maps[item.target] > item.blend_threshold, noise_maps[item.target].dtype) for item in items]
         return xp.concat([xp.zeros_like(rows[0]), *rows], axis=0)
 
     def _items_per_chunk(self, method: InversionMethod, limits: RunLimits) -> int:

@@ -134,8 +134,8 @@ def edit_metrics(classifier: Classifier | None, attribute: str | None, direction
                              "p_counterfactual": float(p_cf), "cpg": gain,
                              "flipped": bool((p_cf < 0.5) if direction == "remove" else (p_cf >= 0.5))
                              and bool((p_source >= 0.5) if direction == "remove" else (p_source < 0.5))}
-    outside = None if mask is None else ~mask
-    row["identity_outside_mask"] = _masked_quality(reconstruction01, counterfactual01, outside)
+    row["identity"] = _masked_quality(reconstruction01, counterfactual01, None)
+    row["identity_outside_mask"] = row["identity"] if mask is None else _masked_quality(reconstruction01, counterfactual01, ~mask)
     row["vae"] = _masked_quality(source01, reconstruction01, None)
     if truth01 is not None:
         inside = np.ones(truth01.shape, bool) if mask is None else mask
@@ -145,16 +145,18 @@ def edit_metrics(classifier: Classifier | None, attribute: str | None, direction
 
 
 def select(rows: list[dict]) -> dict:
-    """PRISM's filter over one edit's self-window values: among the counterfactuals that flip the
-    attribute, the one with the best identity (highest SSIM outside the mask, then lowest L1);
-    ``None`` when none flips."""
+    """PRISM's filter over one edit's candidates (self-window values, noise-blend thresholds):
+    among the counterfactuals that flip the attribute, the one with the best identity to the
+    source's reconstruction over the whole image (highest SSIM, then lowest L1; PRISM's own filter
+    compares whole images too). It needs no mask, so candidates with different blend masks compare
+    fairly, and evaluation selects exactly as ``prism-rt edit --select`` does. ``None`` when none
+    flips."""
     flipped = [(i, r) for i, r in enumerate(rows) if r.get("classifier", {}).get("flipped")]
     if not flipped:
         best_gain = max(range(len(rows)), key=lambda i: rows[i].get("classifier", {}).get("cpg", -1.0))
         return {"selected": None, "flipped": False, "best_cpg_index": best_gain,
-                "note": "no self-window value flips the attribute"}
-    i, _ = max(flipped, key=lambda ir: (ir[1]["identity_outside_mask"]["ssim"] or 0.0,
-                                        -(ir[1]["identity_outside_mask"]["l1"] or 0.0)))
+                "note": "no candidate flips the attribute"}
+    i, _ = max(flipped, key=lambda ir: (ir[1]["identity"]["ssim"], -ir[1]["identity"]["l1"]))
     return {"selected": i, "flipped": True}
 
 
@@ -165,8 +167,9 @@ def to01(model_pixels: np.ndarray) -> np.ndarray:
 
 
 def select_edits(classifier: Classifier, source_prompt: str, result, fitted_pixels: np.ndarray) -> list[dict]:
-    """``prism-rt edit --select``: per edited caption, the self-window value whose counterfactual
-    flips the attribute with the best identity score (PRISM's filter), with every value's metrics."""
+    """``prism-rt edit --select``: per edited caption, the candidate (self-window value, noise-blend
+    threshold) whose counterfactual flips the attribute with the best identity score (PRISM's
+    filter), with every candidate's metrics (identity also outside its blend mask, if any)."""
     source01, recon01 = to01(fitted_pixels), to01(result.reconstruction)
     by_target: dict[str, list[int]] = {}
     for i, item in enumerate(result.items):
@@ -178,6 +181,7 @@ def select_edits(classifier: Classifier, source_prompt: str, result, fitted_pixe
         for i in indices:
             mask = result.masks[i]
             rows.append({"item": result.items[i].name, "self_replace": result.items[i].self_replace,
+                         "blend_threshold": result.items[i].blend_threshold,
                          **edit_metrics(classifier, attribute, direction, source01, recon01, to01(result.edits[i]),
                                         None if mask is None else mask > 0.5)})
         chosen = select(rows)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ControlConfig, RunLimits
+from .config import NOISE_BLEND_THRESHOLDS, ControlConfig, RunLimits
 from .errors import MissingExtraError, SettingsError
 
 EDITS = ("devices-remove", "devices-add", "effusion-remove", "effusion-add")
@@ -64,7 +64,7 @@ def phantom_cases(patients: int, edits, size: int, seed0: int | None = None) -> 
     return cases
 
 
-def _control(config: str, case: EditCase, sweep, noise_threshold: float = 1.0) -> ControlConfig:
+def _control(config: str, case: EditCase, sweep, noise_threshold=NOISE_BLEND_THRESHOLDS) -> ControlConfig:
     if config == "legacy":
         return ControlConfig(legacy=True, self_replace=(0.0,))
     if config.endswith("+noise-blend"):
@@ -77,7 +77,7 @@ def _control(config: str, case: EditCase, sweep, noise_threshold: float = 1.0) -
 
 
 def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, sweep, group: int = 4,
-             progress=print, noise_threshold: float = 1.0) -> list[dict]:
+             progress=print, noise_threshold=NOISE_BLEND_THRESHOLDS) -> list[dict]:
     """Every case under every configuration; cases of one edit kind are inverted one by one and
     edited ``group`` at a time in one batch (``Engine.edit_many``)."""
     from .evaluate import edit_metrics, select, to01
@@ -109,6 +109,7 @@ def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, swe
                         index = chosen["selected"] if chosen["selected"] is not None else chosen["best_cpg_index"]
                         rows.append({"patient": case.patient, "edit": case.edit, "config": config, "prompt": case.prompt,
                                      "target": case.target, "self_replace": result.items[index].self_replace,
+                                     "blend_threshold": result.items[index].blend_threshold,
                                      "success": chosen["flipped"], "reconstruction_error": result.reconstruction_error,
                                      "mask_fraction": float(case.mask.mean()), "seconds": seconds,
                                      **candidates[index]})
@@ -173,8 +174,9 @@ def add_evaluate_parser(sub):
                    help=f"comma-separated subset of {','.join(CONFIGS)} (null-text needs --backend torch)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--self-replace", default="0.4,0.5,0.6,0.7,0.8")
-    p.add_argument("--noise-blend-threshold", type=float, default=1.0,
-                   help="the +noise-blend configurations' mask threshold (× the mean prediction difference)")
+    p.add_argument("--noise-blend-threshold", default=",".join(map(str, NOISE_BLEND_THRESHOLDS)),
+                   help="the +noise-blend configurations' mask threshold(s) (× the mean prediction difference), "
+                        "comma-separated; several are candidates of the filter like the self-window values")
     p.add_argument("--threads", type=int, help="onnxruntime / torch threads (default: all cores)")
     p.add_argument("--out", type=Path, required=True)
     return p
@@ -193,8 +195,10 @@ def run_evaluate(args) -> int:
                             f"configurations: {', '.join(CONFIGS)}; --patients ≥ 1")
     try:
         sweep = tuple(float(v) for v in args.self_replace.split(","))
+        thresholds = tuple(float(v) for v in args.noise_blend_threshold.split(","))
     except ValueError:
-        raise SettingsError(f"--self-replace takes numbers such as 0.4,0.6; got {args.self_replace!r}") from None
+        raise SettingsError(f"--self-replace and --noise-blend-threshold take numbers such as 0.4,0.6; got "
+                            f"{args.self_replace!r}, {args.noise_blend_threshold!r}") from None
     try:
         import skimage  # noqa: F401
     except ImportError:
@@ -210,11 +214,11 @@ def run_evaluate(args) -> int:
     cases = phantom_cases(args.patients, edits, engine.backend.info.image_size, args.seed0)
     print(f"evaluating {len(cases)} edits × {len(configs)} configurations …", flush=True)
     start = time.perf_counter()
-    rows = evaluate(engine, classifier, cases, configs, args.steps, sweep, noise_threshold=args.noise_blend_threshold)
+    rows = evaluate(engine, classifier, cases, configs, args.steps, sweep, noise_threshold=thresholds)
     table = summarize(rows)
     meta = {"patients": args.patients, "steps": args.steps, "sweep": list(sweep), "model": str(args.model),
             "backend": args.backend, "precision": args.precision, "classifier": str(args.classifier),
-            "seed0": args.seed0, "noise_blend_threshold": args.noise_blend_threshold,
+            "seed0": args.seed0, "noise_blend_threshold": list(thresholds),
             "seconds": time.perf_counter() - start, "libraries": library_versions()}
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = args.out / ".evaluation.json.tmp"

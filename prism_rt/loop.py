@@ -78,13 +78,24 @@ def unet_noise(backend, counter: Counter, latents, t: int, text, controls: dict,
 def noise_difference_masks(backend, schedule: DDIMSchedule, z0, source_embedding, null_embedding, target_embeddings,
                            guidance: float, counter: Counter, *, samples: int = 10, strength: float = 0.5,
                            threshold: float = 1.0, max_batch: int = 63, seed: int = 0):
-    """LocalBlend masks from the noise predictions (DiffEdit, Couairon et al. 2022), one per target.
+    """LocalBlend masks from the noise predictions (DiffEdit, Couairon et al. 2022), one per target:
+    ``mask_k = d_k > threshold · mean(d_k)`` with ``d_k`` from :func:`noise_difference_maps`.
+    Returns a float array [K,1,h,w] (1 = the edit may change the latent there)."""
+    maps = noise_difference_maps(backend, schedule, z0, source_embedding, null_embedding, target_embeddings, guidance,
+                                 counter, samples=samples, strength=strength, max_batch=max_batch, seed=seed)
+    return backend.xp.astype(maps > threshold, maps.dtype)
+
+
+def noise_difference_maps(backend, schedule: DDIMSchedule, z0, source_embedding, null_embedding, target_embeddings,
+                          guidance: float, counter: Counter, *, samples: int = 10, strength: float = 0.5,
+                          max_batch: int = 63, seed: int = 0):
+    """The noise-prediction difference of each target, relative to its image mean, [K,1,h,w].
 
     ``z_t = √ᾱ_t z0 + √(1−ᾱ_t) n`` at ``t = strength · T`` for ``samples`` draws of ``n`` (numpy,
     seeded: every backend sees the same draws); for each draw the guided noise
     ``ε_u + w (ε_c − ε_u)`` under the source caption and under each target caption;
-    ``d_k = mean over draws and channels |ε_target_k − ε_source|``; mask_k = ``d_k > threshold ·
-    mean(d_k)``. Returns a float array [K,1,h,w] (1 = the edit may change the latent there).
+    ``d_k = mean over draws and channels |ε_target_k − ε_source|``; returns ``d_k / mean(d_k)``
+    (thresholded, it is the DiffEdit mask: one set of UNet calls serves any number of thresholds).
     """
     xp = backend.xp
     targets = int(target_embeddings.shape[0])
@@ -110,7 +121,7 @@ def noise_difference_masks(backend, schedule: DDIMSchedule, z0, source_embedding
             diff = xp.mean(xp.abs(guided[1:] - guided[:1]), axis=1, keepdims=True)  # [K,1,h,w]
             diff_sum = diff if diff_sum is None else diff_sum + diff
     mean = xp.mean(xp.reshape(diff_sum, (targets, -1)), axis=1)
-    return xp.astype(diff_sum > threshold * mean[:, None, None, None], diff_sum.dtype)
+    return diff_sum / xp.maximum(mean[:, None, None, None], xp.finfo(diff_sum.dtype).tiny)
 
 
 def ddim_inversion(backend, schedule: DDIMSchedule, z0, source_embedding, counter: Counter,

@@ -78,15 +78,20 @@ def test_edit_metrics_by_hand(tmp_path):
     assert row["classifier"]["flipped"] and row["classifier"]["cpg"] > 0
     assert row["identity_outside_mask"]["l1"] == pytest.approx(0.1, abs=1e-6)
     assert row["identity_outside_mask"]["psnr_db"] == pytest.approx(20.0, abs=1e-3)  # 10·log10(1/0.01)
+    # whole image: half the pixels 0.6 off (inside), half 0.1 off (outside)
+    assert row["identity"]["l1"] == pytest.approx(0.35, abs=1e-6)
+    assert row["identity"]["psnr_db"] == pytest.approx(10 * np.log10(1 / ((0.36 + 0.01) / 2)), abs=1e-3)
     with pytest.raises(SettingsError, match="no label"):
         edit_metrics(clf, "Cardiomegaly", "add", recon, recon, cf)
 
 
 def test_select_prefers_a_flip_then_identity():
     def row(flipped, ssim, l1, cpg=0.1):
-        return {"classifier": {"flipped": flipped, "cpg": cpg}, "identity_outside_mask": {"ssim": ssim, "l1": l1}}
+        return {"classifier": {"flipped": flipped, "cpg": cpg}, "identity": {"ssim": ssim, "l1": l1},
+                "identity_outside_mask": {"ssim": 1.0 - ssim, "l1": 1.0 - l1}}  # not what it judges by
 
     assert select([row(False, 0.99, 0.0), row(True, 0.8, 0.1), row(True, 0.9, 0.2)])["selected"] == 2
+    assert select([row(True, 0.9, 0.2), row(True, 0.9, 0.1)])["selected"] == 1  # SSIM tie: lower L1
     none = select([row(False, 0.9, 0.1, cpg=0.1), row(False, 0.8, 0.1, cpg=0.3)])
     assert none["selected"] is None and not none["flipped"] and none["best_cpg_index"] == 1
 
@@ -105,11 +110,11 @@ def test_cli_edit_select_writes_the_choice(tiny_model_dir, dicom_path, tmp_path,
     result = json.loads((out / "result.json").read_text())
     choice = result["selection"][0]
     assert choice["attribute"] == "Support Devices" and choice["direction"] == "remove"
-    assert not choice["flipped"] and choice["selected_item"] is None and "no self-window value" in choice["note"]
+    assert not choice["flipped"] and choice["selected_item"] is None and "no candidate" in choice["note"]
     assert [c["self_replace"] for c in choice["candidates"]] == [0.4, 0.8]
     assert all(c["classifier"]["p_source"] == pytest.approx(1 / (1 + np.exp(-1))) for c in choice["candidates"])
     assert not (out / "selected-0.png").exists() and (out / "figure.png").is_file()
-    assert "no self-window value flips" in capsys.readouterr().out
+    assert "no candidate flips" in capsys.readouterr().out
 
 
 def test_cli_edit_select_with_an_unrelated_edit_fails_before_work(tiny_model_dir, dicom_path, tmp_path, capsys):

@@ -246,9 +246,11 @@ def test_onnxruntime_noise_blend_equals_torch(engines, image):
         inversion = engine.invert(image, SOURCE, method="direct", sampler=engine.sampler(steps=8))
         results[kind] = engine.edit(inversion, [TARGET], config, RunLimits(max_batch=63))
     ort_result, torch_result = results["onnxruntime"], results["torch"]
-    assert 0 < ort_result.masks[0].mean() < 1
-    assert np.mean(ort_result.masks[0] != torch_result.masks[0]) < 0.01  # a pixel at the threshold may differ
-    assert np.abs(ort_result.edits[0] - torch_result.edits[0]).max() / 2 <= 2 * ONE_LEVEL
+    assert len(ort_result.edits) == len(config.noise_blend_threshold)  # one item per threshold
+    for a, b, ma, mb in zip(ort_result.edits, torch_result.edits, ort_result.masks, torch_result.masks):
+        assert 0 < ma.mean() < 1
+        assert np.mean(ma != mb) < 0.01  # a pixel at the threshold may differ
+        assert np.abs(a - b).max() / 2 <= 2 * ONE_LEVEL
     assert ort_result.counts == torch_result.counts
 
 

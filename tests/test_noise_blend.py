@@ -2,6 +2,8 @@
 computed with the stock diffusers UNet, and what an empty / a full mask must do to an edit."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -105,6 +107,33 @@ def test_grouped_noise_blend_equals_one_image_at_a_time(engine, inversion):
             np.testing.assert_allclose(x, y, atol=1e-3)
         for x, y in zip(g.masks, a.masks):
             np.testing.assert_array_equal(x, y)
+
+
+def test_several_thresholds_are_items_of_one_batch(engine, inversion):
+    """Thresholds are a sweep like the self window: one edit call, one set of noise draws, each item
+    thresholding the same map; equal to running each threshold alone."""
+    control = ControlConfig(self_replace=(0.4, 0.8), noise_blend=True, noise_blend_threshold=(0.8, 1.5))
+    both = engine.edit(inversion, TARGETS[:1], control, RunLimits(max_batch=63))
+    assert [i.name for i in both.items] == ["edit-1-s0.40-m0.80", "edit-1-s0.80-m0.80",
+                                            "edit-1-s0.40-m1.50", "edit-1-s0.80-m1.50"]
+    assert [i.blend_threshold for i in both.items] == [0.8, 0.8, 1.5, 1.5]
+    for offset, threshold in ((0, 0.8), (2, 1.5)):
+        alone = engine.edit(inversion, TARGETS[:1], replace(control, noise_blend_threshold=threshold),
+                            RunLimits(max_batch=63))
+        assert [i.name for i in alone.items] == ["edit-1-s0.40", "edit-1-s0.80"]  # one threshold: names as before
+        for k in range(2):
+            np.testing.assert_array_equal(both.masks[offset + k], alone.masks[k])
+            np.testing.assert_allclose(both.edits[offset + k], alone.edits[k], atol=1e-3)
+    low, high = both.masks[0] > 0.5, both.masks[2] > 0.5
+    assert high.sum() < low.sum() and not (high & ~low).any()  # a higher threshold: a strict subset
+    assert np.abs(both.edits[0] - both.edits[2]).max() > 0.01  # and a different counterfactual
+
+
+def test_noise_blend_thresholds_are_checked():
+    assert ControlConfig(noise_blend=True, noise_blend_threshold=1.2).noise_blend_threshold == (1.2,)
+    for bad in ((), (1.0, -0.5)):
+        with pytest.raises(ValueError, match="noise_blend_threshold"):
+            ControlConfig(noise_blend=True, noise_blend_threshold=bad)
 
 
 def test_noise_blend_and_blend_words_are_exclusive():
