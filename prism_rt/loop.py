@@ -9,7 +9,7 @@ import numpy as np
 
 from .blend import apply_blend, blend_mask
 from .config import InversionMethod
-from .errors import NonFiniteError
+from .errors import NonFiniteError, SettingsError
 from .schedule import DDIMSchedule, classifier_free_guidance, ddim_step
 
 
@@ -101,7 +101,8 @@ def noise_difference_maps(backend, schedule: DDIMSchedule, z0, source_embedding,
     targets = int(target_embeddings.shape[0])
     per_draw = 2 + targets  # uncond, source, targets
     if per_draw > max_batch:
-        raise ValueError(f"noise_blend needs {per_draw} UNet items per noise draw; raise max_batch to at least that")
+        raise SettingsError(f"the noise blend needs {per_draw} UNet items per noise draw (2 + {targets} target captions) "
+                            f"but --max-batch is {max_batch}; raise --max-batch to at least {per_draw} or edit fewer captions at once")
     t = min(int(round(strength * schedule.config.num_train_timesteps)), schedule.config.num_train_timesteps - 1)
     alpha = float(schedule.alphas_cumprod[t])
     rng = np.random.default_rng(seed)

@@ -136,6 +136,18 @@ def test_noise_blend_thresholds_are_checked():
             ControlConfig(noise_blend=True, noise_blend_threshold=bad)
 
 
+def test_a_batch_too_small_for_one_noise_draw_is_a_settings_error(engine, inversion):
+    from prism_rt.errors import SettingsError
+
+    embeddings = encode_prompts(engine.backend, engine.tokenizer, [SOURCE, "", *TARGETS], allow_empty=True)
+    counter = Counter()
+    with pytest.raises(SettingsError, match="at least 4"):  # uncond + source + 2 targets
+        noise_difference_masks(engine.backend, DDIMSchedule.from_config(inversion.sampler),
+                               torch.from_numpy(inversion.trajectory[0]), embeddings[0:1], embeddings[1:2],
+                               embeddings[2:], 7.5, counter, max_batch=3)
+    assert counter.unet_calls == 0
+
+
 def test_noise_blend_and_blend_words_are_exclusive():
     with pytest.raises(ValueError, match="not both"):
         ControlConfig(noise_blend=True, blend_words=("Devices", "Finding"))
