@@ -4,8 +4,8 @@ For each patient (seeds from ``prism_export.phantom.HELDOUT_SEED0``, never train
 edit (remove / add support devices, remove / add pleural effusion), the patient is rendered with
 the attribute as the edit's source and, toggled, as its true counterfactual; the attribute's mask
 is where the two differ. Each configuration (inversion method, LocalBlend on/off, legacy) inverts
-and edits with the self-window sweep; PRISM's filter (``--select`` logic) picks one value per
-edit with the classifier; the chosen counterfactual is scored: success (the classifier flips),
+and edits with the self-window sweep (× the noise-blend thresholds); PRISM's filter (``--select``
+logic: flips, then the best whole-image identity) picks one candidate per edit; the chosen counterfactual is scored: success (the classifier flips),
 CPG, identity outside the mask against the reconstruction, the VAE's own loss, and the error to
 the true counterfactual inside and outside the mask. Writes ``evaluation.json`` (every edit) and
 ``evaluation.md`` (the table per edit × configuration).
@@ -146,7 +146,8 @@ def markdown(table: list[dict], meta: dict) -> str:
     lines = [f"# Phantom evaluation ({meta['patients']} held-out patients, {meta['steps']} steps, sweep {meta['sweep']})",
              "", f"engine {meta['model']} ({meta['backend']}, {meta['precision']}); classifier {meta['classifier']}; "
              f"{meta['seconds']:.0f} s.", "",
-             "success: the classifier flips the attribute (PRISM's filter picks the self-window value); CPG: gain in "
+             "success: the classifier flips the attribute (PRISM's filter picks one candidate — self-window value, "
+             "noise-blend threshold — by flip, then whole-image identity to the reconstruction); CPG: gain in "
              "the attribute's probability in the edit's direction; identity: the chosen counterfactual against the "
              "source's reconstruction, outside the attribute's mask; truth: L1 to the true counterfactual.", "",
              "| edit | configuration | n | success | CPG | L1 outside | PSNR outside dB | PSNR≥30 | success & PSNR≥30 | "
