@@ -239,8 +239,8 @@ def test_onnxruntime_edit_equals_torch_edit(engines, image):
 
 
 def test_onnxruntime_noise_blend_equals_torch(engines, image):
-    """The noise-prediction blend mask (30-item UNet batches, one group) on both backends."""
-    config = ControlConfig(self_replace=(0.5,), noise_blend=True)
+    """The noise-prediction blend masks (30-item UNet batches, one group; two thresholds) on both backends."""
+    config = ControlConfig(self_replace=(0.5,), noise_blend=True, noise_blend_threshold=(0.8, 1.0))
     results = {}
     for kind, engine in engines.items():
         inversion = engine.invert(image, SOURCE, method="direct", sampler=engine.sampler(steps=8))

@@ -85,7 +85,7 @@ def test_an_empty_mask_keeps_the_reconstruction_and_a_full_one_changes_nothing(e
 
 
 def test_noise_blend_confines_the_change_to_its_mask(engine, inversion):
-    result = engine.edit(inversion, TARGETS, ControlConfig(self_replace=(0.5,), noise_blend=True),
+    result = engine.edit(inversion, TARGETS, ControlConfig(self_replace=(0.5,), noise_blend=True, noise_blend_threshold=1.0),
                          RunLimits(max_batch=63))
     for stats, mask in zip(result.item_stats(), result.masks):
         assert 0 < mask.mean() < 1
