@@ -288,7 +288,7 @@ def cmd_demo(args) -> int:
     code = cmd_edit(edit_args)
     if code == 0:
         print(f"see {args.out / 'figure.png'} (source | reconstruction | counterfactual | change); every "
-              f"self-window value's counterfactual and result.json are in {args.out}")
+              f"candidate's counterfactual and result.json are in {args.out}")
     return code
 
 
