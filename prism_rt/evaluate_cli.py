@@ -5,9 +5,10 @@ edit (remove / add support devices, remove / add pleural effusion), the patient 
 the attribute as the edit's source and, toggled, as its true counterfactual; the attribute's mask
 is where the two differ. Each configuration (inversion method, LocalBlend on/off, legacy) inverts
 and edits with the self-window sweep (× the noise-blend thresholds); PRISM's filter (``--select``
-logic: flips, then the best whole-image identity) picks one candidate per edit; the chosen counterfactual is scored: success (the classifier flips),
-CPG, identity outside the mask against the reconstruction, the VAE's own loss, and the error to
-the true counterfactual inside and outside the mask. Writes ``evaluation.json`` (every edit) and
+logic: flips, then the best whole-image identity) picks one candidate per edit; the chosen
+counterfactual is scored: success (the classifier flips), CPG, identity outside the mask against
+the reconstruction, the VAE's own loss, and the error to the true counterfactual inside and
+outside the mask. Writes ``evaluation.json`` (every edit) and
 ``evaluation.md`` (the table per edit × configuration).
 """
 from __future__ import annotations
