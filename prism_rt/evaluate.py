@@ -107,17 +107,23 @@ def edit_direction(source_prompt: str, target_prompt: str, labels) -> tuple[str,
     return changed[0]
 
 
-def _masked_quality(reference: np.ndarray, image: np.ndarray, region: np.ndarray | None) -> dict:
+def _masked_quality(reference: np.ndarray, image: np.ndarray, *regions: np.ndarray | None) -> list[dict]:
+    """L1 / PSNR / SSIM of ``image`` against ``reference`` within each region (None = the whole
+    image); the SSIM map is computed once for all regions."""
     from skimage.metrics import structural_similarity
 
-    region = np.ones(reference.shape, bool) if region is None else region
-    if not region.any():
-        return {"l1": None, "psnr_db": None, "ssim": None, "fraction": 0.0}
-    diff = (image - reference)[region]
-    mse = float(np.mean(diff ** 2))
     _, ssim_map = structural_similarity(reference, image, data_range=1.0, full=True)
-    return {"l1": float(np.abs(diff).mean()), "psnr_db": 99.0 if mse == 0 else float(min(99.0, 10 * np.log10(1 / mse))),
-            "ssim": float(ssim_map[region].mean()), "fraction": float(region.mean())}
+    out = []
+    for region in regions:
+        region = np.ones(reference.shape, bool) if region is None else region
+        if not region.any():
+            out.append({"l1": None, "psnr_db": None, "ssim": None, "fraction": 0.0})
+            continue
+        diff = (image - reference)[region]
+        mse = float(np.mean(diff ** 2))
+        out.append({"l1": float(np.abs(diff).mean()), "psnr_db": 99.0 if mse == 0 else float(min(99.0, 10 * np.log10(1 / mse))),
+                    "ssim": float(ssim_map[region].mean()), "fraction": float(region.mean())})
+    return out
 
 
 def edit_metrics(classifier: Classifier | None, attribute: str | None, direction: str | None,
@@ -134,9 +140,12 @@ def edit_metrics(classifier: Classifier | None, attribute: str | None, direction
                              "p_counterfactual": float(p_cf), "cpg": gain,
                              "flipped": bool((p_cf < 0.5) if direction == "remove" else (p_cf >= 0.5))
                              and bool((p_source >= 0.5) if direction == "remove" else (p_source < 0.5))}
-    row["identity"] = _masked_quality(reconstruction01, counterfactual01, None)
-    row["identity_outside_mask"] = row["identity"] if mask is None else _masked_quality(reconstruction01, counterfactual01, ~mask)
-    row["vae"] = _masked_quality(source01, reconstruction01, None)
+    if mask is None:
+        (row["identity"],) = _masked_quality(reconstruction01, counterfactual01, None)
+        row["identity_outside_mask"] = row["identity"]
+    else:
+        row["identity"], row["identity_outside_mask"] = _masked_quality(reconstruction01, counterfactual01, None, ~mask)
+    (row["vae"],) = _masked_quality(source01, reconstruction01, None)
     if truth01 is not None:
         inside = np.ones(truth01.shape, bool) if mask is None else mask
         row["truth"] = {"l1_inside": float(np.abs(counterfactual01 - truth01)[inside].mean()) if inside.any() else None,

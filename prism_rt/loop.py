@@ -75,17 +75,6 @@ def unet_noise(backend, counter: Counter, latents, t: int, text, controls: dict,
     return out["noise"], out["blend_maps"]
 
 
-def noise_difference_masks(backend, schedule: DDIMSchedule, z0, source_embedding, null_embedding, target_embeddings,
-                           guidance: float, counter: Counter, *, samples: int = 10, strength: float = 0.5,
-                           threshold: float = 1.0, max_batch: int = 63, seed: int = 0):
-    """LocalBlend masks from the noise predictions (DiffEdit, Couairon et al. 2022), one per target:
-    ``mask_k = d_k > threshold · mean(d_k)`` with ``d_k`` from :func:`noise_difference_maps`.
-    Returns a float array [K,1,h,w] (1 = the edit may change the latent there)."""
-    maps = noise_difference_maps(backend, schedule, z0, source_embedding, null_embedding, target_embeddings, guidance,
-                                 counter, samples=samples, strength=strength, max_batch=max_batch, seed=seed)
-    return backend.xp.astype(maps > threshold, maps.dtype)
-
-
 def noise_difference_maps(backend, schedule: DDIMSchedule, z0, source_embedding, null_embedding, target_embeddings,
                           guidance: float, counter: Counter, *, samples: int = 10, strength: float = 0.5,
                           max_batch: int = 63, seed: int = 0):
@@ -95,7 +84,8 @@ def noise_difference_maps(backend, schedule: DDIMSchedule, z0, source_embedding,
     seeded: every backend sees the same draws); for each draw the guided noise
     ``ε_u + w (ε_c − ε_u)`` under the source caption and under each target caption;
     ``d_k = mean over draws and channels |ε_target_k − ε_source|``; returns ``d_k / mean(d_k)``
-    (thresholded, it is the DiffEdit mask: one set of UNet calls serves any number of thresholds).
+    (``d_k / mean > threshold`` is the DiffEdit mask; one set of UNet calls serves any number of
+    thresholds: ``Engine._fixed_masks`` applies each item's).
     """
     xp = backend.xp
     targets = int(target_embeddings.shape[0])

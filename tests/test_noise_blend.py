@@ -10,7 +10,7 @@ import torch
 
 from prism_rt.config import ControlConfig, RunLimits
 from prism_rt.engine import Engine
-from prism_rt.loop import Counter, encode_prompts, noise_difference_masks
+from prism_rt.loop import Counter, encode_prompts, noise_difference_maps
 from prism_rt.schedule import DDIMSchedule
 
 SOURCE = "Chest X-ray showing Support Devices"
@@ -62,11 +62,14 @@ def test_noise_masks_follow_their_definition(engine, inversion, tiny_model_dir):
     schedule = DDIMSchedule.from_config(inversion.sampler)
     counter = Counter()
     # max_batch 9: two draws of 4 items per UNet call, so the draws are chunked (3 calls for 5)
-    masks = noise_difference_masks(backend, schedule, z0, embeddings[0:1], embeddings[1:2], embeddings[2:], 7.5,
-                                   counter, samples=5, strength=0.5, threshold=1.0, max_batch=9)
+    maps = noise_difference_maps(backend, schedule, z0, embeddings[0:1], embeddings[1:2], embeddings[2:], 7.5,
+                                 counter, samples=5, strength=0.5, max_batch=9)
+    masks = (maps > 1.0).float()  # threshold 1.0, as Engine._fixed_masks applies it
     diff, expected = _reference_masks(tiny_model_dir, z0, embeddings, 7.5, 5, 0.5, 1.0)
     assert counter.unet_calls == 3 and counter.unet_items == 5 * 4
     assert masks.shape == (2, 1, *z0.shape[2:])
+    # the map itself is the definition's difference over its image mean
+    torch.testing.assert_close(maps, diff / diff.reshape(2, -1).mean(1)[:, None, None, None], rtol=1e-3, atol=1e-4)
     # equal except where the difference sits within float rounding of the threshold
     near = (diff / (diff.reshape(2, -1).mean(1)[:, None, None, None]) - 1.0).abs() < 1e-4
     assert torch.equal(masks.bool() | near, expected.bool() | near)
@@ -142,9 +145,9 @@ def test_a_batch_too_small_for_one_noise_draw_is_a_settings_error(engine, invers
     embeddings = encode_prompts(engine.backend, engine.tokenizer, [SOURCE, "", *TARGETS], allow_empty=True)
     counter = Counter()
     with pytest.raises(SettingsError, match="at least 4"):  # uncond + source + 2 targets
-        noise_difference_masks(engine.backend, DDIMSchedule.from_config(inversion.sampler),
-                               torch.from_numpy(inversion.trajectory[0]), embeddings[0:1], embeddings[1:2],
-                               embeddings[2:], 7.5, counter, max_batch=3)
+        noise_difference_maps(engine.backend, DDIMSchedule.from_config(inversion.sampler),
+                              torch.from_numpy(inversion.trajectory[0]), embeddings[0:1], embeddings[1:2],
+                              embeddings[2:], 7.5, counter, max_batch=3)
     assert counter.unet_calls == 0
 
 
