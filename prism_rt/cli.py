@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import NOISE_BLEND_THRESHOLDS, ControlConfig, Fit, InversionConfig, InversionMethod, RunLimits
+from .config import COMPOSITE_THRESHOLDS, NOISE_BLEND_THRESHOLDS, ControlConfig, Fit, InversionConfig, InversionMethod, RunLimits
 from .config import SamplerConfig
 from .errors import InversionFileError, OutputError, PrismError, PromptError, SettingsError
 
@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="noise-blend mask: where the prediction difference exceeds this × its image mean; "
                            "comma-separated values run as extra items, like --self-replace (--select picks one) "
                            f"(default {','.join(map(str, NOISE_BLEND_THRESHOLDS))})")
+    edit.add_argument("--composite", type=_floats, default=(), metavar="T[,T…]",
+                      help="difference composite: keep each counterfactual's change only where it exceeds T (a "
+                           "fraction of the intensity range, after a 1.5-pixel blur) and take the reconstruction "
+                           "elsewhere, so an edit changes little but itself; 0 = the plain counterfactual. Several "
+                           "values are extra candidates (no extra UNet work; --select picks one); "
+                           f"{','.join(f'{t:g}' for t in COMPOSITE_THRESHOLDS)} measured on phantoms. Default: off")
     edit.add_argument("--legacy", action="store_true", help="the published code's behaviour: no attention control, no blend")
     edit.add_argument("--max-batch", type=int, default=32, help="largest UNet batch; more edit items are chunked")
     edit.add_argument("--seed", type=int, default=0, help="recorded; every step is deterministic (η = 0)")
@@ -157,7 +163,8 @@ def _control(args) -> ControlConfig:
                              edit_weight=args.edit_weight,
                              edit_words=args.edit_words, blend_words=args.blend_words,
                              blend_threshold=args.blend_threshold, noise_blend=args.noise_blend,
-                             noise_blend_threshold=args.noise_blend_threshold, mode=args.mode, legacy=args.legacy)
+                             noise_blend_threshold=args.noise_blend_threshold, composite=tuple(args.composite),
+                             mode=args.mode, legacy=args.legacy)
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
 

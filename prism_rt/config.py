@@ -76,6 +76,12 @@ NOISE_BLEND_THRESHOLDS = (0.85, 1.0, 1.7)
 on phantoms"), never on the held-out ones."""
 
 
+COMPOSITE_THRESHOLDS = (0.0, 0.08)
+"""The difference composite's default candidates (a fraction of the intensity range; 0 = the plain
+counterfactual): chosen on validation phantom patients (README, "Edit precision on phantoms"), not
+on the patients of the report."""
+
+
 @dataclass(frozen=True)
 class ControlConfig:
     """Prompt-to-prompt attention control (PRISM_METHOD §5).
@@ -102,6 +108,13 @@ class ControlConfig:
       image; ``--select`` then keeps, per edit, the item that flips the attribute with the best
       identity (the smallest sufficient mask). For models whose cross-attention does not localise
       words (small or briefly trained ones); needs no blend words. Exclusive with ``blend_words``.
+    composite: difference composite threshold(s) (``prism_rt.composite``), a fraction of the
+      intensity range; () = off. Each counterfactual is composited onto the reconstruction where
+      its (blurred) change exceeds the threshold, so the small diffuse changes an edit leaves
+      elsewhere are dropped and only the edit's own change is kept; 0 keeps the plain
+      counterfactual. Several values multiply the candidates (no extra UNet work); ``--select``
+      keeps one (default candidates ``COMPOSITE_THRESHOLDS``: plain and 0.08). Not applied with
+      ``legacy``.
     legacy: reproduce the published PRISM code (no attention control, no blend: null-text +
       plain prompt swap).
     """
@@ -117,6 +130,7 @@ class ControlConfig:
     noise_blend_threshold: tuple[float, ...] = NOISE_BLEND_THRESHOLDS  # one value or several
     noise_blend_samples: int = 10
     noise_blend_strength: float = 0.5
+    composite: tuple[float, ...] = ()
     mode: str = "refine"
     legacy: bool = False
 
@@ -142,6 +156,12 @@ class ControlConfig:
             object.__setattr__(self, "noise_blend_threshold", tuple(float(v) for v in self.noise_blend_threshold))
         if not self.noise_blend_threshold or min(self.noise_blend_threshold) < 0:
             raise ValueError(f"noise_blend_threshold needs one or more values ≥ 0, got {self.noise_blend_threshold}")
+        composite = (self.composite,) if isinstance(self.composite, (int, float)) else tuple(self.composite or ())
+        object.__setattr__(self, "composite", tuple(float(v) for v in composite))
+        if any(not 0.0 <= v < 1.0 for v in self.composite) or len(set(self.composite)) != len(self.composite):
+            raise ValueError(f"composite thresholds must be distinct values in [0, 1) (a fraction of the intensity "
+                             f"range, 0 = the plain counterfactual; {COMPOSITE_THRESHOLDS} is the default), "
+                             f"got {self.composite}")
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,7 @@ class EditItem:
     self_replace: float
     name: str  # file stem: depends only on the edit, its window and its blend threshold
     blend_threshold: float | None = None  # noise_blend's mask threshold; None without a noise blend
+    composite: float | None = None  # the difference composite's threshold; None without one
 
 
 @dataclass(frozen=True, eq=False)

@@ -11,6 +11,7 @@ import numpy as np
 
 from .backend import BackendKind
 from .blend import nearest_resize
+from .composite import composite_result
 from .config import ControlConfig, Fit, InversionConfig, InversionMethod, RunLimits, SamplerConfig
 from .errors import BackendError, InputImageError, InversionFileError, MissingExtraError
 from .inversion import Inversion
@@ -32,17 +33,24 @@ class EditResult:
     timings: dict
     plan_words: tuple = ()
     settings: dict = field(default_factory=dict)
+    composite_masks: list[np.ndarray] | None = None  # per item, the difference composite's mask [S,S] in [0,1]
+
+    def __post_init__(self):
+        if self.composite_masks is None:
+            self.composite_masks = [None] * len(self.items)
 
     def item_stats(self) -> list[dict]:
         """Mean |Δ| (on the [0,1] scale, model space) of each edit against the reconstruction,
         inside and outside its blend mask."""
         stats = []
         recon = (self.reconstruction.mean(0) + 1) / 2
-        for item, image, mask in zip(self.items, self.edits, self.masks):
+        for item, image, mask, kept in zip(self.items, self.edits, self.masks, self.composite_masks):
             delta = np.abs((image.mean(0) + 1) / 2 - recon)
             row = {"name": item.name, "target": item.target, "self_replace": item.self_replace,
-                   "blend_threshold": item.blend_threshold,
+                   "blend_threshold": item.blend_threshold, "composite": item.composite,
                    "mean_abs_diff": float(delta.mean())}
+            if kept is not None:
+                row["composite_fraction"] = float(kept.mean())
             if mask is not None:
                 inside = mask > 0.5
                 row["mask_fraction"] = float(inside.mean())
@@ -221,12 +229,12 @@ class Engine:
         timings["decode_s"] = time.perf_counter() - start
         size = images.shape[-1]
         image_masks = [None if m is None else backend.to_numpy(nearest_resize(xp, m[0], (size, size))) for m in masks]
-        return EditResult(
+        return composite_result(EditResult(
             items=plan.items, reconstruction=images[0], edits=list(images[1:]), masks=image_masks[1:],
             reconstruction_error=recon_error, counts=counter.to_json(), timings=timings, plan_words=plan.edit_words,
             settings={"chunks": len(chunks), "items_per_chunk": per_chunk, "mode": control.mode,
                       "blend_downsample": backend.info.blend_downsample, "backend": backend.kind.value},
-        )
+        ), () if control.legacy else control.composite)
 
     def edit_many(self, inversions: Sequence[Inversion], targets, control: ControlConfig | None = None,
                   limits: RunLimits | None = None, progress: bool = False) -> list[EditResult]:
@@ -294,12 +302,13 @@ class Engine:
                 size = images.shape[-1]
                 masks = ([None] * items if outcome.masks is None else
                          [backend.to_numpy(nearest_resize(xp, m[0], (size, size))) for m in outcome.masks])
-                results.append(EditResult(
+                results.append(composite_result(EditResult(
                     items=plans[k].items, reconstruction=images[0], edits=list(images[1:]), masks=masks[1:],
                     reconstruction_error=recon_error, counts=dict(counter.to_json(), images_in_batch=len(chunk)),
                     timings=dict(timings, decode_s=time.perf_counter() - start), plan_words=plans[k].edit_words,
                     settings={"chunks": 1, "images_in_batch": len(chunk), "mode": control.mode,
-                              "blend_downsample": backend.info.blend_downsample, "backend": backend.kind.value}))
+                              "blend_downsample": backend.info.blend_downsample, "backend": backend.kind.value}),
+                    () if control.legacy else control.composite))
         return results
 
     def _noise_masks(self, z0, source_embedding, null_embedding, target_rows: dict, control: ControlConfig,

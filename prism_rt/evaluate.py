@@ -190,7 +190,7 @@ def select_edits(classifier: Classifier, source_prompt: str, result, fitted_pixe
         for i in indices:
             mask = result.masks[i]
             rows.append({"item": result.items[i].name, "self_replace": result.items[i].self_replace,
-                         "blend_threshold": result.items[i].blend_threshold,
+                         "blend_threshold": result.items[i].blend_threshold, "composite": result.items[i].composite,
                          **edit_metrics(classifier, attribute, direction, source01, recon01, to01(result.edits[i]),
                                         None if mask is None else mask > 0.5)})
         chosen = select(rows)

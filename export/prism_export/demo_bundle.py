@@ -11,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
+from prism_rt.config import COMPOSITE_THRESHOLDS
+
 from .onnx_export import ExportError, export_engine
 from .variants import CALIBRATION_SEED0, VariantSettings
 
@@ -91,7 +93,7 @@ def bundle_demo(model: Path, out: Path, precisions=("int8-cpu",), calibration_co
                      "images/ holds its mask and true counterfactual",
             # this small model's cross-attention does not localise words (LocalBlend's attention mask
             # covers the whole image), so the demo blends with the noise-prediction mask
-            "edit_args": ["--noise-blend"],
+            "edit_args": ["--noise-blend", "--composite", ",".join(f"{t:g}" for t in COMPOSITE_THRESHOLDS)],
             "training": json.loads((model / "training.json").read_text()) if (model / "training.json").is_file() else None,
         }, indent=1) + "\n")
         os.replace(staging, out)
