@@ -82,7 +82,7 @@ def _control(config: str, case: EditCase, sweep, noise_threshold=NOISE_BLEND_THR
 
 
 def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, sweep, group: int = 4,
-             progress=print, noise_threshold=NOISE_BLEND_THRESHOLDS, composite=(COMPOSITE_THRESHOLDS,)) -> list[dict]:
+             progress=print, noise_threshold=NOISE_BLEND_THRESHOLDS, composite=COMPOSITE_THRESHOLDS) -> list[dict]:
     """Every case under every configuration; cases of one edit kind are inverted one by one and
     edited ``group`` at a time in one batch (``Engine.edit_many``). A ``…+composite``
     configuration composites the counterfactuals of the same edit without it at ``composite``
