@@ -99,7 +99,10 @@ def write_edit_outputs(out_dir, result: EditResult, inversion: Inversion, parame
             **({"selection": selection} if selection is not None else {}),
             "notes": {"mean_abs_diff": "mean |edit − reconstruction| on the [0, 1] intensity scale, model space "
                       "(S×S); inside/outside the item's final LocalBlend mask when LocalBlend is on",
-                      "reconstruction_error": "‖z_src − z*_0‖ / ‖z*_0‖ of the source branch's final latent"},
+                      "reconstruction_error": "‖z_src − z*_0‖ / ‖z*_0‖ of the source branch's final latent",
+                      "composite": "the item's difference-composite threshold (prism_rt.composite; 0 = plain): the "
+                      "counterfactual is the reconstruction except where its blurred change exceeds it; "
+                      "composite_fraction = the mean of that soft mask"},
         }
         (stage / "result.json").write_text(json.dumps(record, indent=2, default=_jsonable))
         _publish(stage, out_dir)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The phantom evaluation of README ("Edit precision on phantoms"): held-out patients, removal and
 # addition of support devices and of pleural effusion, scored against their true counterfactuals.
-#   direct / negative-prompt (no blend, LocalBlend from attention, LocalBlend from the noise predictions)
-#   and legacy: the bundled engine on ONNX Runtime, 50 patients;
+#   direct / negative-prompt (no blend, LocalBlend from attention, LocalBlend from the noise predictions,
+#   the latter also with the difference composite) and legacy: the bundled engine on ONNX Runtime,
+#   50 patients from SEED0 (README's table: 1000050, patients no default was chosen on);
 #   null-text (the same three) and plain ddim: the trained checkpoint on torch (null-text needs autograd),
 #   NULLTEXT_PATIENTS patients (null-text costs ~650 UNet forwards + 500 backwards per image).
 set -euo pipefail
@@ -11,7 +12,9 @@ MODEL=${MODEL:-runs/phantom/model}          # what `prism-export train-phantom` 
 OUT=${OUT:-runs/phantom-eval}
 CLS=engines/phantom-demo/classifier.onnx
 .venv/bin/prism-rt evaluate --model engines/phantom-demo --backend onnxruntime --classifier "$CLS" \
-    --patients "${PATIENTS:-50}" --configs direct,direct+blend,direct+noise-blend,negative-prompt,negative-prompt+blend,negative-prompt+noise-blend,legacy \
+    --patients "${PATIENTS:-50}" --seed0 "${SEED0:-1000050}" \
+    --configs direct,direct+blend,direct+noise-blend,direct+noise-blend+composite,negative-prompt,negative-prompt+blend,negative-prompt+noise-blend,negative-prompt+noise-blend+composite,legacy \
     --out "$OUT/engine"
 .venv/bin/prism-rt evaluate --model "$MODEL" --backend torch --classifier "$CLS" \
-    --patients "${NULLTEXT_PATIENTS:-10}" --configs null-text,null-text+blend,null-text+noise-blend,ddim --out "$OUT/null-text"
+    --patients "${NULLTEXT_PATIENTS:-10}" --seed0 "${SEED0:-1000050}" \
+    --configs null-text,null-text+blend,null-text+noise-blend,null-text+noise-blend+composite,ddim --out "$OUT/null-text"
