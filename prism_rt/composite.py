@@ -19,6 +19,7 @@ Plain numpy (the runtime's host arrays), matching ``scipy.ndimage``'s ``gaussian
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -88,8 +89,6 @@ def composite_result(result, thresholds):
     """An ``EditResult`` with every counterfactual composited onto its reconstruction at each of
     ``thresholds``: one item per (item, threshold), named ``…-c0.08`` when there are several
     thresholds; ``composite_masks`` holds each item's mask. ``()`` returns ``result`` as is."""
-    from dataclasses import replace
-
     thresholds = tuple(thresholds)
     if not thresholds:
         return result

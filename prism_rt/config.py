@@ -158,7 +158,7 @@ class ControlConfig:
             raise ValueError(f"noise_blend_threshold needs one or more values ≥ 0, got {self.noise_blend_threshold}")
         composite = (self.composite,) if isinstance(self.composite, (int, float)) else tuple(self.composite or ())
         object.__setattr__(self, "composite", tuple(float(v) for v in composite))
-        if any(not 0.0 <= v < 1.0 for v in self.composite) or len(set(self.composite)) != len(self.composite):
+        if any(not 0.0 <= v < 1.0 for v in self.composite) or len({f"{v:g}" for v in self.composite}) != len(self.composite):
             raise ValueError(f"composite thresholds must be distinct values in [0, 1) (a fraction of the intensity "
                              f"range, 0 = the plain counterfactual; {COMPOSITE_THRESHOLDS} is the default), "
                              f"got {self.composite}")

@@ -102,7 +102,7 @@ def test_engine_composites_its_own_edit(edited):
     assert stats[2]["mean_abs_diff"] <= stats[1]["mean_abs_diff"] + 1e-6 <= stats[0]["mean_abs_diff"] + 2e-6
 
 
-@pytest.mark.parametrize("bad", [(1.0,), (-0.1,), (0.1, 0.1)])
+@pytest.mark.parametrize("bad", [(1.0,), (-0.1,), (0.1, 0.1), (0.08, 0.0800000001)])
 def test_composite_thresholds_are_checked(bad):
     from prism_rt.config import ControlConfig
 
