@@ -82,6 +82,11 @@ counterfactual): chosen on validation phantom patients (README, "Edit precision 
 on the patients of the report."""
 
 
+def _floats(value) -> tuple[float, ...]:
+    """One number or several (any iterable; None = none) as a tuple of floats."""
+    return (float(value),) if isinstance(value, (int, float)) else tuple(float(v) for v in value or ())
+
+
 @dataclass(frozen=True)
 class ControlConfig:
     """Prompt-to-prompt attention control (PRISM_METHOD §5).
@@ -150,14 +155,10 @@ class ControlConfig:
             raise ValueError(f"noise_blend_strength must be in (0, 1), got {self.noise_blend_strength}")
         if self.noise_blend_samples < 1:
             raise ValueError(f"noise_blend_samples must be ≥ 1, got {self.noise_blend_samples}")
-        if isinstance(self.noise_blend_threshold, (int, float)):
-            object.__setattr__(self, "noise_blend_threshold", (float(self.noise_blend_threshold),))
-        else:
-            object.__setattr__(self, "noise_blend_threshold", tuple(float(v) for v in self.noise_blend_threshold))
+        object.__setattr__(self, "noise_blend_threshold", _floats(self.noise_blend_threshold))
         if not self.noise_blend_threshold or min(self.noise_blend_threshold) < 0:
             raise ValueError(f"noise_blend_threshold needs one or more values ≥ 0, got {self.noise_blend_threshold}")
-        composite = (self.composite,) if isinstance(self.composite, (int, float)) else tuple(self.composite or ())
-        object.__setattr__(self, "composite", tuple(float(v) for v in composite))
+        object.__setattr__(self, "composite", _floats(self.composite))
         if any(not 0.0 <= v < 1.0 for v in self.composite) or len({f"{v:g}" for v in self.composite}) != len(self.composite):
             raise ValueError(f"composite thresholds must be distinct values in [0, 1) (a fraction of the intensity "
                              f"range, 0 = the plain counterfactual; {COMPOSITE_THRESHOLDS} is the default), "
