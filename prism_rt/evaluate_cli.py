@@ -81,15 +81,37 @@ def _control(config: str, case: EditCase, sweep, noise_threshold=NOISE_BLEND_THR
     return ControlConfig(self_replace=tuple(sweep), blend_words=blend)
 
 
+def same_weights(engine, inverter) -> None:
+    """Raise ``SettingsError`` unless ``inverter`` (a torch checkpoint) holds the very weights
+    ``engine`` was built from: the SHA-256 of its UNet, VAE and text-encoder files, as each
+    records them (an engine folder in its manifest's ``source``)."""
+    def digests(provenance: dict):
+        source = provenance.get("source", provenance)  # engine folder: the checkpoint it was exported from
+        weights = sorted(w["sha256"] for w in (source or {}).get("weights") or [])
+        extra = (source or {}).get("unet_weights")
+        return weights, (extra or {}).get("sha256")
+
+    mine, theirs = digests(engine.backend.info.provenance), digests(inverter.backend.info.provenance)
+    if not mine[0] or mine != theirs:
+        raise SettingsError(f"--invert-model {inverter.model_path} does not hold the weights {engine.model_path} was "
+                            "built from (their SHA-256 differ, or the engine does not record them); give the "
+                            "checkpoint the engine was exported from")
+
+
 def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, sweep, group: int = 4,
-             progress=print, noise_threshold=NOISE_BLEND_THRESHOLDS, composite=COMPOSITE_THRESHOLDS) -> list[dict]:
+             progress=print, noise_threshold=NOISE_BLEND_THRESHOLDS, composite=COMPOSITE_THRESHOLDS,
+             inverter=None) -> list[dict]:
     """Every case under every configuration; cases of one edit kind are inverted one by one and
     edited ``group`` at a time in one batch (``Engine.edit_many``). A ``…+composite``
     configuration composites the counterfactuals of the same edit without it at ``composite``
-    (several thresholds: more candidates of the filter), so both cost one edit."""
+    (several thresholds: more candidates of the filter), so both cost one edit. ``inverter``: an
+    engine on the same weights with gradients (torch) that makes the null-text inversions, which
+    ``engine`` (e.g. ONNX Runtime) then edits — as ``prism-rt invert --save`` + ``edit --inversion``."""
     from .composite import composite_result
     from .evaluate import edit_metrics, select, to01
 
+    if inverter is not None:
+        same_weights(engine, inverter)
     rows = []
     started = time.perf_counter()
     done = 0
@@ -100,7 +122,8 @@ def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, swe
         for start_index in range(0, len(same), group):
             chunk = same[start_index:start_index + group]
             for method in methods:
-                inversions = [engine.invert(c.source01, c.prompt, method=method, sampler=engine.sampler(steps=steps))
+                by = inverter if inverter is not None and method == "null-text" else engine
+                inversions = [by.invert(c.source01, c.prompt, method=method, sampler=engine.sampler(steps=steps))
                               for c in chunk]
                 edited: dict[str, tuple] = {}
                 for config in configs:
@@ -160,8 +183,9 @@ def summarize(rows: list[dict]) -> list[dict]:
 def markdown(table: list[dict], meta: dict) -> str:
     lines = [f"# Phantom evaluation ({meta['patients']} held-out patients, {meta['steps']} steps, sweep {meta['sweep']})",
              "", f"engine {meta['model']} ({meta['backend']}, {meta['precision']}); classifier {meta['classifier']}; "
-             f"{meta['seconds']:.0f} s.", "",
-             "success: the classifier flips the attribute (PRISM's filter picks one candidate — self-window value, "
+             f"{meta['seconds']:.0f} s."
+             + (f" Null-text inversions: {meta['invert_model']} on torch (the same weights)." if meta.get("invert_model") else ""),
+             "", "success: the classifier flips the attribute (PRISM's filter picks one candidate — self-window value, "
              "noise-blend threshold — by flip, then whole-image identity to the reconstruction); CPG: gain in "
              "the attribute's probability in the edit's direction; identity: the chosen counterfactual against the "
              "source's reconstruction, outside the attribute's mask; truth: L1 to the true counterfactual. "
@@ -190,7 +214,8 @@ def add_evaluate_parser(sub):
     p.add_argument("--seed0", type=int, help="first patient seed (default: the held-out range)")
     p.add_argument("--edits", default=",".join(EDITS), help=f"comma-separated subset of {','.join(EDITS)}")
     p.add_argument("--configs", default="direct,direct+blend,negative-prompt,negative-prompt+blend,legacy",
-                   help=f"comma-separated subset of {','.join(CONFIGS)} (null-text needs --backend torch)")
+                   help=f"comma-separated subset of {','.join(CONFIGS)} (null-text needs --backend torch "
+                        "or --invert-model)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--self-replace", default="0.4,0.5,0.6,0.7,0.8")
     p.add_argument("--noise-blend-threshold", default=",".join(map(str, NOISE_BLEND_THRESHOLDS)),
@@ -199,6 +224,9 @@ def add_evaluate_parser(sub):
     p.add_argument("--composite", default=",".join(f"{t:g}" for t in COMPOSITE_THRESHOLDS),
                    help="the +composite configurations' difference-composite threshold(s) (a fraction of the "
                         "intensity range), comma-separated; several are candidates of the filter")
+    p.add_argument("--invert-model", type=Path,
+                   help="the checkpoint --model was exported from (diffusers layout), run on torch for the inversions "
+                        "that need gradients (null-text); --model then edits them (e.g. on onnxruntime, far faster)")
     p.add_argument("--threads", type=int, help="onnxruntime / torch threads (default: all cores)")
     p.add_argument("--out", type=Path, required=True)
     return p
@@ -235,14 +263,20 @@ def run_evaluate(args) -> int:
 
         torch.set_num_threads(args.threads)
     engine = Engine.load(args.model, backend=args.backend, precision=args.precision, threads=args.threads)
+    inverter = None
+    if args.invert_model is not None:
+        inverter = Engine.load(args.invert_model, backend="torch")
+        same_weights(engine, inverter)
     cases = phantom_cases(args.patients, edits, engine.backend.info.image_size, args.seed0)
     print(f"evaluating {len(cases)} edits × {len(configs)} configurations …", flush=True)
     start = time.perf_counter()
-    rows = evaluate(engine, classifier, cases, configs, args.steps, sweep, noise_threshold=thresholds, composite=composite)
+    rows = evaluate(engine, classifier, cases, configs, args.steps, sweep, noise_threshold=thresholds, composite=composite,
+                    inverter=inverter)
     table = summarize(rows)
     meta = {"patients": args.patients, "steps": args.steps, "sweep": list(sweep), "model": str(args.model),
             "backend": args.backend, "precision": args.precision, "classifier": str(args.classifier),
-            "seed0": args.seed0, "noise_blend_threshold": list(thresholds), "composite": list(composite),
+            "seed0": args.seed0, "invert_model": str(args.invert_model) if inverter else None,
+            "noise_blend_threshold": list(thresholds), "composite": list(composite),
             "seconds": time.perf_counter() - start, "libraries": library_versions()}
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = args.out / ".evaluation.json.tmp"

@@ -4,8 +4,8 @@
 #   direct / negative-prompt (no blend, LocalBlend from attention, LocalBlend from the noise predictions,
 #   the latter also with the difference composite) and legacy: the bundled engine on ONNX Runtime,
 #   50 patients from SEED0 (README's table: 1000050, patients no default was chosen on);
-#   null-text (the same three) and plain ddim: the trained checkpoint on torch (null-text needs autograd),
-#   NULLTEXT_PATIENTS patients (null-text costs ~650 UNet forwards + 500 backwards per image).
+#   null-text (the same three) and plain ddim: inverted on torch from the trained checkpoint the engine was
+#   exported from (null-text needs autograd; ~13 s per image), edited by the engine on ONNX Runtime.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-runs/phantom/model}          # what `prism-export train-phantom` wrote (scripts/build_demo.sh)
@@ -15,6 +15,6 @@ CLS=engines/phantom-demo/classifier.onnx
     --patients "${PATIENTS:-50}" --seed0 "${SEED0:-1000050}" \
     --configs direct,direct+blend,direct+noise-blend,direct+noise-blend+composite,negative-prompt,negative-prompt+blend,negative-prompt+noise-blend,negative-prompt+noise-blend+composite,legacy \
     --out "$OUT/engine"
-.venv/bin/prism-rt evaluate --model "$MODEL" --backend torch --classifier "$CLS" \
-    --patients "${NULLTEXT_PATIENTS:-10}" --seed0 "${SEED0:-1000050}" \
+.venv/bin/prism-rt evaluate --model engines/phantom-demo --backend onnxruntime --invert-model "$MODEL" --classifier "$CLS" \
+    --patients "${PATIENTS:-50}" --seed0 "${SEED0:-1000050}" \
     --configs null-text,null-text+blend,null-text+noise-blend,null-text+noise-blend+composite,ddim --out "$OUT/null-text"

@@ -287,6 +287,32 @@ def test_null_text_on_onnxruntime_points_to_the_torch_backend(engines, image):
         engines["onnxruntime"].invert(image, SOURCE, method="null-text")
 
 
+def test_evaluate_edits_null_text_inversions_from_torch_on_onnxruntime(engines, tmp_path):
+    """`prism-rt evaluate --invert-model`: null-text inversions made on torch from the checkpoint the
+    engine was exported from, edited on ONNX Runtime, score as the evaluation all on torch; a
+    checkpoint with other weights is refused."""
+    from prism_export.tiny import TinySpec, save_tiny_model
+    from prism_rt.errors import SettingsError
+    from prism_rt.evaluate import Classifier
+    from prism_rt.evaluate_cli import evaluate, phantom_cases
+
+    classifier = Classifier.load(Path(__file__).resolve().parent.parent / "engines" / "phantom-demo" / "classifier.onnx")
+    cases = phantom_cases(1, ["devices-remove"], engines["torch"].backend.info.image_size, seed0=1_000_003)
+    settings = dict(steps=6, sweep=(0.5,), progress=None)
+    (on_torch,) = evaluate(engines["torch"], classifier, cases, ["null-text"], **settings)
+    on_ort, ddim = evaluate(engines["onnxruntime"], classifier, cases, ["null-text", "ddim"],
+                            inverter=engines["torch"], **settings)
+    assert on_ort["config"] == "null-text" and ddim["config"] == "ddim"
+    assert on_ort["reconstruction_error"] == pytest.approx(on_torch["reconstruction_error"], rel=1e-2, abs=1e-6)
+    assert on_ort["reconstruction_error"] < 0.9 * ddim["reconstruction_error"]  # the null-text inversion was used (0.79×)
+    for key in ("l1", "psnr_db"):
+        assert on_ort["identity"][key] == pytest.approx(on_torch["identity"][key], rel=2e-2)
+    assert on_ort["classifier"]["p_counterfactual"] == pytest.approx(on_torch["classifier"]["p_counterfactual"], abs=1e-2)
+    other = Engine.load(save_tiny_model(tmp_path / "other", TinySpec(seed=1)), backend="torch")
+    with pytest.raises(SettingsError, match="--invert-model"):
+        evaluate(engines["onnxruntime"], classifier, cases, ["null-text"], inverter=other, **settings)
+
+
 def test_padding_empty_edit_calls_equals_running_them(engines):
     backend = engines["onnxruntime"].backend
     rng = np.random.default_rng(3)
