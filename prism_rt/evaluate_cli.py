@@ -258,7 +258,7 @@ def run_evaluate(args) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise SettingsError(f"--out {args.out} is a file; give a folder")
     classifier = Classifier.load(args.classifier)
-    if args.threads and args.backend == "torch":
+    if args.threads and (args.backend == "torch" or args.invert_model is not None):
         import torch
 
         torch.set_num_threads(args.threads)
