@@ -265,8 +265,7 @@ def run_evaluate(args) -> int:
     engine = Engine.load(args.model, backend=args.backend, precision=args.precision, threads=args.threads)
     inverter = None
     if args.invert_model is not None:
-        inverter = Engine.load(args.invert_model, backend="torch")
-        same_weights(engine, inverter)
+        inverter = Engine.load(args.invert_model, backend="torch")  # its weights are checked by evaluate()
     cases = phantom_cases(args.patients, edits, engine.backend.info.image_size, args.seed0)
     print(f"evaluating {len(cases)} edits × {len(configs)} configurations …", flush=True)
     start = time.perf_counter()
