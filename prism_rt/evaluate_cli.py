@@ -86,10 +86,8 @@ def same_weights(engine, inverter) -> None:
     ``engine`` was built from: the SHA-256 of its UNet, VAE and text-encoder files, as each
     records them (an engine folder in its manifest's ``source``)."""
     def digests(provenance: dict):
-        source = provenance.get("source", provenance)  # engine folder: the checkpoint it was exported from
-        weights = sorted(w["sha256"] for w in (source or {}).get("weights") or [])
-        extra = (source or {}).get("unet_weights")
-        return weights, (extra or {}).get("sha256")
+        source = provenance.get("source", provenance) or {}  # engine folder: the checkpoint it was exported from
+        return sorted(w["sha256"] for w in source.get("weights") or []), (source.get("unet_weights") or {}).get("sha256")
 
     mine, theirs = digests(engine.backend.info.provenance), digests(inverter.backend.info.provenance)
     if not mine[0] or mine != theirs:
