@@ -114,7 +114,9 @@ def test_sensitive_layers_stay_in_float(engine_dir):
     scopes = {n.name: next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
               for n in fp32.graph.node}
     sensitive = {name for name, scope in scopes.items()
-                 if any(s in scope for s in ("time_embedding", "time_emb_proj", "conv_in", "conv_out", "conv_shortcut"))}
+                 if any(s in scope for s in ("time_embedding", "time_emb_proj", "conv_in", "conv_out", "conv_shortcut",
+                                             "proj_in", "proj_out"))}
+    assert any("proj_in" in scopes[n] for n in sensitive) and any("proj_out" in scopes[n] for n in sensitive)
     model = _onnx(engine_dir / "onnx-int8" / "unet.onnx")
     producers = {out: n for n in model.graph.node for out in n.output}
     quantized_inputs = lambda node: [i for i in node.input if i in producers and producers[i].op_type == "DequantizeLinear"]
@@ -129,6 +131,33 @@ def test_sensitive_layers_stay_in_float(engine_dir):
     manifest = json.loads((engine_dir / "manifest.json").read_text())
     kept = manifest["variants"]["int8"]["quantization"]["kept_float"]
     assert kept["sensitive_scope"] >= 4 and kept["activation_product"] >= 4
+
+
+def test_int8_float_scopes_match_whole_module_path_components(engine_dir):
+    from prism_export.variants import UNET_FLOAT_SCOPES, VariantError, module_paths, unet_nodes_to_quantize
+
+    fp32 = _onnx(engine_dir / "onnx" / "unet.onnx")
+    paths = {n.name: module_paths(n) for n in fp32.graph.node}
+    default, _ = unet_nodes_to_quantize(fp32)
+    wider, summary = unet_nodes_to_quantize(fp32, UNET_FLOAT_SCOPES + ("up_blocks.1",))
+    # exactly the default's nodes less those inside up_blocks.1 (and none of up_blocks.10… or up_blocks.11)
+    assert wider == [n for n in default if not any(p == "unet.up_blocks.1" or p.startswith("unet.up_blocks.1.")
+                                                   for p in paths[n])]
+    assert 0 < len(wider) < len(default) and summary["kept_float_scopes"][-1] == "up_blocks.1"
+    assert not any("proj_in" in p or "proj_out" in p for n in default for p in paths[n])
+    with pytest.raises(VariantError, match="proj_inn"):
+        unet_nodes_to_quantize(fp32, ("proj_inn",))
+
+
+def test_a_misspelt_float_scope_fails_before_the_calibration_run(engine_dir, tmp_path, capsys):
+    from prism_export.cli import main
+
+    copy = Path(shutil.copytree(engine_dir, tmp_path / "engine"))
+    before = sorted((p.relative_to(copy), p.stat().st_size) for p in copy.rglob("*"))
+    code = main(["variants", "--engine", str(copy), "--precision", "int8-cpu", "--int8-float-scopes", "proj_in,up_blockz.3"])
+    err = capsys.readouterr()
+    assert code != 0 and "up_blockz.3" in err.err and "fp32 reference" not in err.out
+    assert sorted((p.relative_to(copy), p.stat().st_size) for p in copy.rglob("*")) == before
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int8-cpu"])

@@ -60,6 +60,10 @@ def add_variant_options(p: argparse.ArgumentParser, default_precision: str = "fp
                    help="UNet calls kept for int8 calibration, evenly spread (default %(default)s)")
     p.add_argument("--calibration-self-replace", type=lambda s: tuple(float(v) for v in s.split(",") if v),
                    default=d.self_replace, help="self-window sweep of the calibration edits (default PRISM's 0.4…0.8)")
+    p.add_argument("--int8-float-scopes", type=_graphs, default=d.int8_float_scopes,
+                   help="UNet module scopes whose Conv/MatMul/Gemm stay float in int8 / int8-cpu, comma-separated torch "
+                        "module paths or their parts (default %(default)s; add e.g. up_blocks.3 for less error, "
+                        "at a cost in speed)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads of the calibration/quality runs")
 
 
@@ -69,7 +73,8 @@ def variant_settings(args):
     return VariantSettings(fp16_graphs=tuple(args.fp16_graphs), calibration_images=args.calibration_images,
                            calibration_count=args.calibration_count, calibration_steps=args.calibration_steps,
                            calibration_samples=args.calibration_samples,
-                           self_replace=tuple(args.calibration_self_replace), threads=args.threads)
+                           self_replace=tuple(args.calibration_self_replace), threads=args.threads,
+                           int8_float_scopes=tuple(args.int8_float_scopes))
 
 
 def add_variants_parser(sub) -> argparse.ArgumentParser:

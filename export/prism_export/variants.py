@@ -18,8 +18,10 @@ Both int8 variants come from ``onnxruntime.quantization.quantize_static`` calibr
 inputs recorded while the fp32 engine inverts and edits the calibration images (latents,
 timesteps, text embeddings and control tensors of real trajectories, not random tensors). Only
 Conv / MatMul / Gemm nodes with a constant weight are quantized, except the sensitive ones: the
-time embedding and the ResNets' time projections, ``conv_in``, ``conv_out`` and the ResNets'
-``conv_shortcut`` (fed by the un-normalised residual stream). Normalisations,
+time embedding and the ResNets' time projections, ``conv_in``, ``conv_out``, the ResNets'
+``conv_shortcut`` (fed by the un-normalised residual stream) and the transformers' ``proj_in`` /
+``proj_out`` (the 1×1 convolutions into and out of each transformer; ``int8_float_scopes``, a setting,
+holds the list). Normalisations,
 softmax, the attention-probability products (MatMul / Einsum of two activations) and the
 prompt-to-prompt control math are never quantized. Nodes are chosen by the torch module scope the
 dynamo exporter records on each node (``pkg.torch.onnx.name_scopes``).
@@ -51,10 +53,16 @@ from .cpu_attention import fuse_attention_file
 
 VARIANT_DIRS = {"fp16": "onnx-fp16", "int8": "onnx-int8", "int8-cpu": "onnx-int8-cpu"}
 FP16_GRAPHS_DEFAULT = ("text_encoder", "vae_encoder", "vae_decoder", "unet")
+# Module scopes (torch module paths, matched on whole dotted components) whose Conv/MatMul/Gemm
+# stay float in the int8 variants.
 # conv_shortcut: the 1×1 convolutions where a ResNet changes width take the raw residual stream
 # (no norm in front, the widest range in the UNet); quantized, they alone gave 6 % of the tiny
-# model's 8 % noise error (of Conv-only quantization) at 13 of 95 convolutions
-UNET_FLOAT_SCOPES = ("time_embedding", "time_emb_proj", "conv_in", "conv_out", "conv_shortcut")
+# model's 8 % noise error (of Conv-only quantization) at 13 of 95 convolutions.
+# proj_in / proj_out: measured on the trained phantom UNet (int8-cpu, 48 recorded calls held apart
+# from calibration), floating one layer at a time, these 1×1 convolutions removed the most error per
+# FLOP; all 32 of them in float: rms noise error 3.04 % → 2.26 % (4 other held-out patients:
+# 3.55 % → 2.69 %), for 3.8 % of SD v1.5's convolution + linear FLOPs.
+UNET_FLOAT_SCOPES = ("time_embedding", "time_emb_proj", "conv_in", "conv_out", "conv_shortcut", "proj_in", "proj_out")
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 DEFAULT_SOURCE_PROMPT = "Chest X-ray showing No Finding"
 DEFAULT_TARGETS = ("Chest X-ray showing Support Devices", "Chest X-ray showing Pleural Effusion")
@@ -87,8 +95,12 @@ class VariantSettings:
     calibration_samples: int = 64  # UNet calls kept for calibration, evenly spread over the trajectories
     self_replace: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
     threads: int | None = None
+    int8_float_scopes: tuple[str, ...] = UNET_FLOAT_SCOPES  # UNet module scopes kept in float in int8 / int8-cpu
 
     def __post_init__(self):
+        if any(not s.strip(". ") for s in self.int8_float_scopes):
+            raise VariantError(f"--int8-float-scopes {','.join(self.int8_float_scopes)!r} holds an empty scope; "
+                               "give module paths such as proj_in,up_blocks.3.resnets.0.conv1")
         unknown = sorted(set(self.fp16_graphs) - set(GRAPHS))
         if unknown:
             raise VariantError(f"--fp16-graphs names unknown graph(s) {unknown}; graphs are {', '.join(GRAPHS)}")
@@ -208,26 +220,53 @@ def _spread(calls: list, count: int) -> list:
 
 
 # -- building the variant graphs --------------------------------------------------------------------
-def unet_nodes_to_quantize(model) -> tuple[list[str], dict]:
+def module_paths(node) -> list[str]:
+    """The torch module paths the dynamo exporter recorded on ``node`` (outermost first)."""
+    import ast
+
+    raw = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+    try:
+        paths = ast.literal_eval(raw) if raw else []
+    except (ValueError, SyntaxError):
+        return [raw]
+    return [p for p in paths if isinstance(p, str)] if isinstance(paths, list) else [raw]
+
+
+def in_scope(paths: Sequence[str], scope: str) -> bool:
+    """Whether ``scope`` (``proj_in``, ``up_blocks.3``, ``down_blocks.0.resnets.0.conv2``) names a
+    module on ``paths``, matched on whole dotted components (``up_blocks.1`` is not ``up_blocks.10``)."""
+    needle = "." + scope.strip(". ") + "."
+    return any(needle in f".{p}." for p in paths)
+
+
+def unet_nodes_to_quantize(model, float_scopes: Sequence[str] = UNET_FLOAT_SCOPES) -> tuple[list[str], dict]:
     """Names of the UNet nodes to quantize, and a summary of what was kept in float and why."""
     initializers = {t.name for t in model.graph.initializer}
     chosen, kept = [], {"sensitive_scope": 0, "activation_product": 0}
+    matched = dict.fromkeys(float_scopes, 0)
     for node in model.graph.node:
         if node.op_type not in QUANTIZED_OPS:
             continue
         if len(node.input) < 2 or node.input[1] not in initializers:
             kept["activation_product"] += 1  # attention scores / probabilities × values, control products
             continue
-        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
-        if any(s in scopes for s in UNET_FLOAT_SCOPES):
+        paths = module_paths(node)
+        hits = [s for s in float_scopes if in_scope(paths, s)]
+        for s in hits:
+            matched[s] += 1
+        if hits:
             kept["sensitive_scope"] += 1
             continue
         chosen.append(node.name)
+    unmatched = [s for s, n in matched.items() if not n]
+    if unmatched:
+        raise VariantError(f"--int8-float-scopes {unmatched} match no Conv/MatMul/Gemm of the UNet graph; scopes are "
+                           "torch module paths or their parts, e.g. proj_in, up_blocks.3, down_blocks.0.resnets.0.conv2")
     if not chosen:
         raise VariantError("found no Conv/MatMul/Gemm node with constant weights to quantize in the UNet graph; "
-                           "was it exported by `prism-export export`?")
+                           "was it exported by `prism-export export` (or does --int8-float-scopes cover it all)?")
     return chosen, {"quantized_nodes": len(chosen), "kept_float": kept,
-                    "kept_float_scopes": list(UNET_FLOAT_SCOPES), "quantized_ops": list(QUANTIZED_OPS)}
+                    "kept_float_scopes": list(float_scopes), "quantized_ops": list(QUANTIZED_OPS)}
 
 
 def calibrate_ranges(src: Path, feeds: Sequence[dict], nodes: Sequence[str]) -> dict[str, tuple[float, float]]:
@@ -275,7 +314,8 @@ class _DropPreprocessAdvice(logging.Filter):
         return "pre-processing before quantization" not in record.getMessage()
 
 
-def quantize_unet(src: Path, dst: Path, feeds: Sequence[dict], precision: str) -> dict:
+def quantize_unet(src: Path, dst: Path, feeds: Sequence[dict], precision: str,
+                  float_scopes: Sequence[str] = UNET_FLOAT_SCOPES) -> dict:
     """Static Q/DQ quantization of the UNet graph ``src`` into ``dst`` (+ ``dst.data``), with
     MinMax ranges from :func:`calibrate_ranges` handed to ``quantize_static`` as its calibration
     cache."""
@@ -285,7 +325,7 @@ def quantize_unet(src: Path, dst: Path, feeds: Sequence[dict], precision: str) -
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
-    nodes, summary = unet_nodes_to_quantize(onnx.load(str(src), load_external_data=False))
+    nodes, summary = unet_nodes_to_quantize(onnx.load(str(src), load_external_data=False), float_scopes)
     ranges = calibrate_ranges(src, feeds, nodes)
     symmetric = precision == "int8"
     activation = QuantType.QInt8 if symmetric else QuantType.QUInt8
@@ -391,6 +431,11 @@ def add_variants(engine_dir, precisions: Sequence[str], settings: VariantSetting
     if not wanted:
         return json.loads((root / MANIFEST_NAME).read_text()).get("variants", {})
     manifest = load_manifest(root)  # checks the fp32 reference before anything is derived from it
+    if any(p != "fp16" for p in wanted):  # bad --int8-float-scopes fail before the (long) reference run
+        import onnx
+
+        unet_nodes_to_quantize(onnx.load(str(manifest.graphs["unet"].file), load_external_data=False),
+                               settings.int8_float_scopes)
     # no arena: recording at SD v1.5 size runs many shapes in one process (20 GB peak measured without one)
     reference_engine = Engine.load(root, backend="onnxruntime", threads=settings.threads, cpu_arena=False)
     size = reference_engine.backend.info.image_size
@@ -421,7 +466,7 @@ def add_variants(engine_dir, precisions: Sequence[str], settings: VariantSetting
                     graphs[name] = made
             else:
                 made = quantize_unet(manifest.graphs["unet"].file, staging / "unet.onnx",
-                                     [feeds for feeds, _ in calibration], precision)
+                                     [feeds for feeds, _ in calibration], precision, settings.int8_float_scopes)
                 if precision == "int8-cpu":  # an ONNX Runtime-only graph: its flash attention may be used
                     made["cpu_attention"] = fuse_attention_file(staging / "unet.onnx")
                 graphs["unet"] = made
