@@ -4,9 +4,9 @@
 #   direct / negative-prompt (no blend, LocalBlend from attention, LocalBlend from the noise predictions,
 #   the latter also with the difference composite) and legacy: the bundled engine on ONNX Runtime,
 #   50 patients from SEED0 (README's table: 1000050, patients no default was chosen on);
-#   null-text (no blend, noise-blend, + composite; attention LocalBlend's mask is the whole latent on this model,
-#   so null-text+blend is left out) and plain ddim: inverted on torch from the trained checkpoint the engine was
-#   exported from (null-text needs autograd; ~13 s per image), edited by the engine on ONNX Runtime.
+#   null-text (no blend, LocalBlend from attention, from the noise predictions, + composite) and plain ddim:
+#   inverted on torch from the trained checkpoint the engine was exported from (null-text needs autograd;
+#   ~13 s per image), edited by the engine on ONNX Runtime.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-runs/phantom/model}          # what `prism-export train-phantom` wrote (scripts/build_demo.sh)
@@ -18,4 +18,4 @@ CLS=engines/phantom-demo/classifier.onnx
     --out "$OUT/engine"
 .venv/bin/prism-rt evaluate --model engines/phantom-demo --backend onnxruntime --invert-model "$MODEL" --classifier "$CLS" \
     --patients "${PATIENTS:-50}" --seed0 "${SEED0:-1000050}" \
-    --configs null-text,null-text+noise-blend,null-text+noise-blend+composite,ddim --out "$OUT/null-text"
+    --configs null-text,null-text+blend,null-text+noise-blend,null-text+noise-blend+composite,ddim --out "$OUT/null-text"
