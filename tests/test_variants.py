@@ -134,13 +134,18 @@ def test_sensitive_layers_stay_in_float(engine_dir):
 
 
 def test_int8_float_scopes_match_whole_module_path_components(engine_dir):
-    from prism_export.variants import UNET_FLOAT_SCOPES, VariantError, module_paths, unet_nodes_to_quantize
+    from prism_export.variants import UNET_FLOAT_SCOPES, VariantError, in_scope, module_paths, unet_nodes_to_quantize
+
+    # whole dotted components, by hand: a block's number is not a prefix of another's
+    assert in_scope(["unet", "unet.up_blocks.1.resnets.0.conv1"], "up_blocks.1")
+    assert not in_scope(["unet", "unet.up_blocks.10.resnets.0.conv1", "unet.up_blocks.11"], "up_blocks.1")
+    assert not in_scope(["unet.down_blocks.0.attentions.0.proj_input"], "proj_in")
 
     fp32 = _onnx(engine_dir / "onnx" / "unet.onnx")
     paths = {n.name: module_paths(n) for n in fp32.graph.node}
     default, _ = unet_nodes_to_quantize(fp32)
     wider, summary = unet_nodes_to_quantize(fp32, UNET_FLOAT_SCOPES + ("up_blocks.1",))
-    # exactly the default's nodes less those inside up_blocks.1 (and none of up_blocks.10… or up_blocks.11)
+    # exactly the default's nodes less those inside up_blocks.1
     assert wider == [n for n in default if not any(p == "unet.up_blocks.1" or p.startswith("unet.up_blocks.1.")
                                                    for p in paths[n])]
     assert 0 < len(wider) < len(default) and summary["kept_float_scopes"][-1] == "up_blocks.1"
