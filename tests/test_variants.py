@@ -165,6 +165,169 @@ def test_a_misspelt_float_scope_fails_before_the_calibration_run(engine_dir, tmp
     assert sorted((p.relative_to(copy), p.stat().st_size) for p in copy.rglob("*")) == before
 
 
+def _unet_feeds(engine_dir: Path, calibration_dir: Path) -> list[dict]:
+    """UNet inputs recorded from a short direct inversion + edit of the calibration radiograph."""
+    from prism_export import variants
+
+    settings = variants.VariantSettings(calibration_images=calibration_dir, calibration_count=1, calibration_steps=4,
+                                        self_replace=(0.6,))
+    engine = Engine.load(engine_dir, backend="onnxruntime", threads=1)
+    run = variants._invert_and_edit(engine, variants.load_calibration_items(calibration_dir, 1), settings, record=True)
+    return [feeds for feeds, _ in variants._spread(run.unet_calls, 6)]
+
+
+def _session(path: Path, optimized: Path | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    if optimized is not None:
+        options.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _noise(session, feeds) -> list[np.ndarray]:
+    return [session.run(["noise"], feed)[0].astype(np.float64) for feed in feeds]
+
+
+def _rel(got: list[np.ndarray], ref: list[np.ndarray]) -> float:
+    return float(np.sqrt(sum(((g - r) ** 2).sum() for g, r in zip(got, ref)) / sum((r ** 2).sum() for r in ref)))
+
+
+def test_rescaling_changes_the_weights_not_the_function_and_folds_exactly(engine_dir, calibration_dir, tmp_path):
+    """SmoothQuant smoothing + output equalization rewrite the float UNet into an equivalent graph
+    with other weights; after quantization, folding the convolutions' Muls into per-channel Q/DQ
+    scales changes nothing but float rounding."""
+    from onnx import numpy_helper
+
+    from prism_export import smoothing, variants
+
+    src = engine_dir / "onnx" / "unet.onnx"
+    feeds = _unet_feeds(engine_dir, calibration_dir)
+    nodes, _ = variants.unet_nodes_to_quantize(_onnx(src))
+    rescaled = tmp_path / "rescaled.onnx"
+    info = smoothing.rescale_unet(src, rescaled, feeds, nodes, alpha=0.7)
+    reference = _noise(_session(src), feeds)
+    assert _rel(_noise(_session(rescaled), feeds), reference) < 1e-5
+    before = {t.name: numpy_helper.to_array(t) for t in _onnx(src, weights=True).graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in _onnx(rescaled, weights=True).graph.initializer}
+    convs = [n for n in _onnx(src).graph.node if n.name in set(nodes) and n.op_type == "Conv"]
+    changed = [n.name for n in convs if not np.allclose(before[n.input[1]], after[n.input[1]], rtol=1e-2)]
+    assert info["convolutions"] == len(convs) > 10 and len(changed) == len(convs)
+    assert info["matmuls_folded_into_norms"] > 0 and info["matmuls_with_mul"] > 0
+
+    quantized = tmp_path / "q" / "unet.onnx"
+    variants.quantize_unet(rescaled, quantized, feeds, "int8-cpu", smoothing=None)
+    unfolded = _noise(_session(quantized), feeds)
+    folded_info = smoothing.fold_rescaling(quantized)
+    assert folded_info["smoothing_into_quantize"] == folded_info["equalization_into_dequantize"] == len(convs)
+    assert folded_info["muls_left"] == info["matmuls_with_mul"]
+    # a rounding flip early on re-rolls every later rounding, so the folded graph's output is another
+    # draw of the same quantization noise (exactness is checked on one layer below), not a copy
+    assert _rel(_noise(_session(quantized), feeds), reference) < 1.2 * _rel(unfolded, reference) < 0.3
+
+
+def test_folding_moves_the_rescaling_into_per_channel_qdq_scales(tmp_path):
+    """One hand-made layer x -> Mul(1/t) -> Q -> DQ -> Conv -> Q -> DQ -> Mul(1/s): folded, the Muls
+    are gone, Q / DQ carry σ·t / σ/s per channel (axis 1), and the output is the same up to rare
+    one-step rounding flips."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from prism_export.smoothing import fold_rescaling
+
+    rng = np.random.default_rng(0)
+    c_in, c_out = 3, 4
+    t = np.array([0.5, 2.0, 8.0], np.float32)
+    s = np.array([1.0, 4.0, 0.25, 16.0], np.float32)
+    consts = {"inv_t": (1 / t).reshape(1, -1, 1, 1), "inv_s": (1 / s).reshape(1, -1, 1, 1),
+              "x_scale": np.array(0.02, np.float32), "x_zero": np.array(128, np.uint8),
+              "y_scale": np.array(0.05, np.float32), "y_zero": np.array(120, np.uint8),
+              "w": rng.integers(-127, 128, (c_out, c_in, 3, 3)).astype(np.int8),
+              "w_scale": np.full(c_out, 0.01, np.float32), "w_zero": np.zeros(c_out, np.int8)}
+    nodes = [helper.make_node("Mul", ["x", "inv_t"], ["xs"], name="conv/prism_smooth"),
+             helper.make_node("QuantizeLinear", ["xs", "x_scale", "x_zero"], ["xq"], name="xq"),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"], name="xd"),
+             helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["wd"], name="wd", axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["yc"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["yc", "y_scale", "y_zero"], ["yq"], name="yq"),
+             helper.make_node("DequantizeLinear", ["yq", "y_scale", "y_zero"], ["yd"], name="yd"),
+             helper.make_node("Mul", ["yd", "inv_s"], ["y"], name="conv/prism_equalize")]
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c_in, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, c_out, 6, 6])],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    path = tmp_path / "layer.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    x = (rng.standard_normal((2, c_in, 6, 6)) * t.reshape(1, -1, 1, 1)).astype(np.float32)
+    run = lambda: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]  # noqa: E731
+    before = run()
+    assert fold_rescaling(path) == {"smoothing_into_quantize": 1, "equalization_into_dequantize": 1, "muls_left": 0}
+    folded = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in folded.graph.initializer}
+    by_name = {n.name: n for n in folded.graph.node}
+    assert not [n for n in folded.graph.node if n.op_type == "Mul"]
+    assert np.allclose(inits[by_name["xq"].input[1]], 0.02 * t) and inits[by_name["xq"].input[2]].tolist() == [128] * c_in
+    assert np.allclose(inits[by_name["yd"].input[1]], 0.05 / s) and inits[by_name["yd"].input[2]].tolist() == [120] * c_out
+    assert all(any(a.name == "axis" and a.i == 1 for a in by_name[k].attribute) for k in ("xq", "yd"))
+    assert by_name["xd"].input[1] == "x_scale" and by_name["yq"].input[1] == "y_scale"  # the conv's own scales stay
+    after = run()
+    step = (0.05 / s).reshape(1, -1, 1, 1)
+    flipped = np.abs(after - before) > 1e-6 * np.abs(before).max()
+    assert flipped.mean() < 0.02 and np.all(np.abs(after - before) <= 1.01 * np.broadcast_to(step, before.shape) + 1e-6)
+
+
+def test_int8_cpu_convolutions_fuse_with_folded_scales_and_matmuls_keep_float_outputs(engine_dir, tmp_path):
+    """What makes int8-cpu fast survives the rescaling: onnxruntime still fuses every quantized
+    convolution into QLinearConv (per-channel scales sit on the Q before / DQ after it) and runs
+    every quantized MatMul as MatMulIntegerToFloat; no rescaling Mul is left at a convolution."""
+    import collections
+
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    made = manifest["variants"]["int8-cpu"]["quantization"]
+    rescaling = made["rescaling"]
+    assert rescaling["alpha"] == 0.7 and made["matmul_outputs"] == "float"
+    assert rescaling["folded"]["smoothing_into_quantize"] == rescaling["convolutions"] > 10
+    assert rescaling["folded"]["equalization_into_dequantize"] == rescaling["convolutions"]
+    path = engine_dir / "onnx-int8-cpu" / "unet.onnx"
+    graph = _onnx(path).graph
+    axis_1 = lambda n: any(a.name == "axis" and a.i == 1 for a in n.attribute)  # noqa: E731
+    smoothed = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[1].endswith("/smooth_scale") and axis_1(n)]
+    equalized = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[1].endswith("/equalize_scale")
+                 and axis_1(n)]
+    assert len(smoothed) == len(equalized) == rescaling["convolutions"]
+    convs = {n.name for n in _onnx(engine_dir / "onnx" / "unet.onnx").graph.node if n.op_type == "Conv"}
+    left = [n.name for n in graph.node if n.op_type == "Mul" and "/prism_" in n.name]
+    assert len(left) == rescaling["matmuls_with_mul"] and not [m for m in left if m.split("/prism_")[0] in convs]
+    _session(path, optimized=tmp_path / "optimized.onnx")
+    ops = collections.Counter(n.op_type for n in _onnx(tmp_path / "optimized.onnx").graph.node)
+    quantized = collections.Counter(n.op_type for n in _onnx(engine_dir / "onnx" / "unet.onnx").graph.node
+                                    if n.name in set(_quantized_nodes(engine_dir)))
+    assert ops["QLinearConv"] == quantized["Conv"] == rescaling["convolutions"]
+    assert ops["QLinearMatMul"] == 0 and ops["MatMulIntegerToFloat"] >= quantized["MatMul"]
+
+
+def _quantized_nodes(engine_dir: Path) -> list[str]:
+    from prism_export.variants import unet_nodes_to_quantize
+
+    return unet_nodes_to_quantize(_onnx(engine_dir / "onnx" / "unet.onnx"))[0]
+
+
+def test_int8_cpu_smoothing_option(engine_dir, tmp_path, capsys):
+    from prism_export.cli import main
+    from prism_export.variants import VariantError, VariantSettings
+
+    with pytest.raises(VariantError, match="int8-cpu-smoothing"):
+        VariantSettings(int8_cpu_smoothing=1.5)
+    copy = Path(shutil.copytree(engine_dir, tmp_path / "engine"))
+    before = (copy / "manifest.json").read_bytes()
+    with pytest.raises(SystemExit) as exit_:  # argparse: usage + message, exit status 2
+        main(["variants", "--engine", str(copy), "--precision", "int8-cpu", "--int8-cpu-smoothing", "strong"])
+    assert exit_.value.code == 2 and "'strong' is neither a number in [0, 1] nor 'off'" in capsys.readouterr().err
+    assert (copy / "manifest.json").read_bytes() == before
+
+
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int8-cpu"])
 def test_variant_counterfactuals_match_the_manifest_quality(engine_dir, dicom_path, precision):
     """Running the variant reproduces the PSNR/SSIM the export measured, against fp32 run now."""

@@ -64,7 +64,19 @@ def add_variant_options(p: argparse.ArgumentParser, default_precision: str = "fp
                    help="UNet module scopes whose Conv/MatMul/Gemm stay float in int8 / int8-cpu, comma-separated torch "
                         "module paths or their parts (default %(default)s; add e.g. up_blocks.3 for less error, "
                         "at a cost in speed)")
+    p.add_argument("--int8-cpu-smoothing", type=_alpha, default=d.int8_cpu_smoothing,
+                   help="int8-cpu: SmoothQuant migration strength α of the per-channel rescaling folded into its Q/DQ "
+                        "scales (default %(default)s; 'off': no rescaling, more error, same speed)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads of the calibration/quality runs")
+
+
+def _alpha(text: str) -> float | None:
+    if text.strip().lower() in ("off", "none", "no"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number in [0, 1] nor 'off'") from None
 
 
 def variant_settings(args):
@@ -74,7 +86,8 @@ def variant_settings(args):
                            calibration_count=args.calibration_count, calibration_steps=args.calibration_steps,
                            calibration_samples=args.calibration_samples,
                            self_replace=tuple(args.calibration_self_replace), threads=args.threads,
-                           int8_float_scopes=tuple(args.int8_float_scopes))
+                           int8_float_scopes=tuple(args.int8_float_scopes),
+                           int8_cpu_smoothing=args.int8_cpu_smoothing)
 
 
 def add_variants_parser(sub) -> argparse.ArgumentParser:
