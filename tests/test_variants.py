@@ -314,7 +314,7 @@ def _quantized_nodes(engine_dir: Path) -> list[str]:
     return unet_nodes_to_quantize(_onnx(engine_dir / "onnx" / "unet.onnx"))[0]
 
 
-def test_int8_cpu_smoothing_option(engine_dir, tmp_path, capsys):
+def test_int8_cpu_smoothing_option(engine_dir, calibration_dir, tmp_path, capsys):
     from prism_export.cli import main
     from prism_export.variants import VariantError, VariantSettings
 
@@ -326,6 +326,16 @@ def test_int8_cpu_smoothing_option(engine_dir, tmp_path, capsys):
         main(["variants", "--engine", str(copy), "--precision", "int8-cpu", "--int8-cpu-smoothing", "strong"])
     assert exit_.value.code == 2 and "'strong' is neither a number in [0, 1] nor 'off'" in capsys.readouterr().err
     assert (copy / "manifest.json").read_bytes() == before
+    # off: the plain quantization, no rescaling and no per-channel activation scales
+    code = main(["variants", "--engine", str(copy), "--precision", "int8-cpu", "--int8-cpu-smoothing", "off",
+                 "--calibration-images", str(calibration_dir), "--calibration-count", "1", "--calibration-steps", "2",
+                 "--calibration-samples", "2", "--calibration-self-replace", "0.5"])
+    assert code == 0
+    made = json.loads((copy / "manifest.json").read_text())["variants"]["int8-cpu"]
+    assert made["settings"]["int8_cpu_smoothing"] is None and "rescaling" not in made["quantization"]
+    graph = _onnx(copy / "onnx-int8-cpu" / "unet.onnx").graph
+    assert not [n for n in graph.node if "/prism_" in n.name or any(a.name == "axis" for a in n.attribute)
+                and n.op_type == "QuantizeLinear"]
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int8-cpu"])

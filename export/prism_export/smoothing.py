@@ -89,6 +89,25 @@ def _smoothing(x_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) -> np.n
     return t / np.exp(np.log(t).mean())  # geometric mean 1: the weights' overall scale is unchanged
 
 
+def _gated_value(tensor: str, producer: dict, consumers: dict, inits: dict):
+    """For ``tensor = Mul(value, gate)`` where ``value = Add(MatMul(x, W), b)`` (W, b constant, each
+    read once — a GEGLU split by :func:`prism_export.cpu_rewrites.split_geglu`), the value's
+    (MatMul, Add, bias name); else None."""
+    mul = producer.get(tensor)
+    if mul is None or mul.op_type != "Mul" or len(consumers[tensor]) != 1:
+        return None
+    for side in mul.input:
+        add = producer.get(side)
+        if add is None or add.op_type != "Add" or len(consumers[side]) != 1:
+            continue
+        bias = next((i for i in add.input if i in inits), None)
+        mm = next((producer.get(i) for i in add.input if i != bias), None)
+        if bias is not None and mm is not None and mm.op_type == "MatMul" and mm.input[1] in inits \
+                and len(consumers[mm.output[0]]) == 1 and len(consumers[bias]) == 1 and len(consumers[mm.input[1]]) == 1:
+            return mm, add, bias
+    return None
+
+
 def rescale_unet(src: Path, dst: Path, feeds: Sequence[dict], nodes: Sequence[str], alpha: float = DEFAULT_ALPHA,
                  cap: float = DEFAULT_CAP) -> dict:
     """Write ``src`` with the quantized ``nodes``' channels rescaled (see the module docstring) to
@@ -165,6 +184,13 @@ def rescale_unet(src: Path, dst: Path, feeds: Sequence[dict], nodes: Sequence[st
         w = array(n.input[1])  # [Ci, Co]
         t = _smoothing(stats[n.input[0]], np.abs(w).max(axis=1), alpha)
         store(n.input[1], w * t[:, None])
+        value = _gated_value(n.input[0], producer, consumers, inits)
+        if value is not None:  # GEGLU: value · gelu(gate); 1/t goes into the value half's weights and bias
+            value_mm, value_add, bias = value
+            store(value_mm.input[1], array(value_mm.input[1]) / t[None, :])
+            store(bias, array(bias) / t)
+            summary["matmuls_folded_into_gated_values"] += 1
+            continue
         smoothed = n.name + SMOOTH_SUFFIX + "/out"
         before[n.name].append(mul(n, n.input[0], smoothed, 1.0 / t, (-1,), SMOOTH_SUFFIX))
         n.input[0] = smoothed
@@ -241,6 +267,10 @@ def fold_rescaling(path: Path) -> dict:
     kept = [n for n in graph.node if n.name not in dropped]
     del graph.node[:]
     graph.node.extend(kept)
+    used = {i for n in kept for i in n.input}
+    live = [t for t in graph.initializer if t.name in used]  # the folded Muls' factors go with them
+    del graph.initializer[:]
+    graph.initializer.extend(live)
     folded["muls_left"] = sum(1 for n in kept if n.name.endswith((SMOOTH_SUFFIX, EQUALIZE_SUFFIX)))
     onnx.save_model(model, str(path))  # external data untouched: the tensors still point at path's .data
     return dict(folded)

@@ -53,6 +53,7 @@ from prism_rt.backend import GRAPHS
 from prism_rt.errors import PrismError
 from prism_rt.manifest import MANIFEST_NAME, PRECISIONS, REFERENCE_PRECISION, load_manifest, sha256_file
 from .cpu_attention import fuse_attention_file
+from .cpu_rewrites import fuse_gelu_file
 
 VARIANT_DIRS = {"fp16": "onnx-fp16", "int8": "onnx-int8", "int8-cpu": "onnx-int8-cpu"}
 FP16_GRAPHS_DEFAULT = ("text_encoder", "vae_encoder", "vae_decoder", "unet")
@@ -339,7 +340,8 @@ def quantize_unet(src: Path, dst: Path, feeds: Sequence[dict], precision: str,
 
     from . import smoothing as smooth
 
-    nodes, summary = unet_nodes_to_quantize(onnx.load(str(src), load_external_data=False), float_scopes)
+    from .cpu_rewrites import split_geglu
+
     symmetric = precision == "int8"
     activation = QuantType.QInt8 if symmetric else QuantType.QUInt8
     options = {"ActivationSymmetric": symmetric, "WeightSymmetric": True}
@@ -350,9 +352,21 @@ def quantize_unet(src: Path, dst: Path, feeds: Sequence[dict], precision: str,
         options["OpTypesToExcludeOutputQuantization"] = ["MatMul"]
     rescale = precision == "int8-cpu" and smoothing is not None
     dst.parent.mkdir(parents=True, exist_ok=True)
+    # intermediate graphs beside dst: onnxruntime wants external data in the graph's own folder
+    prepared = dst.with_name(f".{dst.stem}.prepared-{os.getpid()}.onnx")
     rescaled = dst.with_name(f".{dst.stem}.rescaled-{os.getpid()}.onnx")
+    rewrites = {}
     try:
-        if rescale:  # beside dst: onnxruntime wants external data in the graph's own folder
+        if precision == "int8-cpu":
+            model = onnx.load(str(src))
+            rewrites["split_geglu"] = split_geglu(model)
+            if rewrites["split_geglu"]:
+                onnx.save_model(model, str(prepared), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=prepared.name + ".data")
+                src = prepared
+            del model
+        nodes, summary = unet_nodes_to_quantize(onnx.load(str(src), load_external_data=False), float_scopes)
+        if rescale:
             summary["rescaling"] = smooth.rescale_unet(src, rescaled, feeds, nodes, alpha=smoothing)
             src = rescaled
         ranges = calibrate_ranges(src, feeds, nodes)
@@ -372,8 +386,11 @@ def quantize_unet(src: Path, dst: Path, feeds: Sequence[dict], precision: str,
             finally:
                 logging.getLogger().removeFilter(quiet)
     finally:
-        rescaled.unlink(missing_ok=True)
-        rescaled.with_name(rescaled.name + ".data").unlink(missing_ok=True)
+        for path in (prepared, rescaled):
+            path.unlink(missing_ok=True)
+            path.with_name(path.name + ".data").unlink(missing_ok=True)
+    if rewrites:
+        summary["rewrites"] = rewrites
     if rescale:
         summary["rescaling"]["folded"] = smooth.fold_rescaling(dst)
     _one_data_file(dst)
@@ -499,8 +516,9 @@ def add_variants(engine_dir, precisions: Sequence[str], settings: VariantSetting
                 made = quantize_unet(manifest.graphs["unet"].file, staging / "unet.onnx",
                                      [feeds for feeds, _ in calibration], precision, settings.int8_float_scopes,
                                      smoothing=settings.int8_cpu_smoothing)
-                if precision == "int8-cpu":  # an ONNX Runtime-only graph: its flash attention may be used
+                if precision == "int8-cpu":  # an ONNX Runtime-only graph: its contrib operators may be used
                     made["cpu_attention"] = fuse_attention_file(staging / "unet.onnx")
+                    made["cpu_gelu"] = fuse_gelu_file(staging / "unet.onnx")
                 graphs["unet"] = made
             build_s = time.perf_counter() - start
             entry = {"graphs": {}, "built_utc": _now(), "build_s": round(build_s, 1), "settings": settings.to_json()}
