@@ -228,6 +228,30 @@ def test_rescaling_changes_the_weights_not_the_function_and_folds_exactly(engine
     assert _rel(_noise(_session(quantized), feeds), reference) < 1.2 * _rel(unfolded, reference) < 0.3
 
 
+def test_cpu_rewrites_split_geglu_and_fuse_gelu_exactly(engine_dir, calibration_dir, tmp_path):
+    """The GEGLU projection split into value / gate MatMuls and the erf GELU fused into one
+    com.microsoft.Gelu compute what the exported graph computes."""
+    import collections
+
+    import onnx
+
+    from prism_export.cpu_rewrites import fuse_gelu, split_geglu
+
+    src = engine_dir / "onnx" / "unet.onnx"
+    model = onnx.load(str(src))
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    split, fused = split_geglu(model), fuse_gelu(model)
+    after = collections.Counter(n.op_type for n in model.graph.node)
+    assert split == fused == ops["Erf"] > 0  # one GEGLU per transformer block
+    assert after["Split"] == ops["Split"] - split and after["Erf"] == 0 and after["Gelu"] == fused
+    assert after["MatMul"] == ops["MatMul"] + split
+    path = tmp_path / "rewritten.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="rewritten.onnx.data")
+    feeds = _unet_feeds(engine_dir, calibration_dir)
+    assert _rel(_noise(_session(path), feeds), _noise(_session(src), feeds)) < 1e-5
+
+
 def test_folding_moves_the_rescaling_into_per_channel_qdq_scales(tmp_path):
     """One hand-made layer x -> Mul(1/t) -> Q -> DQ -> Conv -> Q -> DQ -> Mul(1/s): folded, the Muls
     are gone, Q / DQ carry σ·t / σ/s per channel (axis 1), and the output is the same up to rare
@@ -290,6 +314,7 @@ def test_int8_cpu_convolutions_fuse_with_folded_scales_and_matmuls_keep_float_ou
     assert rescaling["alpha"] == 0.7 and made["matmul_outputs"] == "float"
     assert rescaling["folded"]["smoothing_into_quantize"] == rescaling["convolutions"] > 10
     assert rescaling["folded"]["equalization_into_dequantize"] == rescaling["convolutions"]
+    assert made["rewrites"]["split_geglu"] == made["cpu_gelu"]["fused_gelu"] == rescaling["matmuls_folded_into_gated_values"] > 0
     path = engine_dir / "onnx-int8-cpu" / "unet.onnx"
     graph = _onnx(path).graph
     axis_1 = lambda n: any(a.name == "axis" and a.i == 1 for a in n.attribute)  # noqa: E731
@@ -306,6 +331,7 @@ def test_int8_cpu_convolutions_fuse_with_folded_scales_and_matmuls_keep_float_ou
                                     if n.name in set(_quantized_nodes(engine_dir)))
     assert ops["QLinearConv"] == quantized["Conv"] == rescaling["convolutions"]
     assert ops["QLinearMatMul"] == 0 and ops["MatMulIntegerToFloat"] >= quantized["MatMul"]
+    assert ops["Erf"] == 0  # the GELUs stay fused
 
 
 def _quantized_nodes(engine_dir: Path) -> list[str]:
