@@ -21,7 +21,8 @@ import numpy as np
 MS_DOMAIN = "com.microsoft"
 
 
-def _maps(graph):
+def graph_maps(graph) -> tuple[dict, dict]:
+    """(tensor → producing node, tensor → consuming nodes) of an ONNX graph."""
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list] = defaultdict(list)
     for n in graph.node:
@@ -47,7 +48,7 @@ def split_geglu(model) -> int:
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    producer, consumers = _maps(graph)
+    producer, consumers = graph_maps(graph)
     replace, drop, new_inits, count = {}, set(), [], 0
     for split in graph.node:
         if split.op_type != "Split" or len(split.output) != 2:
@@ -113,7 +114,7 @@ def fuse_gelu(model, base_dir: str | None = None) -> int:
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    producer, consumers = _maps(graph)
+    producer, consumers = graph_maps(graph)
 
     def only(name, op):
         users = consumers[name]

@@ -31,6 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .cpu_rewrites import graph_maps
+
 SMOOTH_SUFFIX = "/prism_smooth"
 EQUALIZE_SUFFIX = "/prism_equalize"
 DEFAULT_ALPHA = 0.7
@@ -42,7 +44,6 @@ def _channel_absmax(src: Path, feeds: Sequence[dict], tensors: dict[str, tuple[i
     channels), axis 1 for NCHW, -1 for [..., C]. ``Abs`` + ``ReduceMax`` nodes are added so only the
     per-channel maxima leave the graph (at SD v1.5 size the tensors themselves are gigabytes per feed)."""
     import onnx
-    import onnxruntime as ort
     from onnx import helper, numpy_helper
 
     model = onnx.load(str(src), load_external_data=False)
@@ -62,24 +63,34 @@ def _channel_absmax(src: Path, feeds: Sequence[dict], tensors: dict[str, tuple[i
         model.graph.node.extend(nodes)
         model.graph.output.append(helper.make_empty_tensor_value_info(base + "_max"))
         outputs[base + "_max"] = name
-    path = src.with_name(f".{src.stem}.channels-{os.getpid()}.onnx")  # beside the graph: its external data
     stats: dict[str, np.ndarray] = {}
+    for values in run_beside(src, model, list(outputs), feeds, "channels"):
+        for out_name, value in values.items():
+            name = outputs[out_name]
+            value = np.asarray(value, np.float64)
+            stats[name] = np.maximum(stats[name], value) if name in stats else value
+    return stats
+
+
+def run_beside(src: Path, model, names: Sequence[str], feeds: Sequence[dict], tag: str):
+    """Run ``model`` (``src``'s graph with extra outputs, weights still in ``src``'s data file) on
+    each feed, yielding ``{name: value}``; it is saved beside ``src`` for the run (onnxruntime
+    refuses external data outside the model's folder, links included) and removed afterwards."""
+    import onnx
+    import onnxruntime as ort
+
+    path = src.with_name(f".{src.stem}.{tag}-{os.getpid()}.onnx")
     try:
         onnx.save_model(model, str(path))
         options = ort.SessionOptions()
         options.enable_cpu_mem_arena = False
         options.log_severity_level = 3
         session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        names = list(outputs)
         for feed in feeds:
-            for out_name, value in zip(names, session.run(names, feed)):
-                name = outputs[out_name]
-                value = np.asarray(value, np.float64)
-                stats[name] = np.maximum(stats[name], value) if name in stats else value
+            yield dict(zip(names, session.run(list(names), feed)))
         del session
     finally:
         path.unlink(missing_ok=True)
-    return stats
 
 
 def _smoothing(x_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -118,11 +129,7 @@ def rescale_unet(src: Path, dst: Path, feeds: Sequence[dict], nodes: Sequence[st
     model = onnx.load(str(src))  # with its weights
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = defaultdict(list)
-    for n in graph.node:
-        for i in n.input:
-            consumers[i].append(n)
+    producer, consumers = graph_maps(graph)
     wanted = set(nodes)
     convs = [n for n in graph.node if n.name in wanted and n.op_type == "Conv" and n.input[1] in inits
              and len(inits[n.input[1]].dims) == 4 and all(a.name != "group" or a.i == 1 for a in n.attribute)]
@@ -216,11 +223,7 @@ def fold_rescaling(path: Path) -> dict:
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = defaultdict(list)
-    for n in graph.node:
-        for i in n.input:
-            consumers[i].append(n)
+    producer, consumers = graph_maps(graph)
 
     def value(name):  # small tensors (factors, scales), in the graph or in its .data
         return numpy_helper.to_array(inits[name], base_dir=str(Path(path).parent))

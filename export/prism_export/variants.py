@@ -288,7 +288,8 @@ def calibrate_ranges(src: Path, feeds: Sequence[dict], nodes: Sequence[str]) -> 
     gigabytes per feed and was killed at 23 GB on a 24 GB machine. Only the tensors that get a
     Q/DQ pair are made outputs here (a few MB)."""
     import onnx
-    import onnxruntime as ort
+
+    from .smoothing import run_beside
 
     model = onnx.load(str(src), load_external_data=False)
     wanted = set(nodes)
@@ -296,24 +297,13 @@ def calibrate_ranges(src: Path, feeds: Sequence[dict], nodes: Sequence[str]) -> 
     present = {o.name for o in model.graph.output}
     model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in present)
     ranges: dict[str, list[float]] = {}
-    # beside the graph: onnxruntime refuses external data outside the model's folder (links included)
-    path = src.with_name(f".{src.stem}.calibrate-{os.getpid()}.onnx")
-    try:
-        onnx.save_model(model, str(path))
-        options = ort.SessionOptions()
-        options.enable_cpu_mem_arena = False
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        for feed in feeds:
-            for name, value in zip(tensors, session.run(tensors, feed)):
-                if value.size == 0:
-                    continue
-                lo, hi = float(value.min()), float(value.max())
-                old = ranges.get(name)
-                ranges[name] = [min(lo, old[0]), max(hi, old[1])] if old else [lo, hi]
-        del session
-    finally:
-        path.unlink(missing_ok=True)
+    for values in run_beside(src, model, tensors, feeds, "calibrate"):
+        for name, value in values.items():
+            if value.size == 0:
+                continue
+            lo, hi = float(value.min()), float(value.max())
+            old = ranges.get(name)
+            ranges[name] = [min(lo, old[0]), max(hi, old[1])] if old else [lo, hi]
     return {k: (min(v[0], 0.0), max(v[1], 0.0)) for k, v in ranges.items()}
 
 
