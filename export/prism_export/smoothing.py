@@ -12,16 +12,17 @@ graph even the channels out before calibration:
   absolute maxima, ``s`` capped), and the output multiplied by ``1 / s_c`` afterwards.
 
 :func:`rescale_unet` writes the float graph with those rescalings as explicit ``Mul`` nodes (one
-per convolution input and output; for MatMuls fed by a ``LayerNormalization`` the division is put
-into the norm's scale and bias instead, shared by every MatMul it feeds). After quantization
-:func:`fold_rescaling` moves each convolution's ``Mul`` into the neighbouring QuantizeLinear /
-DequantizeLinear as a per-channel (axis 1, NCHW) scale, so the rescaling costs no extra pass over
-the activations; MatMul inputs that no norm produces (attention output, GEGLU product, text
-embeddings) keep a ``Mul``.
+per convolution input and output); for MatMuls the division goes into the weights of what feeds
+them where that is linear per channel — a ``LayerNormalization``'s scale and bias (one factor
+shared by every MatMul it feeds) or the value half of a GEGLU (``value · gelu(gate)``, split by
+:func:`prism_export.cpu_rewrites.split_geglu`). After quantization :func:`fold_rescaling` moves each
+convolution's ``Mul`` into the neighbouring QuantizeLinear / DequantizeLinear as a per-channel
+(axis 1, NCHW) scale, so the rescaling costs no extra pass over those activations; only the MatMul
+inputs nothing linear produces (attention outputs, the text embeddings) keep a ``Mul``.
 
-Measured on the trained phantom UNet (48 calls held apart from the 64 calibration calls / 96 calls
-of 4 other held-out patients): rms noise error 2.18 / 2.59 % without, 1.53 / 1.98 % with α = 0.7
-(per-node smoothing factors; see README)."""
+Measured on the trained phantom UNet (rms noise error, 48 calls held apart from the 64 calibration
+calls / 96 calls of 4 other held-out patients): 2.18 / 2.59 % without, 1.54 / 1.98 % with α = 0.7
+(README, "Measured")."""
 from __future__ import annotations
 
 import os
