@@ -245,6 +245,8 @@ def test_cpu_rewrites_split_geglu_and_fuse_gelu_exactly(engine_dir, calibration_
     assert split == fused == ops["Erf"] > 0  # one GEGLU per transformer block
     assert after["Split"] == ops["Split"] - split and after["Erf"] == 0 and after["Gelu"] == fused
     assert after["MatMul"] == ops["MatMul"] + split
+    read = {i for n in model.graph.node for i in n.input}
+    assert [t.name for t in model.graph.initializer if t.name not in read] == []  # no orphaned constants
     path = tmp_path / "rewritten.onnx"
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="rewritten.onnx.data")

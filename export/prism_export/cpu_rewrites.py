@@ -150,6 +150,10 @@ def fuse_gelu(model, base_dir: str | None = None) -> int:
         rewritten = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
         del graph.node[:]
         graph.node.extend(rewritten)
+        used = {i for n in graph.node for i in n.input}
+        live = [t for t in graph.initializer if t.name in used]  # the constants √2, 1, ½ go with their nodes
+        del graph.initializer[:]
+        graph.initializer.extend(live)
         if not any(o.domain == MS_DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return count
