@@ -87,13 +87,7 @@ def fuse_attention(model) -> int:
 
 def fuse_attention_file(path: Path) -> dict:
     """:func:`fuse_attention` on a graph file, rewritten in place (its weights file is untouched)."""
-    import onnx
+    from .cpu_rewrites import rewrite_file
 
-    path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    fused = fuse_attention(model)
-    if fused:
-        tmp = path.with_name(path.name + ".tmp")
-        onnx.save_model(model, str(tmp))
-        tmp.replace(path)
+    fused = rewrite_file(path, lambda model, base_dir: fuse_attention(model))
     return {"fused_attention_layers": fused, "op": f"{MS_DOMAIN}.MultiHeadAttention (flash attention on CPU)"}

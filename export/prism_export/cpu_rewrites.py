@@ -31,6 +31,29 @@ def graph_maps(graph) -> tuple[dict, dict]:
     return producer, consumers
 
 
+def drop_unused_initializers(graph) -> None:
+    """Remove the initializers no node reads any more (constants of rewritten-away nodes)."""
+    used = {i for n in graph.node for i in n.input}
+    live = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+
+
+def rewrite_file(path: Path, rewrite) -> int:
+    """Apply ``rewrite(model, base_dir)`` (returns a count) to the graph file ``path`` without loading
+    its weights; saved in place only if it changed something (the weights file is untouched)."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    count = rewrite(model, str(path.parent))
+    if count:
+        tmp = path.with_name(path.name + ".tmp")
+        onnx.save_model(model, str(tmp))
+        tmp.replace(path)
+    return count
+
+
 def _attr(node, name, default=None):
     from onnx import helper
 
@@ -91,10 +114,7 @@ def split_geglu(model) -> int:
         del graph.node[:]
         graph.node.extend(rewritten)
         graph.initializer.extend(new_inits)
-        used = {i for n in graph.node for i in n.input}
-        live = [t for t in graph.initializer if t.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(live)
+        drop_unused_initializers(graph)
     return count
 
 
@@ -150,10 +170,7 @@ def fuse_gelu(model, base_dir: str | None = None) -> int:
         rewritten = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
         del graph.node[:]
         graph.node.extend(rewritten)
-        used = {i for n in graph.node for i in n.input}
-        live = [t for t in graph.initializer if t.name in used]  # the constants √2, 1, ½ go with their nodes
-        del graph.initializer[:]
-        graph.initializer.extend(live)
+        drop_unused_initializers(graph)  # the constants √2, 1, ½ go with their nodes
         if not any(o.domain == MS_DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return count
@@ -161,13 +178,4 @@ def fuse_gelu(model, base_dir: str | None = None) -> int:
 
 def fuse_gelu_file(path: Path) -> dict:
     """:func:`fuse_gelu` on a graph file, rewritten in place (its weights file is untouched)."""
-    import onnx
-
-    path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    fused = fuse_gelu(model, base_dir=str(path.parent))
-    if fused:
-        tmp = path.with_name(path.name + ".tmp")
-        onnx.save_model(model, str(tmp))
-        tmp.replace(path)
-    return {"fused_gelu": fused, "op": f"{MS_DOMAIN}.Gelu"}
+    return {"fused_gelu": rewrite_file(path, fuse_gelu), "op": f"{MS_DOMAIN}.Gelu"}

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .cpu_rewrites import graph_maps
+from .cpu_rewrites import drop_unused_initializers, graph_maps
 
 SMOOTH_SUFFIX = "/prism_smooth"
 EQUALIZE_SUFFIX = "/prism_equalize"
@@ -104,7 +104,7 @@ def _smoothing(x_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) -> np.n
 def _gated_value(tensor: str, producer: dict, consumers: dict, inits: dict):
     """For ``tensor = Mul(value, gate)`` where ``value = Add(MatMul(x, W), b)`` (W, b constant, each
     read once — a GEGLU split by :func:`prism_export.cpu_rewrites.split_geglu`), the value's
-    (MatMul, Add, bias name); else None."""
+    (MatMul, bias name); else None."""
     mul = producer.get(tensor)
     if mul is None or mul.op_type != "Mul" or len(consumers[tensor]) != 1:
         return None
@@ -116,7 +116,7 @@ def _gated_value(tensor: str, producer: dict, consumers: dict, inits: dict):
         mm = next((producer.get(i) for i in add.input if i != bias), None)
         if bias is not None and mm is not None and mm.op_type == "MatMul" and mm.input[1] in inits \
                 and len(consumers[mm.output[0]]) == 1 and len(consumers[bias]) == 1 and len(consumers[mm.input[1]]) == 1:
-            return mm, add, bias
+            return mm, bias
     return None
 
 
@@ -125,9 +125,22 @@ def rescale_unet(src: Path, dst: Path, feeds: Sequence[dict], nodes: Sequence[st
     """Write ``src`` with the quantized ``nodes``' channels rescaled (see the module docstring) to
     ``dst`` (+ ``dst.data``); the graph computes the same function (up to float rounding)."""
     import onnx
-    from onnx import helper, numpy_helper
 
     model = onnx.load(str(src))  # with its weights
+    summary = rescale_model(model, Path(src), feeds, nodes, alpha, cap)
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=Path(dst).name + ".data")
+    return summary
+
+
+def rescale_model(model, stats_src: Path, feeds: Sequence[dict], nodes: Sequence[str], alpha: float = DEFAULT_ALPHA,
+                  cap: float = DEFAULT_CAP) -> dict:
+    """Rescale the quantized ``nodes``' channels of ``model`` (an ``onnx.ModelProto`` with its weights
+    loaded) in place. The per-channel maxima are measured by running the graph file ``stats_src`` on
+    ``feeds``: ``model`` itself or a graph with the same tensors feeding those nodes (the UNet
+    before :func:`prism_export.cpu_rewrites.split_geglu`)."""
+    from onnx import helper, numpy_helper
+
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producer, consumers = graph_maps(graph)
@@ -136,18 +149,19 @@ def rescale_unet(src: Path, dst: Path, feeds: Sequence[dict], nodes: Sequence[st
              and len(inits[n.input[1]].dims) == 4 and all(a.name != "group" or a.i == 1 for a in n.attribute)]
     matmuls = [n for n in graph.node if n.name in wanted and n.op_type == "MatMul" and n.input[1] in inits
                and len(inits[n.input[1]].dims) == 2]
+    matmul_names = {n.name for n in matmuls}
     # MatMuls grouped by the LayerNormalization that feeds them (its output read by nothing else)
     norm_groups: dict[str, list] = defaultdict(list)
     for n in matmuls:
         p = producer.get(n.input[0])
         if p is not None and p.op_type == "LayerNormalization" and len(p.input) >= 3 and p.input[1] in inits \
-                and p.input[2] in inits and all(c in matmuls for c in consumers[n.input[0]]):
+                and p.input[2] in inits and all(c.name in matmul_names for c in consumers[n.input[0]]):
             norm_groups[n.input[0]].append(n)
     lone = [n for n in matmuls if n.input[0] not in norm_groups]
     tensors = {n.input[0]: (1, inits[n.input[1]].dims[1]) for n in convs} | \
         {n.output[0]: (1, inits[n.input[1]].dims[0]) for n in convs} | \
         {n.input[0]: (-1, inits[n.input[1]].dims[0]) for n in matmuls}
-    stats = _channel_absmax(Path(src), feeds, tensors)
+    stats = _channel_absmax(Path(stats_src), feeds, tensors)
 
     def array(name: str) -> np.ndarray:
         return numpy_helper.to_array(inits[name]).astype(np.float64)
@@ -194,7 +208,7 @@ def rescale_unet(src: Path, dst: Path, feeds: Sequence[dict], nodes: Sequence[st
         store(n.input[1], w * t[:, None])
         value = _gated_value(n.input[0], producer, consumers, inits)
         if value is not None:  # GEGLU: value · gelu(gate); 1/t goes into the value half's weights and bias
-            value_mm, value_add, bias = value
+            value_mm, bias = value
             store(value_mm.input[1], array(value_mm.input[1]) / t[None, :])
             store(bias, array(bias) / t)
             summary["matmuls_folded_into_gated_values"] += 1
@@ -209,8 +223,6 @@ def rescale_unet(src: Path, dst: Path, feeds: Sequence[dict], nodes: Sequence[st
     del graph.node[:]
     graph.node.extend(rewritten)
     graph.initializer.extend(new_inits)
-    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=Path(dst).name + ".data")
     return {"alpha": alpha, "equalization_cap": cap, **summary}
 
 
@@ -271,10 +283,7 @@ def fold_rescaling(path: Path) -> dict:
     kept = [n for n in graph.node if n.name not in dropped]
     del graph.node[:]
     graph.node.extend(kept)
-    used = {i for n in kept for i in n.input}
-    live = [t for t in graph.initializer if t.name in used]  # the folded Muls' factors go with them
-    del graph.initializer[:]
-    graph.initializer.extend(live)
+    drop_unused_initializers(graph)  # the folded Muls' factors go with them
     folded["muls_left"] = sum(1 for n in kept if n.name.endswith((SMOOTH_SUFFIX, EQUALIZE_SUFFIX)))
     onnx.save_model(model, str(path))  # external data untouched: the tensors still point at path's .data
     return dict(folded)

@@ -328,7 +328,6 @@ def quantize_unet(src: Path, dst: Path, feeds: Sequence[dict], precision: str,
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
-
     symmetric = precision == "int8"
     activation = QuantType.QInt8 if symmetric else QuantType.QUInt8
     options = {"ActivationSymmetric": symmetric, "WeightSymmetric": True}
@@ -339,23 +338,23 @@ def quantize_unet(src: Path, dst: Path, feeds: Sequence[dict], precision: str,
         options["OpTypesToExcludeOutputQuantization"] = ["MatMul"]
     rescale = precision == "int8-cpu" and smoothing is not None
     dst.parent.mkdir(parents=True, exist_ok=True)
-    # intermediate graphs beside dst: onnxruntime wants external data in the graph's own folder
+    # the rewritten float graph beside dst: onnxruntime wants external data in the graph's own folder
     prepared = dst.with_name(f".{dst.stem}.prepared-{os.getpid()}.onnx")
-    rescaled = dst.with_name(f".{dst.stem}.rescaled-{os.getpid()}.onnx")
     rewrites = {}
     try:
-        if precision == "int8-cpu":
+        if precision == "int8-cpu":  # one load and one save of the weights for both rewrites
             model = onnx.load(str(src))
             rewrites["split_geglu"] = split_geglu(model)
-            if rewrites["split_geglu"]:
+            nodes, summary = unet_nodes_to_quantize(model, float_scopes)
+            if rescale:  # channel maxima from src: the split keeps every tensor the rescaled nodes read
+                summary["rescaling"] = smooth.rescale_model(model, src, feeds, nodes, alpha=smoothing)
+            if rewrites["split_geglu"] or rescale:
                 onnx.save_model(model, str(prepared), save_as_external_data=True, all_tensors_to_one_file=True,
                                 location=prepared.name + ".data")
                 src = prepared
             del model
-        nodes, summary = unet_nodes_to_quantize(onnx.load(str(src), load_external_data=False), float_scopes)
-        if rescale:
-            summary["rescaling"] = smooth.rescale_unet(src, rescaled, feeds, nodes, alpha=smoothing)
-            src = rescaled
+        else:
+            nodes, summary = unet_nodes_to_quantize(onnx.load(str(src), load_external_data=False), float_scopes)
         ranges = calibrate_ranges(src, feeds, nodes)
         with tempfile.TemporaryDirectory() as tmp:
             cache = Path(tmp) / "ranges.json"
@@ -373,9 +372,8 @@ def quantize_unet(src: Path, dst: Path, feeds: Sequence[dict], precision: str,
             finally:
                 logging.getLogger().removeFilter(quiet)
     finally:
-        for path in (prepared, rescaled):
-            path.unlink(missing_ok=True)
-            path.with_name(path.name + ".data").unlink(missing_ok=True)
+        prepared.unlink(missing_ok=True)
+        prepared.with_name(prepared.name + ".data").unlink(missing_ok=True)
     if rewrites:
         summary["rewrites"] = rewrites
     if rescale:
