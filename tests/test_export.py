@@ -172,9 +172,11 @@ def test_every_op_of_every_graph_is_supported_by_tensorrt(engine_dir):
         assert OPSET_RANGE[0] <= opsets["ai.onnx"] <= OPSET_RANGE[1]
 
 
-def test_cpu_attention_fusion_is_exact_and_leaves_controlled_layers(engine_dir, tmp_path):
-    """int8-cpu's graph pass: the uncontrolled attention layers (the 16×16 self-attention here, as
-    SELF_MAX_QUERIES is below 256) become ONNX Runtime's MultiHeadAttention; outputs unchanged."""
+def test_cpu_attention_fusion_is_exact_and_leaves_blend_maps(engine_dir, tmp_path):
+    """int8-cpu's graph pass: every attention product becomes ONNX Runtime's MultiHeadAttention —
+    the uncontrolled layers (the 16×16 self-attention here, as SELF_MAX_QUERIES is below 256) and
+    both products of each controlled layer; only LocalBlend's explicit maps keep a Softmax.
+    Outputs unchanged, with and without edit items."""
     import onnx
     import onnxruntime as ort
     from prism_export.cpu_attention import fuse_attention_file
@@ -186,9 +188,11 @@ def test_cpu_attention_fusion_is_exact_and_leaves_controlled_layers(engine_dir, 
     summary = fuse_attention_file(fused_path)
     after = onnx.load(str(fused_path), load_external_data=False)
     ops = lambda m, t: sum(n.op_type == t for n in m.graph.node)  # noqa: E731
-    # two 16×16 transformer blocks in the first down block, three in the last up block
-    assert summary["fused_attention_layers"] == 5 == ops(after, "MultiHeadAttention")
-    assert ops(after, "Softmax") == ops(before, "Softmax") - 5 > 0  # the controlled layers keep theirs
+    # 5 uncontrolled: two 16×16 transformer blocks in the first down block, three in the last up
+    # block; 27 controlled layers (cross-attention everywhere, self-attention at 8×8) × 2 products
+    assert summary["fused_attentions"] == 5 + 2 * 27 == ops(after, "MultiHeadAttention")
+    assert ops(before, "MultiHeadAttention") == 0
+    assert ops(after, "Softmax") == 5  # LocalBlend's maps: the cross-attention at the blend layers
     rng = np.random.default_rng(0)
     sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
                 for p in (folder / "onnx" / "unet.onnx", fused_path)]

@@ -195,6 +195,30 @@ def _rel(got: list[np.ndarray], ref: list[np.ndarray]) -> float:
     return float(np.sqrt(sum(((g - r) ** 2).sum() for g, r in zip(got, ref)) / sum((r ** 2).sum() for r in ref)))
 
 
+def test_calibration_ranges_are_the_min_and_max_of_each_quantized_tensor(engine_dir, calibration_dir, tmp_path):
+    """calibrate_ranges reduces inside the graph; the reference makes the tensors themselves
+    outputs and takes numpy's min / max over every feed."""
+    import onnx
+
+    from prism_export import smoothing, variants
+
+    src = engine_dir / "onnx" / "unet.onnx"
+    feeds = _unet_feeds(engine_dir, calibration_dir)
+    nodes, _ = variants.unet_nodes_to_quantize(_onnx(src))
+    ranges = variants.calibrate_ranges(src, feeds, nodes)
+    wanted = set(nodes)
+    tensors = sorted({t for n in _onnx(src).graph.node if n.name in wanted for t in (n.input[0], n.output[0])})
+    model = _onnx(src)
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors)
+    lo, hi = {t: np.inf for t in tensors}, {t: -np.inf for t in tensors}
+    for values in smoothing.run_beside(src, model, tensors, feeds, "reference"):
+        for t, v in values.items():
+            lo[t], hi[t] = min(lo[t], float(v.min())), max(hi[t], float(v.max()))
+    assert len(ranges) == len(tensors) > 2 * 10 and len({t for t in tensors if hi[t] > lo[t]}) == len(tensors)
+    for t in tensors:
+        assert ranges[t] == pytest.approx((min(lo[t], 0.0), max(hi[t], 0.0)), rel=1e-6, abs=1e-7), t
+
+
 def test_rescaling_changes_the_weights_not_the_function_and_folds_exactly(engine_dir, calibration_dir, tmp_path):
     """SmoothQuant smoothing + output equalization rewrite the float UNet into an equivalent graph
     with other weights; after quantization, folding the convolutions' Muls into per-channel Q/DQ

@@ -1,4 +1,4 @@
-"""Fuse the UNet's plain (uncontrolled) attention into ONNX Runtime's ``MultiHeadAttention``
+"""Fuse the UNet's attention products into ONNX Runtime's ``MultiHeadAttention``
 (com.microsoft) for CPU graphs.
 
 The exporter writes each attention layer as ``MatMul(q', k'ᵀ) → Softmax → MatMul(·, v)`` with q'
@@ -8,10 +8,13 @@ int8-cpu UNet at batch 2 these three nodes of the five 64×64 layers were about 
 ONNX Runtime's CPU ``MultiHeadAttention`` computes the same thing tiled (flash attention) when
 query, key and value come as [batch, sequence, hidden], without the big matrix.
 
-Only layers whose softmax output feeds nothing but the ``P·V`` product are fused: the controlled
-layers (cross-attention, small self-attention) read their probabilities for prompt-to-prompt
-control and LocalBlend and stay as they are. ``com.microsoft`` operators exist in ONNX Runtime
-only, so this is for the ``int8-cpu`` variant, never for the graphs TensorRT builds from.
+Only layers whose softmax output feeds nothing but the ``P·V`` product are fused. The controlled
+layers are written as such products too (``ControlledAttnProcessor._controlled``: the control is
+linear in the probabilities, so it moves onto the values) and fuse as well, the second of each
+pair over the K edit items only, empty for K = 0; LocalBlend's explicit maps (the conditional
+half's cross-attention at the blend resolution) feed a mean and stay as they are.
+``com.microsoft`` operators exist in ONNX Runtime only, so this is for the ``int8-cpu`` variant,
+never for the graphs TensorRT builds from.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ def _static_dims(value_info) -> list | None:
 
 def fuse_attention(model) -> int:
     """Rewrite ``model`` (an ``onnx.ModelProto``, weights may stay external) in place; returns the
-    number of attention layers fused."""
+    number of attention products (Q·Kᵀ → softmax → ·V) fused."""
     from onnx import helper, numpy_helper
     import numpy as np
 
@@ -90,4 +93,4 @@ def fuse_attention_file(path: Path) -> dict:
     from .cpu_rewrites import rewrite_file
 
     fused = rewrite_file(path, lambda model, base_dir: fuse_attention(model))
-    return {"fused_attention_layers": fused, "op": f"{MS_DOMAIN}.MultiHeadAttention (flash attention on CPU)"}
+    return {"fused_attentions": fused, "op": f"{MS_DOMAIN}.MultiHeadAttention (flash attention on CPU)"}

@@ -287,23 +287,32 @@ def calibrate_ranges(src: Path, feeds: Sequence[dict], nodes: Sequence[str]) -> 
 
     Done here rather than by ``quantize_static``'s calibrator, which records every float tensor
     of the calibrated op types, attention probabilities included: at SD v1.5 size that is
-    gigabytes per feed and was killed at 23 GB on a 24 GB machine. Only the tensors that get a
-    Q/DQ pair are made outputs here (a few MB)."""
+    gigabytes per feed and was killed at 23 GB on a 24 GB machine. The graph gets a ``ReduceMin``
+    and a ``ReduceMax`` per calibrated tensor, so only two scalars each leave it and onnxruntime
+    frees the activations as it goes (making the tensors themselves outputs, about 600 of them at
+    SD v1.5 size, holds them all at once: the int8-cpu build was killed at 24.3 GB that way)."""
     import onnx
+    from onnx import helper
 
     model = onnx.load(str(src), load_external_data=False)
     wanted = set(nodes)
     tensors = sorted({t for n in model.graph.node if n.name in wanted for t in (n.input[0], n.output[0])})
-    present = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in present)
+    outputs = {}
+    for i, name in enumerate(tensors):
+        for op in ("ReduceMin", "ReduceMax"):  # no axes: over every element
+            out = f"prism_range_{i}_{op}"
+            model.graph.node.append(helper.make_node(op, [name], [out], keepdims=0))
+            model.graph.output.append(helper.make_empty_tensor_value_info(out))
+            outputs[out] = (name, op)
     ranges: dict[str, list[float]] = {}
-    for values in smooth.run_beside(src, model, tensors, feeds, "calibrate"):
-        for name, value in values.items():
-            if value.size == 0:
+    for values in smooth.run_beside(src, model, list(outputs), feeds, "calibrate"):
+        for out, value in values.items():
+            name, op = outputs[out]
+            value = float(value)
+            if not np.isfinite(value):  # an empty tensor reduces to ±inf: nothing to learn from it
                 continue
-            lo, hi = float(value.min()), float(value.max())
-            old = ranges.get(name)
-            ranges[name] = [min(lo, old[0]), max(hi, old[1])] if old else [lo, hi]
+            lo, hi = ranges.setdefault(name, [value, value])
+            ranges[name] = [min(lo, value), hi] if op == "ReduceMin" else [lo, max(hi, value)]
     return {k: (min(v[0], 0.0), max(v[1], 0.0)) for k, v in ranges.items()}
 
 

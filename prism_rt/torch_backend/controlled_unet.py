@@ -50,7 +50,7 @@ class AttentionLayer:
 
 
 class ControlledAttnProcessor:
-    """Explicit-softmax attention with the prompt-to-prompt control applied to the cond half."""
+    """Attention with the prompt-to-prompt control applied to the cond half, as fused attentions."""
 
     def __init__(self, state: _ControlState, layer: AttentionLayer, self_max_queries: int, blend: bool):
         self.state, self.layer, self.self_max_queries, self.blend = state, layer, self_max_queries, blend
@@ -83,9 +83,7 @@ class ControlledAttnProcessor:
         state = self.state
         controlled = state.active and (is_cross or queries <= self.self_max_queries)
         if controlled:
-            probs = self._probabilities(attn, q, k)
-            probs = self._control(probs, is_cross)
-            out = probs.to(v.dtype) @ v
+            out = self._controlled(attn, q, k, v, is_cross)
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False, scale=attn.scale)
 
@@ -105,29 +103,54 @@ class ControlledAttnProcessor:
         scores = (q @ k.transpose(-1, -2)) * attn.scale
         return scores.float().softmax(dim=-1) if attn.upcast_softmax else scores.softmax(dim=-1)
 
-    def _control(self, probs: torch.Tensor, is_cross: bool) -> torch.Tensor:
+    def _controlled(self, attn, q, k, v, is_cross: bool) -> torch.Tensor:
+        """Attention output with the control applied, without materialising the probabilities
+        (only LocalBlend's layers compute the conditional half's cross-attention maps).
+
+        The controlled probabilities of edit item k are linear in its own and the source's:
+        ``A_k' = c_src ⊙ (A_0 M_k) + c_own ⊙ A_k`` over the key axis (cross-attention:
+        ``c_src = a·eq·r``, ``c_own = a·eq·(1−r) + 1−a``; self-attention: ``M_k = I``,
+        ``c_src = s``, ``c_own = 1−s``). Hence
+        ``A_k' V_k = A_k (c_own ⊙ V_k) + A_0 (M_k (c_src ⊙ V_k))``: two plain attentions, one over
+        every item with the edit items' values reweighted, one of the source's queries and keys over
+        the K edit items' mapped values — both fused (flash) attention, and the second is empty
+        when K = 0 (inversion), so an uncontrolled step pays nothing for the control."""
         state = self.state
         groups, edits = state.cross_alpha.shape[0], state.cross_alpha.shape[1]
         n_cond = groups * (1 + edits)
-        n_uncond = probs.shape[0] - n_cond
-        uncond, cond = probs[:n_uncond], probs[n_uncond:]
-        cond = cond.reshape(groups, 1 + edits, *cond.shape[1:])  # [G, 1+K, H, Q, Keys]
-        if is_cross and self.blend:
-            state.blend_sum.append(cond.mean(dim=2))  # before control, as prompt-to-prompt stores
-        if edits == 0:
-            return probs
-        base, edit = cond[:, :1], cond[:, 1:]  # [G,1,H,Q,T], [G,K,H,Q,T]
+        n_uncond = q.shape[0] - n_cond
+        heads, queries, keys, width = q.shape[1], q.shape[2], k.shape[2], v.shape[3]
+        if is_cross and self.blend:  # LocalBlend: the conditional half's maps before control
+            probs = self._probabilities(attn, q[n_uncond:], k[n_uncond:])
+            state.blend_sum.append(probs.reshape(groups, 1 + edits, *probs.shape[1:]).mean(dim=2))
         if is_cross:
-            alpha = state.cross_alpha[:, :, None, None, :]
-            refine = state.refine_alpha[:, :, None, None, :]
-            eq = state.equalizer[:, :, None, None, :]
-            mapped = torch.einsum("ghqi,gkij->gkhqj", base[:, 0], state.token_mapper)
-            edit = alpha * eq * (refine * mapped + (1 - refine) * edit) + (1 - alpha) * edit
+            alpha, refine, eq = state.cross_alpha, state.refine_alpha, state.equalizer  # [G, K, T]
+            c_src = alpha * eq * refine
+            c_own = alpha * eq * (1 - refine) + (1 - alpha)
         else:
-            s = state.self_replace[:, :, None, None, None]
-            edit = s * base + (1 - s) * edit
-        cond = torch.cat([base, edit], dim=1).reshape(n_cond, *probs.shape[1:])
-        return torch.cat([uncond, cond], dim=0)
+            c_src = state.self_replace[:, :, None]  # [G, K, 1]: one weight for every key
+            c_own = 1 - c_src
+        cond_v = v[n_uncond:].reshape(groups, 1 + edits, heads, keys, width)
+        source_v, edit_v = cond_v[:, :1], cond_v[:, 1:]
+        own_v = c_own[:, :, None, :, None].to(v.dtype) * edit_v  # [G, K, H, keys, d]
+        values = torch.cat([v[:n_uncond], torch.cat([source_v, own_v], dim=1).reshape(n_cond, heads, keys, width)])
+        out = F.scaled_dot_product_attention(q, k, values, dropout_p=0.0, is_causal=False, scale=attn.scale)
+
+        mapped_v = c_src[:, :, None, :, None].to(v.dtype) * edit_v
+        if is_cross:  # (M_k (c ⊙ V_k))[i] = Σ_j M_k[i, j] c_j V_k[j]; a MatMul, as ONNX Runtime's Einsum
+            mapped_v = state.token_mapper[:, :, None].to(v.dtype) @ mapped_v  # dies (SIGFPE) on K = 0
+        # explicit sizes, never -1: with K = 0 these tensors are empty and -1 would be 0 / 0
+        depth = q.shape[3]
+        cond_q = q[n_uncond:].reshape(groups, 1 + edits, heads, queries, depth)
+        cond_k = k[n_uncond:].reshape(groups, 1 + edits, heads, keys, depth)
+        source_q = cond_q[:, :1].expand(groups, edits, heads, queries, depth).reshape(groups * edits, heads, queries, depth)
+        source_k = cond_k[:, :1].expand(groups, edits, heads, keys, depth).reshape(groups * edits, heads, keys, depth)
+        from_source = F.scaled_dot_product_attention(source_q, source_k, mapped_v.reshape(groups * edits, heads, keys, width),
+                                                     dropout_p=0.0, is_causal=False, scale=attn.scale)
+        cond_out = out[n_uncond:].reshape(groups, 1 + edits, heads, queries, width)
+        edited = cond_out[:, 1:] + from_source.reshape(groups, edits, heads, queries, width)
+        cond_out = torch.cat([cond_out[:, :1], edited], dim=1).reshape(n_cond, heads, queries, width)
+        return torch.cat([out[:n_uncond], cond_out])
 
 
 def side_after(side: int, factor: int) -> int:
