@@ -76,10 +76,18 @@ def _channel_absmax(src: Path, feeds: Sequence[dict], tensors: dict[str, tuple[i
 def run_beside(src: Path, model, names: Sequence[str], feeds: Sequence[dict], tag: str):
     """Run ``model`` (``src``'s graph with extra outputs, weights still in ``src``'s data file) on
     each feed, yielding ``{name: value}``; it is saved beside ``src`` for the run (onnxruntime
-    refuses external data outside the model's folder, links included) and removed afterwards."""
+    refuses external data outside the model's folder, links included) and removed afterwards.
+
+    ``model``'s attention is fused first (:func:`prism_export.cpu_attention.fuse_attention`, exact;
+    products whose tensors are asked for stay as they are): at SD v1.5 size and batch 4 the
+    unfused 64×64 attention's probability matrices took the run from 7.6 to 11.1 GB peak RSS and
+    from 22 to 48 s."""
     import onnx
     import onnxruntime as ort
 
+    from .cpu_attention import fuse_attention
+
+    fuse_attention(model)
     path = src.with_name(f".{src.stem}.{tag}-{os.getpid()}.onnx")
     try:
         onnx.save_model(model, str(path))
