@@ -195,7 +195,7 @@ def _rel(got: list[np.ndarray], ref: list[np.ndarray]) -> float:
     return float(np.sqrt(sum(((g - r) ** 2).sum() for g, r in zip(got, ref)) / sum((r ** 2).sum() for r in ref)))
 
 
-def test_calibration_ranges_are_the_min_and_max_of_each_quantized_tensor(engine_dir, calibration_dir, tmp_path):
+def test_calibration_ranges_are_the_min_and_max_of_each_quantized_tensor(engine_dir, calibration_dir):
     """calibrate_ranges reduces inside the graph; the reference makes the tensors themselves
     outputs and takes numpy's min / max over every feed."""
     import onnx

@@ -45,32 +45,44 @@ def _channel_absmax(src: Path, feeds: Sequence[dict], tensors: dict[str, tuple[i
     channels), axis 1 for NCHW, -1 for [..., C]. ``Abs`` + ``ReduceMax`` nodes are added so only the
     per-channel maxima leave the graph (at SD v1.5 size the tensors themselves are gigabytes per feed)."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     model = onnx.load(str(src), load_external_data=False)
-    outputs = {}
+    reductions = {}
     for i, (name, (axis, channels)) in enumerate(sorted(tensors.items())):
         base = f"prism_stat_{i}"
         if axis == 1:
             nodes = [helper.make_node("Abs", [name], [base + "_abs"]),
-                     helper.make_node("ReduceMax", [base + "_abs", base + "_axes"], [base + "_max"], keepdims=0)]
+                     helper.make_node("ReduceMax", [base + "_abs", base + "_axes"], [base], keepdims=0)]
             consts = {base + "_axes": np.array([0, 2, 3], np.int64)}
         else:
             nodes = [helper.make_node("Abs", [name], [base + "_abs"]),
                      helper.make_node("Reshape", [base + "_abs", base + "_shape"], [base + "_rows"]),
-                     helper.make_node("ReduceMax", [base + "_rows", base + "_axes"], [base + "_max"], keepdims=0)]
+                     helper.make_node("ReduceMax", [base + "_rows", base + "_axes"], [base], keepdims=0)]
             consts = {base + "_axes": np.array([0], np.int64), base + "_shape": np.array([-1, channels], np.int64)}
+        reductions[base] = (name, nodes, consts, np.maximum)
+    return reduce_over_feeds(src, model, reductions, feeds, "channels")
+
+
+def reduce_over_feeds(src: Path, model, reductions: dict, feeds: Sequence[dict], tag: str) -> dict:
+    """Statistics of ``model``'s tensors computed inside the graph, so only they leave it.
+
+    ``reductions``: output name → (key, nodes computing that output, their constants, how two
+    feeds' values combine: ``np.minimum`` / ``np.maximum``). The nodes are added to ``model`` (a
+    graph of ``src``, weights in ``src``'s data file), which runs on every feed
+    (:func:`run_beside`); returns key → combined value, as float64."""
+    from onnx import helper, numpy_helper
+
+    for out, (_, nodes, consts, _) in reductions.items():
         model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
         model.graph.node.extend(nodes)
-        model.graph.output.append(helper.make_empty_tensor_value_info(base + "_max"))
-        outputs[base + "_max"] = name
-    stats: dict[str, np.ndarray] = {}
-    for values in run_beside(src, model, list(outputs), feeds, "channels"):
-        for out_name, value in values.items():
-            name = outputs[out_name]
+        model.graph.output.append(helper.make_empty_tensor_value_info(out))
+    combined: dict[str, np.ndarray] = {}
+    for values in run_beside(src, model, list(reductions), feeds, tag):
+        for out, value in values.items():
             value = np.asarray(value, np.float64)
-            stats[name] = np.maximum(stats[name], value) if name in stats else value
-    return stats
+            combined[out] = reductions[out][3](combined[out], value) if out in combined else value
+    return {reductions[out][0]: value for out, value in combined.items()}
 
 
 def run_beside(src: Path, model, names: Sequence[str], feeds: Sequence[dict], tag: str):

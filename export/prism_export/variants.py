@@ -297,23 +297,16 @@ def calibrate_ranges(src: Path, feeds: Sequence[dict], nodes: Sequence[str]) -> 
     model = onnx.load(str(src), load_external_data=False)
     wanted = set(nodes)
     tensors = sorted({t for n in model.graph.node if n.name in wanted for t in (n.input[0], n.output[0])})
-    outputs = {}
-    for i, name in enumerate(tensors):
-        for op in ("ReduceMin", "ReduceMax"):  # no axes: over every element
-            out = f"prism_range_{i}_{op}"
-            model.graph.node.append(helper.make_node(op, [name], [out], keepdims=0))
-            model.graph.output.append(helper.make_empty_tensor_value_info(out))
-            outputs[out] = (name, op)
-    ranges: dict[str, list[float]] = {}
-    for values in smooth.run_beside(src, model, list(outputs), feeds, "calibrate"):
-        for out, value in values.items():
-            name, op = outputs[out]
-            value = float(value)
-            if not np.isfinite(value):  # an empty tensor reduces to ±inf: nothing to learn from it
-                continue
-            lo, hi = ranges.setdefault(name, [value, value])
-            ranges[name] = [min(lo, value), hi] if op == "ReduceMin" else [lo, max(hi, value)]
-    return {k: (min(v[0], 0.0), max(v[1], 0.0)) for k, v in ranges.items()}
+    reductions = {}
+    for i, name in enumerate(tensors):  # no axes: over every element
+        reductions[f"prism_min_{i}"] = ((name, 0), [helper.make_node("ReduceMin", [name], [f"prism_min_{i}"], keepdims=0)],
+                                        {}, np.minimum)
+        reductions[f"prism_max_{i}"] = ((name, 1), [helper.make_node("ReduceMax", [name], [f"prism_max_{i}"], keepdims=0)],
+                                        {}, np.maximum)
+    bounds = smooth.reduce_over_feeds(src, model, reductions, feeds, "calibrate")
+    # a tensor empty in every feed reduces to ±inf: nothing to calibrate it on
+    return {name: (min(float(bounds[name, 0]), 0.0), max(float(bounds[name, 1]), 0.0))
+            for name in tensors if np.isfinite(bounds[name, 0]) and np.isfinite(bounds[name, 1])}
 
 
 class _DropPreprocessAdvice(logging.Filter):

@@ -119,7 +119,7 @@ class ControlledAttnProcessor:
         groups, edits = state.cross_alpha.shape[0], state.cross_alpha.shape[1]
         n_cond = groups * (1 + edits)
         n_uncond = q.shape[0] - n_cond
-        heads, queries, keys, width = q.shape[1], q.shape[2], k.shape[2], v.shape[3]
+        heads, queries, depth, keys, width = q.shape[1], q.shape[2], q.shape[3], k.shape[2], v.shape[3]
         if is_cross and self.blend:  # LocalBlend: the conditional half's maps before control
             probs = self._probabilities(attn, q[n_uncond:], k[n_uncond:])
             state.blend_sum.append(probs.reshape(groups, 1 + edits, *probs.shape[1:]).mean(dim=2))
@@ -140,7 +140,6 @@ class ControlledAttnProcessor:
         if is_cross:  # (M_k (c ⊙ V_k))[i] = Σ_j M_k[i, j] c_j V_k[j]; a MatMul, as ONNX Runtime's Einsum
             mapped_v = state.token_mapper[:, :, None].to(v.dtype) @ mapped_v  # dies (SIGFPE) on K = 0
         # explicit sizes, never -1: with K = 0 these tensors are empty and -1 would be 0 / 0
-        depth = q.shape[3]
         cond_q = q[n_uncond:].reshape(groups, 1 + edits, heads, queries, depth)
         cond_k = k[n_uncond:].reshape(groups, 1 + edits, heads, keys, depth)
         source_q = cond_q[:, :1].expand(groups, edits, heads, queries, depth).reshape(groups * edits, heads, queries, depth)
