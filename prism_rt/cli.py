@@ -47,6 +47,9 @@ def _model_args(p: argparse.ArgumentParser, model_required: bool = True):
     p.add_argument("--no-cpu-arena", action="store_true",
                    help="onnxruntime on a CPU: free every tensor after each call instead of keeping one memory arena "
                         "(lower resident memory between calls, slower)")
+    p.add_argument("--portable-graphs", action="store_true",
+                   help="onnxruntime on a CPU: run the portable graphs (the ones TensorRT builds from) instead of the "
+                        "engine's CPU twins with fused attention (same outputs to ~1e-6, far less memory at SD v1.5 size)")
     p.add_argument("--self-max-queries", type=int, default=None,
                    help="self-attention layers with at most this many queries are controlled (PRISM 1024, the "
                         "default for torch; p2p 256); an engine folder uses the value it was exported with")
@@ -174,7 +177,8 @@ def _load(args):
 
     return Engine.load(args.model, backend=args.backend, device=args.device, unet_weights=args.unet_weights,
                        allow_pickle=args.allow_pickle, config=args.config, self_max_queries=args.self_max_queries,
-                       precision=args.precision, cpu_arena=not args.no_cpu_arena)
+                       precision=args.precision, cpu_arena=not args.no_cpu_arena,
+                       cpu_graphs=not args.portable_graphs)
 
 
 def _invert(engine, args, source):

@@ -69,12 +69,16 @@ class Engine:
     @classmethod
     def load(cls, path, backend: str | BackendKind = BackendKind.TORCH, *, device: str = "cpu",
              unet_weights=None, allow_pickle: bool = False, config=None, self_max_queries: int | None = None,
-             precision: str = "fp32", threads: int | None = None, cpu_arena: bool = True) -> "Engine":
+             precision: str = "fp32", threads: int | None = None, cpu_arena: bool = True,
+             cpu_graphs: bool = True) -> "Engine":
         """``precision``: an engine folder's variant (fp32, fp16, int8, int8-cpu; see ``prism-rt info``),
         or the torch backend's dtype (fp32, fp16: the graphs run in half precision, the loops in fp32).
         ``threads``: onnxruntime's intra-op threads (None: its default, all cores).
         ``cpu_arena``: onnxruntime on a CPU keeps one memory arena for all graphs (faster: no fresh
         pages per call); False frees every tensor after each call (lowest resident memory).
+        ``cpu_graphs``: onnxruntime on a CPU runs each graph's CPU twin where the engine has one
+        (attention fused into ``MultiHeadAttention``: same outputs to ~1e-6, a fraction of the
+        memory at SD v1.5 size); False runs the portable graphs TensorRT builds from.
         ``self_max_queries``: self-attention layers with at most this many queries are controlled
         (PRISM 32², the original prompt-to-prompt code 16²); larger ones keep fused attention. It is
         compiled into an exported UNet: None = 32² for torch, the engine's own value for onnxruntime."""
@@ -103,7 +107,7 @@ class Engine:
                 raise BackendError("--unet-weights and --config apply when exporting; an engine folder already holds its "
                                    "weights: re-export with `prism-export export --model … --unet-weights … --out ENGINE`")
             impl = load_ort_backend(path, device=device, self_max_queries=self_max_queries, precision=precision,
-                                    threads=threads, cpu_arena=cpu_arena)
+                                    threads=threads, cpu_arena=cpu_arena, cpu_graphs=cpu_graphs)
         else:
             raise BackendError(f"backend {kind.value!r} is not available in this version; use --backend torch or onnxruntime")
         return cls(impl, ClipTokenizer.from_folder(impl.info.tokenizer_dir), str(path))

@@ -12,6 +12,11 @@ Precisions: ``graphs`` is the fp32 reference; ``variants`` (optional) maps a pre
 per-graph precision, how it was made (quantization settings) and its measured quality against
 fp32. Only the graphs of the precision being loaded are hashed and checked.
 
+A graph may have a CPU twin (``graphs.<name>.cpu``: ``onnx/<name>.cpu.onnx``): the same graph with
+its attention fused into onnxruntime's ``MultiHeadAttention``, reading the same weights file; the
+onnxruntime backend runs it on the CPU provider. It is checked like the graph itself (hash, inputs
+and outputs).
+
 torch-free and onnx-free: graph signatures are read by :mod:`prism_rt.onnx_io`.
 """
 from __future__ import annotations
@@ -81,6 +86,7 @@ class GraphEntry:
     fixed_spatial: bool = False
     notes: tuple[str, ...] = ()
     sha256: str | None = None
+    cpu_file: Path | None = None  # the graph's CPU twin (attention fused for onnxruntime's CPU provider), if any
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,7 @@ class Manifest:
                                 "quality": variant.get("quality"), "quantization": variant.get("quantization")}
                          for name, variant in self.raw.get("variants", {}).items()},
             "graphs": {g.name: {"precision": g.precision, "file": g.file.relative_to(self.root).as_posix(),
+                                "cpu_file": g.cpu_file.relative_to(self.root).as_posix() if g.cpu_file else None,
                                 "inputs": {t.name: [t.dtype, list(t.shape)] for t in g.inputs},
                                 "outputs": {t.name: [t.dtype, list(t.shape)] for t in g.outputs},
                                 "dims": {k: [d.min, d.opt, d.max] for k, d in g.dims.items()},
@@ -174,29 +181,36 @@ def _check_file(root: Path, relative: str, sha256: str | None, raw: dict, verify
 
 
 def _check_signature(entry: GraphEntry, raw: dict) -> None:
-    try:
-        signature = read_signature(entry.file)
-    except (OnnxFormatError, OSError, UnicodeDecodeError) as exc:
-        raise EngineMismatchError(f"the graph file {entry.file} cannot be read as ONNX ({exc}); "
-                                  + _reexport_hint(entry.file.parent.parent, raw)) from None
-    for kind, declared, actual in (("inputs", entry.inputs, signature.inputs), ("outputs", entry.outputs, signature.outputs)):
-        want = [(t.name, t.dtype, tuple(t.shape)) for t in declared]
-        have = [(t.name, t.dtype, tuple(t.shape)) for t in actual]
-        if want != have:
-            raise EngineMismatchError(f"the graph file {entry.file} has {kind} {have}, its manifest says {want}; "
-                                      + _reexport_hint(entry.file.parent.parent, raw))
+    for file in (entry.file, entry.cpu_file):
+        if file is None:
+            continue
+        try:
+            signature = read_signature(file)
+        except (OnnxFormatError, OSError, UnicodeDecodeError) as exc:
+            raise EngineMismatchError(f"the graph file {file} cannot be read as ONNX ({exc}); "
+                                      + _reexport_hint(file.parent.parent, raw)) from None
+        for kind, declared, actual in (("inputs", entry.inputs, signature.inputs),
+                                       ("outputs", entry.outputs, signature.outputs)):
+            want = [(t.name, t.dtype, tuple(t.shape)) for t in declared]
+            have = [(t.name, t.dtype, tuple(t.shape)) for t in actual]
+            if want != have:
+                raise EngineMismatchError(f"the graph file {file} has {kind} {have}, its manifest says {want}; "
+                                          + _reexport_hint(file.parent.parent, raw))
 
 
 def _graph_entry(root: Path, name: str, g: dict, raw: dict, verify_hashes: bool) -> GraphEntry:
     onnx_path = _check_file(root, g["file"], g.get("sha256"), raw, verify_hashes)
     data_path = _check_file(root, g["data_file"], g.get("data_sha256"), raw, verify_hashes) if g.get("data_file") else None
+    cpu = g.get("cpu") or {}
+    cpu_path = _check_file(root, cpu["file"], cpu.get("sha256"), raw, verify_hashes) if cpu.get("file") else None
     return GraphEntry(
         name=name, file=onnx_path, data_file=data_path, precision=str(g.get("precision", REFERENCE_PRECISION)),
         inputs=tuple(TensorInfo.from_json(t) for t in g["inputs"]),
         outputs=tuple(TensorInfo.from_json(t) for t in g["outputs"]),
         dims={k: DimInfo(int(d["min"]), int(d["opt"]), int(d["max"])) for k, d in g.get("dims", {}).items()},
         profile=dict(g.get("profile", {})), parity=dict(g.get("parity", {})),
-        fixed_spatial=bool(g.get("fixed_spatial", False)), notes=tuple(g.get("notes", ())), sha256=g.get("sha256"))
+        fixed_spatial=bool(g.get("fixed_spatial", False)), notes=tuple(g.get("notes", ())), sha256=g.get("sha256"),
+        cpu_file=cpu_path)
 
 
 class PrecisionNotInEngineError(ModelError):

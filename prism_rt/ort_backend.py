@@ -97,7 +97,8 @@ class OrtBackend:
     kind = BackendKind.ONNXRUNTIME
     supports_autograd = False
 
-    def __init__(self, manifest: Manifest, device: str = "cpu", threads: int | None = None, cpu_arena: bool = True):
+    def __init__(self, manifest: Manifest, device: str = "cpu", threads: int | None = None, cpu_arena: bool = True,
+                 cpu_graphs: bool = True):
         import onnxruntime as ort
 
         self.manifest, self.device = manifest, str(device)
@@ -117,13 +118,17 @@ class OrtBackend:
                 options.enable_cpu_mem_arena = False
         if threads:
             options.intra_op_num_threads = int(threads)
-        self.sessions = {}
+        self.sessions, self.files = {}, {}
         for name, entry in manifest.graphs.items():
             providers = _providers(kind, index, manifest, name)
+            # the CPU twin: attention fused into MultiHeadAttention (flash attention), same weights;
+            # SD v1.5 fp32 UNet at batch 4: 15.7 -> 6.6 GB peak
+            file = entry.cpu_file if kind is OrtDevice.CPU and cpu_graphs and entry.cpu_file else entry.file
             try:
-                session = ort.InferenceSession(str(entry.file), sess_options=options, providers=providers)
+                session = ort.InferenceSession(str(file), sess_options=options, providers=providers)
             except Exception as exc:  # onnxruntime's own exception types
-                raise BackendError(f"onnxruntime cannot load the {name} graph {entry.file} on {device}: {exc}") from None
+                raise BackendError(f"onnxruntime cannot load the {name} graph {file} on {device}: {exc}") from None
+            self.files[name] = file
             if kind.provider not in session.get_providers():  # onnxruntime falls back silently
                 raise BackendError(f"onnxruntime could not start {kind.provider} for the {name} graph (it runs on "
                                    f"{session.get_providers()}); check the CUDA/TensorRT installation, or use --device cpu")
@@ -204,6 +209,7 @@ class OrtBackend:
 
         return {"backend": self.kind.value, "device": self.device, "onnxruntime": ort.__version__,
                 "providers": {name: s.get_providers()[0] for name, s in self.sessions.items()},
+                "graph_files": {name: f.relative_to(self.manifest.root).as_posix() for name, f in self.files.items()},
                 "precision": self.manifest.loaded_precision, "graph_precisions": dict(self.manifest.precision),
                 "engine": str(self.manifest.root),
                 "engine_format_version": self.manifest.format_version}
@@ -211,7 +217,7 @@ class OrtBackend:
 
 def load_ort_backend(path, device: str = "cpu", self_max_queries: int | None = None,
                      verify_hashes: bool = True, precision: str = "fp32", threads: int | None = None,
-                     cpu_arena: bool = True) -> OrtBackend:
+                     cpu_arena: bool = True, cpu_graphs: bool = True) -> OrtBackend:
     """Check the engine folder's manifest (for the graphs of ``precision``), then open them on ``device``."""
     try:
         import onnxruntime  # noqa: F401
@@ -223,4 +229,4 @@ def load_ort_backend(path, device: str = "cpu", self_max_queries: int | None = N
         raise BackendError(f"the engine {path} was exported with self_max_queries {exported}, not {self_max_queries}: "
                            f"the controlled layers are compiled into the graph. Pass --self-max-queries {exported}, or "
                            f"re-export with `prism-export export … --self-max-queries {self_max_queries}`")
-    return OrtBackend(manifest, device=device, threads=threads, cpu_arena=cpu_arena)
+    return OrtBackend(manifest, device=device, threads=threads, cpu_arena=cpu_arena, cpu_graphs=cpu_graphs)

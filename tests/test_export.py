@@ -82,8 +82,11 @@ def test_export_writes_one_progress_line_per_graph_and_a_complete_folder(export_
     engine_dir, lines = export_run
     assert [line.split(":")[0] for line in lines] == list(GRAPHS)
     assert all("parity" in line for line in lines)
+    # each graph, its weights, and the CPU twins of those with attention (the text encoder's is causal-masked)
     assert sorted(p.name for p in (engine_dir / "onnx").iterdir()) == sorted(
-        f"{g}.onnx{suffix}" for g in GRAPHS for suffix in ("", ".data"))
+        [f"{g}.onnx{suffix}" for g in GRAPHS for suffix in ("", ".data")]
+        + [f"{g}.cpu.onnx" for g in ("unet", "vae_encoder", "vae_decoder")])
+    assert all("CPU twin" in line for line in lines if not line.startswith("text_encoder"))
     assert (engine_dir / "manifest.json").is_file() and any((engine_dir / "tokenizer").iterdir())
     assert not list(engine_dir.parent.glob(".*partial*")), "the staging folder was left behind"
 
@@ -172,30 +175,35 @@ def test_every_op_of_every_graph_is_supported_by_tensorrt(engine_dir):
         assert OPSET_RANGE[0] <= opsets["ai.onnx"] <= OPSET_RANGE[1]
 
 
-def test_cpu_attention_fusion_is_exact_and_leaves_blend_maps(engine_dir, tmp_path):
-    """int8-cpu's graph pass: every attention product becomes ONNX Runtime's MultiHeadAttention —
-    the uncontrolled layers (the 16×16 self-attention here, as SELF_MAX_QUERIES is below 256) and
-    both products of each controlled layer; only LocalBlend's explicit maps keep a Softmax.
-    Outputs unchanged, with and without edit items."""
+def test_cpu_twin_fuses_every_attention_product_exactly_and_leaves_blend_maps(engine_dir):
+    """The export's CPU twin of the UNet (onnx/unet.cpu.onnx, the graph onnxruntime's CPU provider
+    runs): every attention product becomes MultiHeadAttention — the uncontrolled layers (the 16×16
+    self-attention here, as SELF_MAX_QUERIES is below 256) and both products of each controlled
+    layer; only LocalBlend's explicit maps keep a Softmax. It reads the portable graph's weights
+    file, and its outputs equal the portable graph's, with and without edit items."""
     import onnx
     import onnxruntime as ort
-    from prism_export.cpu_attention import fuse_attention_file
+    from onnx.external_data_helper import uses_external_data
 
-    folder = _copy_engine(engine_dir, tmp_path)
-    fused_path = folder / "onnx" / "unet-fused.onnx"
-    shutil.copy(folder / "onnx" / "unet.onnx", fused_path)  # shares unet.onnx.data
-    before = onnx.load(str(fused_path), load_external_data=False)
-    summary = fuse_attention_file(fused_path)
-    after = onnx.load(str(fused_path), load_external_data=False)
+    raw = json.loads((engine_dir / "manifest.json").read_text())
+    twin = raw["graphs"]["unet"]["cpu"]
+    assert twin["file"] == "onnx/unet.cpu.onnx" and twin["sha256"] == sha256_file(engine_dir / twin["file"])
+    portable_path, twin_path = engine_dir / "onnx" / "unet.onnx", engine_dir / twin["file"]
+    before = onnx.load(str(portable_path), load_external_data=False)
+    after = onnx.load(str(twin_path), load_external_data=False)
     ops = lambda m, t: sum(n.op_type == t for n in m.graph.node)  # noqa: E731
     # 5 uncontrolled: two 16×16 transformer blocks in the first down block, three in the last up
     # block; 27 controlled layers (cross-attention everywhere, self-attention at 8×8) × 2 products
-    assert summary["fused_attentions"] == 5 + 2 * 27 == ops(after, "MultiHeadAttention")
-    assert ops(before, "MultiHeadAttention") == 0
+    assert twin["fused_attentions"] == 5 + 2 * 27 == ops(after, "MultiHeadAttention")
+    assert twin["fused_gelu"] == 16 == ops(after, "Gelu")  # one per transformer block's feed-forward
+    assert ops(before, "MultiHeadAttention") == 0 == ops(before, "Gelu")
     assert ops(after, "Softmax") == 5  # LocalBlend's maps: the cross-attention at the blend layers
+    assert {e.value for t in after.graph.initializer if uses_external_data(t) for e in t.external_data
+            if e.key == "location"} == {"unet.onnx.data"}
+    assert twin_path.stat().st_size < 2 * portable_path.stat().st_size  # no copy of the weights
+    assert twin["parity"]["max_rel"] <= 1e-4  # against torch, at the export's parity shapes
     rng = np.random.default_rng(0)
-    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
-                for p in (folder / "onnx" / "unet.onnx", fused_path)]
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (portable_path, twin_path)]
     for batch, groups, edits in ((1, 1, 0), (5, 1, 2), (6, 2, 1)):
         feeds = dict(latents=rng.standard_normal((batch, 4, 16, 16), dtype=np.float32),
                      timestep=np.array([401.0], np.float32), text=rng.standard_normal((batch, 77, 32), dtype=np.float32),
@@ -207,6 +215,61 @@ def test_cpu_attention_fusion_is_exact_and_leaves_blend_maps(engine_dir, tmp_pat
         (noise_a, maps_a), (noise_b, maps_b) = (s.run(None, feeds) for s in sessions)
         np.testing.assert_allclose(noise_b, noise_a, atol=2e-5, rtol=1e-4)
         np.testing.assert_allclose(maps_b, maps_a, atol=1e-6)
+
+
+def test_the_cpu_provider_runs_the_cpu_twins_and_portable_graphs_on_request(engine_dir, image):
+    """Which file each session loaded, and that both give the same inversion."""
+    raw = json.loads((engine_dir / "manifest.json").read_text())
+    twins = {name: g["cpu"]["file"] for name, g in raw["graphs"].items() if g.get("cpu")}
+    assert "unet" in twins and "text_encoder" not in twins  # its causal-masked attention is not the fused pattern
+    fused = Engine.load(engine_dir, backend="onnxruntime", self_max_queries=SELF_MAX_QUERIES)
+    portable = Engine.load(engine_dir, backend="onnxruntime", self_max_queries=SELF_MAX_QUERIES, cpu_graphs=False)
+    files = fused.backend.describe()["graph_files"]
+    assert files == {name: twins.get(name, raw["graphs"][name]["file"]) for name in GRAPHS}
+    assert portable.backend.describe()["graph_files"] == {name: raw["graphs"][name]["file"] for name in GRAPHS}
+    a, b = (e.invert(image, SOURCE, method="direct", sampler=e.sampler(steps=5)) for e in (fused, portable))
+    assert np.abs(a.trajectory[-1]).max() > 0.5
+    np.testing.assert_allclose(a.trajectory, b.trajectory, atol=1e-4)
+
+
+def test_a_changed_or_missing_cpu_twin_is_refused(engine_dir, tmp_path):
+    engine = _copy_engine(engine_dir, tmp_path)
+    twin = engine / "onnx" / "unet.cpu.onnx"
+    twin.write_bytes(twin.read_bytes()[:-10])
+    with pytest.raises(EngineMismatchError, match=r"unet\.cpu\.onnx.*SHA-256.*prism-export export"):
+        load_manifest(engine)
+    twin.unlink()
+    with pytest.raises(EngineMismatchError, match=r"unet\.cpu\.onnx.*missing"):
+        load_manifest(engine)
+
+
+def test_cpu_graphs_adds_the_twins_to_an_older_engine(engine_dir, tmp_path):
+    """`prism-export cpu-graphs` on a folder without twins (as exported before they existed) writes
+    the same files the export writes, checked against the portable graphs; a failed check leaves
+    the folder as it was."""
+    from prism_export.cli import main as export_main
+    from prism_export.onnx_export import ExportError, add_cpu_graphs
+
+    engine = _copy_engine(engine_dir, tmp_path)
+    path = engine / "manifest.json"
+    exported = json.loads(path.read_text())
+    older = json.loads(path.read_text())
+    twins = {name: g.pop("cpu") for name, g in older["graphs"].items() if "cpu" in g}
+    for twin in twins.values():
+        (engine / twin["file"]).unlink()
+    path.write_text(json.dumps(older))
+    assert load_manifest(engine).graphs["unet"].cpu_file is None
+    with pytest.raises(ExportError, match="differs from the portable graph"):
+        add_cpu_graphs(engine, parity_tolerance=1e-12, progress=lambda line: None)
+    assert json.loads(path.read_text()) == older and not any(engine.glob("onnx/*.cpu.onnx"))
+    assert export_main(["cpu-graphs", "--engine", str(engine)]) == 0
+    added = json.loads(path.read_text())
+    for name, twin in twins.items():
+        assert added["graphs"][name]["cpu"]["sha256"] == twin["sha256"], name  # the export's own file
+        assert added["graphs"][name]["cpu"]["parity"]["max_rel"] <= 1e-4
+    assert {k: v for k, v in added.items() if k != "graphs"} == {k: v for k, v in exported.items() if k != "graphs"}
+    assert load_manifest(engine).graphs["unet"].cpu_file == engine / "onnx" / "unet.cpu.onnx"
+    assert add_cpu_graphs(engine, progress=lambda line: None) == {}
 
 
 def test_a_failed_export_leaves_no_engine_folder(tiny_model_dir, tmp_path, monkeypatch):

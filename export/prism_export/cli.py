@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .export_cli import add_export_parser, add_variants_parser, run_export, run_variants
+from .export_cli import add_export_parser, add_variants_parser, run_cpu_graphs, run_export, run_variants
 from .train_phantom import add_train_phantom_parser
 
 
@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     add_export_parser(sub)
     add_variants_parser(sub)
     add_train_phantom_parser(sub)
+    twins = sub.add_parser("cpu-graphs", help="add CPU twins (attention fused for onnxruntime's CPU provider) to an "
+                                               "engine folder exported before they existed")
+    twins.add_argument("--engine", type=Path, required=True, help="an engine folder written by `prism-export export`")
     bundle = sub.add_parser("bundle-demo", help="a trained phantom model → the bundled demo engine folder")
     bundle.add_argument("--model", type=Path, required=True, help="the folder `prism-export train-phantom` wrote")
     bundle.add_argument("--out", type=Path, default=Path("engines/phantom-demo"))
@@ -31,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_export(args)
     if args.command == "variants":
         return run_variants(args)
+    if args.command == "cpu-graphs":
+        return run_cpu_graphs(args)
     try:
         import torch  # noqa: F401
         import diffusers  # noqa: F401

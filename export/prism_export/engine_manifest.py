@@ -65,6 +65,15 @@ def _control(unet_graph, dims: ModelDims) -> dict:
             "self_max_queries": int(unet_graph.self_max_queries), "controlled_self_layers": controlled_self}
 
 
+def cpu_twin_entry(root: Path, twin: dict, data_file: str, parity: dict) -> dict:
+    """The manifest's ``graphs.<name>.cpu``: the graph's CPU twin (``write_cpu_graph``), which
+    onnxruntime's CPU provider runs instead of ``file``, and how far its outputs are from the reference."""
+    rec = _file_record(root, twin["path"])
+    return {"file": rec["path"], "sha256": rec["sha256"], "bytes": rec["bytes"], "reads": data_file,
+            "fused_attentions": twin["fused_attentions"], "fused_gelu": twin["fused_gelu"], "ops": twin["ops"],
+            "parity": parity, "use": "onnxruntime CPUExecutionProvider only; CUDA / TensorRT run the portable graph"}
+
+
 def build_manifest(root: Path, components, unet_graph, dims: ModelDims, specs: dict[str, GraphSpec],
                    records: dict[str, dict], opset: int) -> dict:
     graphs = {}
@@ -83,6 +92,10 @@ def build_manifest(root: Path, components, unet_graph, dims: ModelDims, specs: d
             "notes": ([UNET_FIXED_SPATIAL] if isinstance(spec, UNetSpec) else []) + parity.get("notes", []),
             "parity": parity, "export_s": records[name]["export_s"],
         }
+        cpu = records[name].get("cpu")
+        if cpu:
+            graphs[name]["cpu"] = cpu_twin_entry(root, cpu, data_rec["path"], {
+                "reference": parity["reference"], **parity["cpu_graph"]})
     tokenizer_files = sorted(p for p in (root / "tokenizer").iterdir() if p.is_file())
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,

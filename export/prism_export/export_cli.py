@@ -154,3 +154,22 @@ def run_export(args) -> int:
         return exc.exit_code
     print(f"wrote the engine folder {out}; run it with: prism-rt edit --model {out} --backend onnxruntime …")
     return 0
+
+
+def run_cpu_graphs(args) -> int:
+    message = _needs("onnx", "onnxruntime")
+    if message:
+        print(message, file=sys.stderr)
+        return 2
+    from prism_rt.errors import PrismError
+
+    from .onnx_export import add_cpu_graphs
+
+    try:
+        added = add_cpu_graphs(args.engine, progress=lambda line: print(line, flush=True))
+    except PrismError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"added CPU twins of {', '.join(added)} to {args.engine}" if added else
+          f"{args.engine} already has the CPU twins of every graph that has attention to fuse")
+    return 0

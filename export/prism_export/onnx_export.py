@@ -33,6 +33,7 @@ import numpy as np
 from prism_rt.backend import GRAPHS
 from prism_rt.errors import PrismError
 
+from .cpu_rewrites import write_cpu_graph
 from .specs import GraphSpec, ModelDims, UNetSpec, graph_specs
 
 OPSET = 18
@@ -83,17 +84,24 @@ def export_engine(model, out, *, unet_weights=None, config=None, allow_pickle: b
             path = staging / "onnx" / f"{name}.onnx"
             export_graph(graphs[name], specs[name], path, opset)
             gc.collect()  # the traced program holds graph-sized structures; an SD UNet export peaks near 20 GB
-            parity = measure_parity(graphs[name], specs[name], path)
+            cpu = write_cpu_graph(path)  # attention / GELU fused for onnxruntime's CPU provider
+            parity = measure_parity(graphs[name], specs[name], path, cpu_graph=cpu["path"] if cpu else None)
             gc.collect()
             export_s = time.perf_counter() - start
-            records[name] = {"parity": parity, "export_s": round(export_s, 1)}
+            records[name] = {"parity": parity, "export_s": round(export_s, 1), "cpu": cpu}
             data_mb = path.with_name(path.name + ".data").stat().st_size / 2**20
+            cpu_line = (f"; CPU twin onnx/{cpu['path'].name} ({cpu['fused_attentions']} attention, {cpu['fused_gelu']} "
+                        f"GELU fused) max rel {parity['cpu_graph']['max_rel']:.2e}" if cpu else "")
             progress(f"{name}: onnx/{path.name} (+ .data, {data_mb:.1f} MiB) in {export_s:.1f} s; parity vs torch: "
                      f"max abs {parity['max_abs']:.2e}, max rel {parity['max_rel']:.2e} "
-                     f"over {len(parity['cases'])} shapes (onnxruntime CPU)")
+                     f"over {len(parity['cases'])} shapes (onnxruntime CPU){cpu_line}")
             if parity["max_rel"] > parity_tolerance:
                 raise ExportError(f"the exported {name} graph differs from torch by {parity['max_rel']:.2e} (relative), "
                                   f"more than the tolerance {parity_tolerance:g}; see the cases: {parity['cases']}")
+            if cpu and parity["cpu_graph"]["max_rel"] > parity_tolerance:
+                raise ExportError(f"the CPU twin of the {name} graph (onnx/{cpu['path'].name}) differs from torch by "
+                                  f"{parity['cpu_graph']['max_rel']:.2e} (relative), more than the tolerance "
+                                  f"{parity_tolerance:g}: a fusion in prism_export.cpu_rewrites is wrong for this model")
         copy_tokenizer(components.tokenizer_dir, staging / "tokenizer")
         manifest = build_manifest(staging, components, graphs["unet"], dims, specs, records, opset)
         write_manifest(staging, manifest)
@@ -218,15 +226,40 @@ def _relative_error(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return max_abs, (max_abs / peak if peak > 0 else max_abs)
 
 
-def measure_parity(module, spec: GraphSpec, path: Path, seed: int = 0) -> dict:
+def _cpu_session(path: Path):
+    """A CPU session without a memory arena: parity runs are one-offs at growing batch sizes."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _twin_parity(twin_path: Path, spec: GraphSpec, cases: list[tuple[dict, list[np.ndarray]]]) -> dict:
+    """Run the CPU twin on each case's inputs and compare with that case's reference outputs. Its
+    session opens after the portable graph's closed: at SD v1.5 size each holds 3.4 GB of weights."""
+    session = _cpu_session(twin_path)
+    errors = []
+    for inputs, ref in cases:
+        try:
+            got = session.run(spec.output_names, inputs)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise ExportError(f"onnxruntime cannot run the CPU twin {twin_path.name} of the {spec.name} graph on "
+                              f"inputs the portable graph runs: {exc}") from exc
+        errors += [_relative_error(g, r) for g, r in zip(got, ref)]
+    return {"max_abs": max(e[0] for e in errors), "max_rel": max(e[1] for e in errors)}
+
+
+def measure_parity(module, spec: GraphSpec, path: Path, seed: int = 0, cpu_graph: Path | None = None) -> dict:
     """Compare onnxruntime (CPU) with the torch module on random inputs at the spec's parity
     shapes. ``max_rel`` is max |onnx − torch| / max |torch| per output: an element-wise ratio
-    would explode where the reference crosses zero."""
+    would explode where the reference crosses zero. ``cpu_graph`` (the graph's CPU twin) is
+    compared with torch on the same inputs: ``result["cpu_graph"]``."""
     import onnxruntime as ort
     import torch
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    rows, notes = [], []
+    session = _cpu_session(path)
+    rows, notes, ran = [], [], []
     for i, case in enumerate(spec.parity_cases()):
         inputs = spec.sample_inputs(np.random.default_rng(seed + i), **case)
         with torch.no_grad():
@@ -239,6 +272,7 @@ def measure_parity(module, spec: GraphSpec, path: Path, seed: int = 0) -> dict:
                 notes.append(f"K=0 does not run ({type(exc).__name__}: {exc}); the runtime pads K=0 calls")
                 continue
             raise ExportError(f"onnxruntime cannot run the exported {spec.name} graph at {case}: {exc}") from exc
+        ran.append((inputs, ref))
         outputs = {}
         for name, g, r in zip(spec.output_names, got, ref):
             if g.shape != r.shape:
@@ -249,6 +283,7 @@ def measure_parity(module, spec: GraphSpec, path: Path, seed: int = 0) -> dict:
         rows.append({"dims": dims, **({"case": case} if isinstance(spec, UNetSpec) else {}), "outputs": outputs,
                      "max_abs": max(o["max_abs"] for o in outputs.values()),
                      "max_rel": max(o["max_rel"] for o in outputs.values())})
+    del session
     if not rows:
         raise ExportError(f"no parity case of the {spec.name} graph ran: {notes}")
     result = {
@@ -260,4 +295,72 @@ def measure_parity(module, spec: GraphSpec, path: Path, seed: int = 0) -> dict:
     }
     if isinstance(spec, UNetSpec):  # the smallest K the graph runs with; the runtime pads below it
         result["edits_min"] = 1 if notes else 0
+    if cpu_graph is not None:
+        gc.collect()
+        result["cpu_graph"] = _twin_parity(Path(cpu_graph), spec, ran)
     return result
+
+
+def add_cpu_graphs(engine_dir, parity_tolerance: float = DEFAULT_PARITY_TOLERANCE,
+                   progress: Callable[[str], None] = print) -> dict[str, dict]:
+    """Give an engine folder exported before CPU twins existed its ``onnx/<graph>.cpu.onnx`` files
+    (``prism-export cpu-graphs``), each checked against the folder's own portable graph in
+    onnxruntime at the export's parity shapes; the manifest is rewritten last, in one replace, so
+    a failure leaves the folder as it was. Returns the new manifest entries by graph."""
+    import json
+
+    import onnxruntime as ort
+
+    from prism_rt.manifest import MANIFEST_NAME, load_manifest
+
+    from .engine_manifest import cpu_twin_entry
+
+    root = Path(engine_dir).expanduser()
+    manifest = load_manifest(root)  # checks every fp32 file against its hash first
+    raw = manifest.raw
+    m = raw["model"]
+    dims = ModelDims(image_size=int(m["image_size"]), latent_channels=int(m["latent_channels"]),
+                     latent_downsample=int(m["latent_downsample"]), text_width=int(m["text_width"]),
+                     max_tokens=int(m["max_tokens"]), vocab_size=int(m["vocab_size"]),
+                     blend_downsample=int(raw["control"]["blend_downsample"]))
+    specs = graph_specs(dims, int(raw["control"]["self_max_queries"]))
+    written, entries = [], {}
+    try:
+        for name in GRAPHS:
+            entry = manifest.graphs[name]
+            if entry.cpu_file is not None:
+                continue
+            twin = write_cpu_graph(entry.file)
+            if twin is None:
+                continue
+            written.append(twin["path"])
+            spec, session, cases = specs[name], _cpu_session(entry.file), []
+            for i, case in enumerate(spec.parity_cases()):
+                inputs = spec.sample_inputs(np.random.default_rng(i), **case)
+                try:
+                    cases.append((inputs, session.run(spec.output_names, inputs)))
+                except Exception:  # K = 0 on an engine that pads it (edits.min = 1): not run either way
+                    continue
+            del session
+            gc.collect()
+            if not cases:
+                raise ExportError(f"no parity case of the {name} graph ran in onnxruntime")
+            parity = {"reference": f"the portable graph {entry.file.name}, onnxruntime {ort.__version__} CPU",
+                      **_twin_parity(twin["path"], spec, cases)}
+            if parity["max_rel"] > parity_tolerance:
+                raise ExportError(f"the CPU twin of the {name} graph differs from the portable graph by "
+                                  f"{parity['max_rel']:.2e} (relative), more than {parity_tolerance:g}")
+            entries[name] = cpu_twin_entry(root, twin, raw["graphs"][name]["data_file"], parity)
+            progress(f"{name}: onnx/{twin['path'].name} ({twin['fused_attentions']} attention, {twin['fused_gelu']} "
+                     f"GELU fused); max rel {parity['max_rel']:.2e} vs the portable graph")
+        if entries:
+            for name, cpu in entries.items():
+                raw["graphs"][name]["cpu"] = cpu
+            tmp = root / (MANIFEST_NAME + ".tmp")
+            tmp.write_text(json.dumps(raw, indent=2, sort_keys=False, default=str) + "\n")
+            tmp.replace(root / MANIFEST_NAME)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return entries
