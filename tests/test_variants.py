@@ -507,6 +507,8 @@ def test_bench_writes_results_tables_plots_and_compares(engine_dir, tmp_path, ca
                    ("onnxruntime", "int8-cpu")):
         for graph in ("text_encoder", "vae_encoder", "vae_decoder", "unet"):
             assert {(*config, graph, b) for b in (1, 2, 4, 12)} <= graphs
+    # on a CPU the fp32 engine also runs its portable graphs, beside the CPU twins it runs by default
+    assert {("onnxruntime (portable graphs)", "fp32", "unet", b) for b in (1, 2, 4, 12)} <= graphs
     cf = {r["config"]: r for r in rows if r["kind"] == "counterfactual"}
     ref = next(r for r in cf.values() if r["role"] == "reference")
     assert ref["sweep"] == "sequential" and ref["inversion"] == "null-text" and ref["speedup_vs_reference"] == 1.0

@@ -144,7 +144,8 @@ def peak_rss_mb() -> float | None:
 
 
 # -- workers (each in its own process) -------------------------------------------------------------
-def _load(kind: str, backend: str, precision: str, paths: dict, device: str, threads: int | None):
+def _load(kind: str, backend: str, precision: str, paths: dict, device: str, threads: int | None,
+          cpu_graphs: bool = True):
     if threads:
         try:
             import torch
@@ -156,7 +157,15 @@ def _load(kind: str, backend: str, precision: str, paths: dict, device: str, thr
 
     path = paths["checkpoint"] if backend == "torch" else paths["engine"]
     return Engine.load(path, backend=backend, device=device if backend == "torch" else _ort_device(device),
-                       precision=precision, threads=threads)
+                       precision=precision, threads=threads,
+                       **({} if backend == "torch" else {"cpu_graphs": cpu_graphs}))
+
+
+def _has_cpu_twins(engine) -> bool:
+    import json
+
+    raw = json.loads((Path(engine) / "manifest.json").read_text(encoding="utf-8"))
+    return any(g.get("cpu") for g in raw.get("graphs", {}).values())
 
 
 def _ort_device(device: str) -> str:
@@ -215,8 +224,10 @@ def graph_inputs(backend, tokenizer, graph: str, batch: int, rng: np.random.Gene
 
 
 def graph_worker(job: dict) -> list[dict]:
-    engine = _load("graphs", job["backend"], job["precision"], job["paths"], job["device"], job["threads"])
+    engine = _load("graphs", job["backend"], job["precision"], job["paths"], job["device"], job["threads"],
+                   cpu_graphs=not job.get("portable"))
     backend, rows, rng = engine.backend, [], np.random.default_rng(0)
+    label = job["backend"] + (" (portable graphs)" if job.get("portable") else "")
     graphs = job.get("graphs") or GRAPHS
     for graph in graphs:
         for batch in job["batches"]:
@@ -227,7 +238,7 @@ def graph_worker(job: dict) -> list[dict]:
                 backend.to_numpy(next(iter(out.values())))  # waits for the device
 
             timing = _timed(call, job["warmup"], job["repeats"])
-            row = {"kind": "graph", "backend": job["backend"], "precision": job["precision"], "graph": graph,
+            row = {"kind": "graph", "backend": label, "precision": job["precision"], "graph": graph,
                    "batch": batch, **timing}
             if graph == "unet":
                 row["unet_layout"] = dict(zip(("uncond", "edits"), unet_layout(batch)))
@@ -361,9 +372,12 @@ def run_bench(plan: BenchPlan, progress=print) -> dict:
             graph_jobs.append(("torch", "fp16"))
     if plan.paths.get("engine"):
         graph_jobs += [("onnxruntime", p) for p in plan.engine_precisions]
-    for backend, precision in graph_jobs:
-        progress(f"per graph: {backend} {precision} at batches {batches} …")
-        rows += run(graph_worker, {"backend": backend, "precision": precision, "paths": plan.paths, "device": plan.device,
+        if not gpu and "fp32" in plan.engine_precisions and _has_cpu_twins(plan.paths["engine"]):
+            graph_jobs.append(("onnxruntime", "fp32", "portable"))  # what the CPU twins save, side by side
+    for backend, precision, *portable in graph_jobs:
+        progress(f"per graph: {backend} {precision}{' (portable graphs)' if portable else ''} at batches {batches} …")
+        rows += run(graph_worker, {"backend": backend, "precision": precision, "portable": bool(portable),
+                                   "paths": plan.paths, "device": plan.device,
                                    "threads": plan.threads, "batches": batches, "repeats": preset.repeats,
                                    "warmup": preset.warmup, "stock_unet": backend == "torch" and precision == "fp32",
                                    "graphs": list(preset.graphs or GRAPHS)})
