@@ -157,8 +157,7 @@ def _load(kind: str, backend: str, precision: str, paths: dict, device: str, thr
 
     path = paths["checkpoint"] if backend == "torch" else paths["engine"]
     return Engine.load(path, backend=backend, device=device if backend == "torch" else _ort_device(device),
-                       precision=precision, threads=threads,
-                       **({} if backend == "torch" else {"cpu_graphs": cpu_graphs}))
+                       precision=precision, threads=threads, cpu_graphs=cpu_graphs)
 
 
 def _has_cpu_twins(engine) -> bool:

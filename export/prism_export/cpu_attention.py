@@ -13,14 +13,13 @@ layers are written as such products too (``ControlledAttnProcessor._controlled``
 linear in the probabilities, so it moves onto the values) and fuse as well, the second of each
 pair over the K edit items only, empty for K = 0; LocalBlend's explicit maps (the conditional
 half's cross-attention at the blend resolution) feed a mean and stay as they are.
-``com.microsoft`` operators exist in ONNX Runtime only, so this is for the ``int8-cpu`` variant,
-never for the graphs TensorRT builds from.
+``com.microsoft`` operators exist in ONNX Runtime only, so this is for the ``int8-cpu`` variant
+and the fp32 graphs' CPU twins (:func:`prism_export.cpu_rewrites.write_cpu_graph`), never for the
+graphs TensorRT builds from.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-MS_DOMAIN = "com.microsoft"
+from .cpu_rewrites import MS_DOMAIN
 
 
 def _static_dims(value_info) -> list | None:
@@ -86,11 +85,3 @@ def fuse_attention(model) -> int:
     if fused and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return fused
-
-
-def fuse_attention_file(path: Path) -> dict:
-    """:func:`fuse_attention` on a graph file, rewritten in place (its weights file is untouched)."""
-    from .cpu_rewrites import rewrite_file
-
-    fused = rewrite_file(path, lambda model, base_dir: fuse_attention(model))
-    return {"fused_attentions": fused, "op": f"{MS_DOMAIN}.MultiHeadAttention (flash attention on CPU)"}

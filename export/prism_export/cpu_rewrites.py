@@ -46,18 +46,20 @@ def drop_unused_initializers(graph) -> None:
     graph.initializer.extend(live)
 
 
-def rewrite_file(path: Path, rewrite) -> int:
+def rewrite_file(path: Path, rewrite, out: Path | None = None) -> int:
     """Apply ``rewrite(model, base_dir)`` (returns a count) to the graph file ``path`` without loading
-    its weights; saved in place only if it changed something (the weights file is untouched)."""
+    its weights; saved — in place, or to ``out`` in the same folder (it reads the same weights
+    file) — only if it changed something (the weights file is untouched)."""
     import onnx
 
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     count = rewrite(model, str(path.parent))
     if count:
-        tmp = path.with_name(path.name + ".tmp")
+        target = Path(out or path)
+        tmp = target.with_name(target.name + ".tmp")
         onnx.save_model(model, str(tmp))
-        tmp.replace(path)
+        tmp.replace(target)
     return count
 
 
@@ -183,39 +185,31 @@ def fuse_gelu(model, base_dir: str | None = None) -> int:
     return count
 
 
-def fuse_gelu_file(path: Path) -> dict:
-    """:func:`fuse_gelu` on a graph file, rewritten in place (its weights file is untouched)."""
-    return {"fused_gelu": rewrite_file(path, fuse_gelu), "op": f"{MS_DOMAIN}.Gelu"}
+def fuse_for_cpu_file(path: Path, out: Path | None = None) -> dict[str, int]:
+    """Attention (:func:`prism_export.cpu_attention.fuse_attention`) and GELU (:func:`fuse_gelu`)
+    fused in the graph file ``path``, in one load and save (:func:`rewrite_file`: in place, or to
+    ``out``); returns how many of each."""
+    from .cpu_attention import fuse_attention
 
+    counts: dict[str, int] = {}
 
-CPU_GRAPH_SUFFIX = ".cpu.onnx"
+    def rewrite(model, base_dir):
+        counts.update(fused_attentions=fuse_attention(model), fused_gelu=fuse_gelu(model, base_dir))
+        return sum(counts.values())
 
-
-def cpu_graph_path(path: Path) -> Path:
-    """``onnx/unet.onnx`` → ``onnx/unet.cpu.onnx``."""
-    path = Path(path)
-    return path.with_name(path.name[: -len(".onnx")] + CPU_GRAPH_SUFFIX)
+    rewrite_file(path, rewrite, out)
+    return counts
 
 
 def write_cpu_graph(path: Path) -> dict | None:
-    """Write the CPU twin of the graph file ``path`` beside it (see the module docstring): the
-    same graph with its attention products fused into ``MultiHeadAttention`` and its GELUs into
-    ``Gelu``, its weights still read from ``path``'s data file (only the small reshape constants
-    the fusion adds are stored in the graph). Returns where it went and what was fused, or None
-    (and no file) when the graph has nothing to fuse."""
-    import onnx
-
-    from .cpu_attention import fuse_attention
-
+    """Write the CPU twin of the graph file ``path`` beside it, ``<graph>.cpu.onnx`` (see the module
+    docstring): the same graph with its attention products fused into ``MultiHeadAttention`` and
+    its GELUs into ``Gelu``, its weights still read from ``path``'s data file (only the small
+    reshape constants the fusion adds are stored in the graph). Returns where it went and what was
+    fused, or None (and no file) when the graph has nothing to fuse."""
     path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    attention = fuse_attention(model)
-    gelu = fuse_gelu(model, str(path.parent))
-    if not attention and not gelu:
+    out = path.with_name(path.name.removesuffix(".onnx") + ".cpu.onnx")
+    counts = fuse_for_cpu_file(path, out)
+    if not any(counts.values()):
         return None
-    out = cpu_graph_path(path)
-    tmp = out.with_name(out.name + ".tmp")
-    onnx.save_model(model, str(tmp))
-    tmp.replace(out)
-    return {"path": out, "fused_attentions": attention, "fused_gelu": gelu,
-            "ops": [f"{MS_DOMAIN}.MultiHeadAttention", f"{MS_DOMAIN}.Gelu"]}
+    return {"path": out, **counts, "ops": [f"{MS_DOMAIN}.MultiHeadAttention", f"{MS_DOMAIN}.Gelu"]}

@@ -318,12 +318,7 @@ def add_cpu_graphs(engine_dir, parity_tolerance: float = DEFAULT_PARITY_TOLERANC
     root = Path(engine_dir).expanduser()
     manifest = load_manifest(root)  # checks every fp32 file against its hash first
     raw = manifest.raw
-    m = raw["model"]
-    dims = ModelDims(image_size=int(m["image_size"]), latent_channels=int(m["latent_channels"]),
-                     latent_downsample=int(m["latent_downsample"]), text_width=int(m["text_width"]),
-                     max_tokens=int(m["max_tokens"]), vocab_size=int(m["vocab_size"]),
-                     blend_downsample=int(raw["control"]["blend_downsample"]))
-    specs = graph_specs(dims, int(raw["control"]["self_max_queries"]))
+    specs = graph_specs(ModelDims.from_manifest(raw), int(raw["control"]["self_max_queries"]))
     written, entries = [], {}
     try:
         for name in GRAPHS:

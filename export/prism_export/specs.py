@@ -94,6 +94,15 @@ class ModelDims:
             text_width=int(te.hidden_size), max_tokens=int(te.max_position_embeddings),
             vocab_size=int(te.vocab_size), blend_downsample=int(unet_graph.blend_downsample))
 
+    @classmethod
+    def from_manifest(cls, raw: dict) -> "ModelDims":
+        """The sizes an engine folder's manifest (``manifest.json``, as a dict) records."""
+        m = raw["model"]
+        return cls(image_size=int(m["image_size"]), latent_channels=int(m["latent_channels"]),
+                   latent_downsample=int(m["latent_downsample"]), text_width=int(m["text_width"]),
+                   max_tokens=int(m["max_tokens"]), vocab_size=int(m["vocab_size"]),
+                   blend_downsample=int(raw["control"]["blend_downsample"]))
+
 
 @dataclass(frozen=True)
 class GraphSpec:

@@ -52,9 +52,8 @@ import numpy as np
 from prism_rt.backend import GRAPHS
 from prism_rt.errors import PrismError
 from prism_rt.manifest import MANIFEST_NAME, PRECISIONS, REFERENCE_PRECISION, load_manifest, sha256_file
-from .cpu_attention import fuse_attention_file
 from . import smoothing as smooth
-from .cpu_rewrites import fuse_gelu_file, split_geglu
+from .cpu_rewrites import MS_DOMAIN, fuse_for_cpu_file, split_geglu
 
 VARIANT_DIRS = {"fp16": "onnx-fp16", "int8": "onnx-int8", "int8-cpu": "onnx-int8-cpu"}
 FP16_GRAPHS_DEFAULT = ("text_encoder", "vae_encoder", "vae_decoder", "unet")
@@ -504,8 +503,10 @@ def add_variants(engine_dir, precisions: Sequence[str], settings: VariantSetting
                                      [feeds for feeds, _ in calibration], precision, settings.int8_float_scopes,
                                      smoothing=settings.int8_cpu_smoothing)
                 if precision == "int8-cpu":  # an ONNX Runtime-only graph: its contrib operators may be used
-                    made["cpu_attention"] = fuse_attention_file(staging / "unet.onnx")
-                    made["cpu_gelu"] = fuse_gelu_file(staging / "unet.onnx")
+                    fused = fuse_for_cpu_file(staging / "unet.onnx")
+                    made["cpu_attention"] = {"fused_attentions": fused["fused_attentions"],
+                                             "op": f"{MS_DOMAIN}.MultiHeadAttention (flash attention on CPU)"}
+                    made["cpu_gelu"] = {"fused_gelu": fused["fused_gelu"], "op": f"{MS_DOMAIN}.Gelu"}
                 graphs["unet"] = made
             build_s = time.perf_counter() - start
             entry = {"graphs": {}, "built_utc": _now(), "build_s": round(build_s, 1), "settings": settings.to_json()}
