@@ -533,6 +533,40 @@ def test_bench_writes_results_tables_plots_and_compares(engine_dir, tmp_path, ca
     assert "change against" in printed and "onnxruntime int8-cpu unet 12" in printed
 
 
+def test_bench_paired_times_each_precision_in_turn_against_torch_fp32(engine_dir, tmp_path, capsys):
+    from prism_rt.cli import main
+
+    out = tmp_path / "paired"
+    args = ["bench", "--model", str(engine_dir), "--out", str(out), "--mode", "graphs", "--graphs", "unet",
+            "--batches", "2", "--precisions", "fp32,int8-cpu", "--repeats", "3", "--threads", "1", "--paired"]
+    assert main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    paired = {(r["backend"], r["precision"]): r for r in rows if r["kind"] == "graph_paired"}
+    assert set(paired) == {("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8-cpu")}
+    base = paired[("torch", "fp32")]["times_s"]
+    for row in paired.values():
+        assert row["graph"] == "unet" and row["batch"] == 2 and len(row["times_s"]) == 3
+        assert row["median_s"] == pytest.approx(float(np.median(row["times_s"])))
+        # each round's ratio, then their median: not a ratio of two medians
+        assert row["ratio_to_torch_fp32"]["median"] == pytest.approx(
+            float(np.median([a / b for a, b in zip(base, row["times_s"])])))
+    assert paired[("torch", "fp32")]["rms_rel_diff_vs_torch_fp32"] == 0.0
+    # the same inputs for every configuration: ONNX Runtime fp32 equals torch, int8-cpu differs by its noise
+    assert paired[("onnxruntime", "fp32")]["rms_rel_diff_vs_torch_fp32"] < 1e-4
+    assert 1e-3 < paired[("onnxruntime", "int8-cpu")]["rms_rel_diff_vs_torch_fp32"] < 0.5
+    assert "## Paired" in (out / "results.md").read_text()
+    # the per-process rows are still there beside the paired ones
+    assert {(r["backend"], r["precision"]) for r in rows if r["kind"] == "graph"} >= set(paired)
+
+
+def test_bench_paired_needs_checkpoint_and_engine(tiny_model_dir, tmp_path, capsys):
+    from prism_rt.cli import main
+
+    code = main(["bench", "--model", str(tiny_model_dir), "--out", str(tmp_path / "b"), "--paired"])  # no --engine
+    assert code == 2 and "--paired" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_bench_refuses_a_missing_compare_file(engine_dir, tmp_path, capsys):
     from prism_rt.cli import main
 

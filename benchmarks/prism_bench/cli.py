@@ -38,6 +38,10 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
                    help="radiograph(s) to edit (default: pydicom-data's RG1_UNCR.dcm and phantom patients)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where preset models and engines are kept")
     p.add_argument("--no-isolate", action="store_true", help="run every configuration in this process (no per-process RSS)")
+    p.add_argument("--paired", action="store_true",
+                   help="also time torch fp32 and every engine precision in turn, round after round in one process, "
+                        "and report each round's ratio (steady on machines whose speed drifts between runs; "
+                        "needs the checkpoint)")
     return p
 
 
@@ -161,9 +165,12 @@ def run_bench_cli(args) -> int:
         size = int(manifest.model["image_size"])
     if size is None:
         size = 128
+    if args.paired and not (paths.get("checkpoint") and paths.get("engine")):
+        raise SettingsError("--paired times the engine against torch fp32 and needs both: give --model CHECKPOINT "
+                            "--engine ENGINE, or an engine whose manifest names its source checkpoint (still there)")
     plan = BenchPlan(preset=preset, paths=paths, device=args.device, threads=args.threads,
                      images=_images(args, size, preset.throughput_images), engine_precisions=precisions,
-                     isolate=not args.no_isolate)
+                     isolate=not args.no_isolate, paired=args.paired)
     demo = Path(paths["engine"]) / "demo.json" if paths.get("engine") else None
     if demo is not None and demo.is_file() and not args.image:  # a phantom engine: its edit, judged on the truth
         from prism_rt.imageio import load_image

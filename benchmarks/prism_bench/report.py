@@ -81,6 +81,21 @@ def markdown(results: dict) -> str:
                 out.append(f"| {backend} | {precision} | " + " | ".join(cells) + f" | "
                            f"{_opt(last.get('speedup_vs_torch_fp32') if last else None, '{:.2f}×')} | {_opt(rss, '{:.0f}')} |")
             out.append("")
+    paired = [r for r in rows if r["kind"] == "graph_paired"]
+    if paired:
+        out += ["## Paired: torch fp32 and each precision in turn, one process", "",
+                "Each round calls every configuration once on the same inputs (order rotated); the ratio is "
+                "torch fp32's time over the configuration's in the same round, median (p10–p90) over "
+                f"{paired[0]['repeats']} rounds. Peak RSS is of all of them together: "
+                f"{_opt(paired[0].get('peak_rss_mb'), '{:.0f}')} MB.", "",
+                "| graph | batch | backend | precision | median | ratio to torch fp32 | rms rel. diff. of output |",
+                "|---|---:|---|---|---:|---:|---:|"]
+        for r in paired:
+            q = r["ratio_to_torch_fp32"]
+            out.append(f"| {r['graph']} | {r['batch']} | {r['backend']} | {r['precision']} | "
+                       f"{_fmt_s(r['median_s'])} ({_fmt_s(r['p10_s'])}–{_fmt_s(r['p90_s'])}) | "
+                       f"{q['median']:.2f}× ({q['p10']:.2f}–{q['p90']:.2f}) | {r['rms_rel_diff_vs_torch_fp32']:.2e} |")
+        out.append("")
     return "\n".join(out)
 
 
@@ -146,8 +161,8 @@ def plots(results: dict, out: Path) -> list[Path]:
 
 
 def _key(row: dict) -> tuple | None:
-    if row["kind"] == "graph":
-        return ("graph", row["backend"], row["precision"], row["graph"], row["batch"])
+    if row["kind"] in ("graph", "graph_paired"):
+        return (row["kind"], row["backend"], row["precision"], row["graph"], row["batch"])
     if row["kind"] in ("counterfactual", "throughput"):
         return (row["kind"], row["config"])
     return None
@@ -167,7 +182,7 @@ def compare(new: dict, old_path: Path) -> str:
         key = _key(row)
         if key in before and _value(before[key]) and _value(row):
             a, b = _value(before[key]), _value(row)
-            label = " ".join(str(k) for k in key[1:])[:70]
+            label = (" ".join(str(k) for k in key[1:]) + (" (paired)" if key[0] == "graph_paired" else ""))[:70]
             lines.append(f"{label:70s} {_fmt_s(a):>10s} {_fmt_s(b):>10s} {100 * (b - a) / a:+7.1f}%")
     if len(lines) == 2:
         lines.append("(no measurement in common)")

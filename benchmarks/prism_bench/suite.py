@@ -250,6 +250,59 @@ def graph_worker(job: dict) -> list[dict]:
     return rows
 
 
+def _spread(values: list[float]) -> dict:
+    q = np.quantile(values, [0.1, 0.9])
+    return {"median": statistics.median(values), "p10": float(q[0]), "p90": float(q[1])}
+
+
+def paired_worker(job: dict) -> list[dict]:
+    """torch fp32 and each engine precision loaded in this one process and called in turn, round
+    after round (the order rotated every round), on the same inputs: a machine whose speed drifts
+    between runs (a shared VM) slows every configuration of a round alike, so the ratio of each
+    round's two times is steadier than the ratio of medians taken minutes apart. Rows: each
+    configuration's median time, the median (p10, p90) of its per-round ratio to torch fp32, and
+    the rms relative difference of its first output from torch fp32's."""
+    configs = [("torch", "fp32")] + [("onnxruntime", p) for p in job["precisions"]]
+    engines = [_load("graphs", b, p, job["paths"], job["device"], job["threads"]) for b, p in configs]
+    rows = []
+    for graph in job["graphs"]:
+        for batch in job["batches"]:
+            calls, firsts = [], []
+            for engine in engines:
+                backend = engine.backend
+                inputs = graph_inputs(backend, engine.tokenizer, graph, batch, np.random.default_rng(0))
+
+                def call(backend=backend, inputs=inputs):
+                    out = backend.run(graph, **inputs)
+                    return backend.to_numpy(next(iter(out.values())))  # waits for the device
+
+                firsts.append(np.asarray(call(), np.float64))  # warm-up, and the output compared
+                for _ in range(job["warmup"] - 1):
+                    call()
+                calls.append(call)
+            times = [[] for _ in calls]
+            for r in range(job["repeats"]):
+                for j in range(len(calls)):
+                    i = (r + j) % len(calls)
+                    start = time.perf_counter()
+                    calls[i]()
+                    times[i].append(time.perf_counter() - start)
+            ref = firsts[0]
+            for (backend, precision), ts, first in zip(configs, times, firsts):
+                q = np.quantile(ts, [0.1, 0.9])
+                row = {"kind": "graph_paired", "backend": backend, "precision": precision, "graph": graph, "batch": batch,
+                       "median_s": statistics.median(ts), "p10_s": float(q[0]), "p90_s": float(q[1]),
+                       "repeats": job["repeats"], "times_s": ts,
+                       "ratio_to_torch_fp32": _spread([a / b for a, b in zip(times[0], ts)]),
+                       "rms_rel_diff_vs_torch_fp32": float(np.sqrt(((first - ref) ** 2).sum() / max((ref ** 2).sum(), 1e-30)))}
+                if graph == "unet":
+                    row["unet_layout"] = dict(zip(("uncond", "edits"), unet_layout(batch)))
+                rows.append(row)
+    for row in rows:
+        row["peak_rss_mb"] = peak_rss_mb()  # of all configurations together
+    return rows
+
+
 def _stock_unet_rows(engine, job: dict, rng) -> list[dict]:
     """diffusers' own UNet (no control) at batch 2, for the price of the controlled one."""
     import torch
@@ -346,6 +399,7 @@ class BenchPlan:
     images: list = field(default_factory=list)  # gray [0,1] arrays or paths
     engine_precisions: tuple[str, ...] = ("fp32",)
     isolate: bool = True
+    paired: bool = False  # also time torch fp32 and the engine precisions in turn, in one process (paired_worker)
     prompt: str = SOURCE
     target: str = TARGET
     judge: dict | None = None  # {"classifier": path, "truth": [H,W] array, "mask": [H,W] bool}: edit metrics
@@ -380,6 +434,14 @@ def run_bench(plan: BenchPlan, progress=print) -> dict:
                                    "threads": plan.threads, "batches": batches, "repeats": preset.repeats,
                                    "warmup": preset.warmup, "stock_unet": backend == "torch" and precision == "fp32",
                                    "graphs": list(preset.graphs or GRAPHS)})
+
+    if plan.paired:
+        progress(f"paired: torch fp32 and onnxruntime {', '.join(plan.engine_precisions)} in turn, one process, "
+                 f"at batches {batches} …")
+        rows += run(paired_worker, {"precisions": list(plan.engine_precisions), "paths": plan.paths,
+                                    "device": plan.device, "threads": plan.threads, "batches": batches,
+                                    "repeats": preset.repeats, "warmup": preset.warmup,
+                                    "graphs": list(preset.graphs or GRAPHS)})
 
     if full:
         with tempfile.TemporaryDirectory() as scratch:
