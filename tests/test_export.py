@@ -198,6 +198,17 @@ def test_cpu_twin_fuses_every_attention_product_exactly_and_leaves_blend_maps(en
     assert twin["fused_gelu"] == 16 == ops(after, "Gelu")  # one per transformer block's feed-forward
     assert ops(before, "MultiHeadAttention") == 0 == ops(before, "Gelu")
     assert ops(after, "Softmax") == 5  # LocalBlend's maps: the cross-attention at the blend layers
+    # the uncontrolled layers' attention reads q, k, v straight from their projections (the exporter's
+    # relayout chains and √scale multiplications checked exact and folded) and writes the tensor
+    # to_out reads: 4 per layer; the controlled layers' products at least in part
+    from prism_export.cpu_attention import direct_io
+
+    uncontrolled = [n for n in after.graph.node if n.op_type == "MultiHeadAttention"
+                    and not any(i.startswith("prism_mha_") for i in (*n.input, *n.output))]
+    assert len(uncontrolled) == 5 and {round(a.f, 6) for n in uncontrolled for a in n.attribute if a.name == "scale"} \
+        != {1.0}
+    assert twin["attention_direct_io"] == direct_io(after) > 5 * 4
+    assert ops(after, "Transpose") < ops(before, "Transpose") + 2 * twin["fused_attentions"]
     assert {e.value for t in after.graph.initializer if uses_external_data(t) for e in t.external_data
             if e.key == "location"} == {"unet.onnx.data"}
     assert twin_path.stat().st_size < 2 * portable_path.stat().st_size  # no copy of the weights

@@ -188,14 +188,15 @@ def fuse_gelu(model, base_dir: str | None = None) -> int:
 def fuse_for_cpu_file(path: Path, out: Path | None = None) -> dict[str, int]:
     """Attention (:func:`prism_export.cpu_attention.fuse_attention`) and GELU (:func:`fuse_gelu`)
     fused in the graph file ``path``, in one load and save (:func:`rewrite_file`: in place, or to
-    ``out``); returns how many of each."""
-    from .cpu_attention import fuse_attention
+    ``out``); returns how many of each, and how many attention inputs / outputs need no relayout."""
+    from .cpu_attention import direct_io, fuse_attention
 
     counts: dict[str, int] = {}
 
     def rewrite(model, base_dir):
         counts.update(fused_attentions=fuse_attention(model), fused_gelu=fuse_gelu(model, base_dir))
-        return sum(counts.values())
+        counts["attention_direct_io"] = direct_io(model)
+        return counts["fused_attentions"] + counts["fused_gelu"]
 
     rewrite_file(path, rewrite, out)
     return counts
@@ -210,6 +211,6 @@ def write_cpu_graph(path: Path) -> dict | None:
     path = Path(path)
     out = path.with_name(path.name.removesuffix(".onnx") + ".cpu.onnx")
     counts = fuse_for_cpu_file(path, out)
-    if not any(counts.values()):
+    if not (counts["fused_attentions"] or counts["fused_gelu"]):
         return None
     return {"path": out, **counts, "ops": [f"{MS_DOMAIN}.MultiHeadAttention", f"{MS_DOMAIN}.Gelu"]}

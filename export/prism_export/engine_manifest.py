@@ -70,7 +70,8 @@ def cpu_twin_entry(root: Path, twin: dict, data_file: str, parity: dict) -> dict
     onnxruntime's CPU provider runs instead of ``file``, and how far its outputs are from the reference."""
     rec = _file_record(root, twin["path"])
     return {"file": rec["path"], "sha256": rec["sha256"], "bytes": rec["bytes"], "reads": data_file,
-            "fused_attentions": twin["fused_attentions"], "fused_gelu": twin["fused_gelu"], "ops": twin["ops"],
+            "fused_attentions": twin["fused_attentions"], "fused_gelu": twin["fused_gelu"],
+            "attention_direct_io": twin.get("attention_direct_io", 0), "ops": twin["ops"],
             "parity": parity, "use": "onnxruntime CPUExecutionProvider only; CUDA / TensorRT run the portable graph"}
 
 

@@ -505,6 +505,7 @@ def add_variants(engine_dir, precisions: Sequence[str], settings: VariantSetting
                 if precision == "int8-cpu":  # an ONNX Runtime-only graph: its contrib operators may be used
                     fused = fuse_for_cpu_file(staging / "unet.onnx")
                     made["cpu_attention"] = {"fused_attentions": fused["fused_attentions"],
+                                             "direct_io": fused["attention_direct_io"],
                                              "op": f"{MS_DOMAIN}.MultiHeadAttention (flash attention on CPU)"}
                     made["cpu_gelu"] = {"fused_gelu": fused["fused_gelu"], "op": f"{MS_DOMAIN}.Gelu"}
                 graphs["unet"] = made
