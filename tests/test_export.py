@@ -281,6 +281,20 @@ def test_cpu_graphs_adds_the_twins_to_an_older_engine(engine_dir, tmp_path):
     assert {k: v for k, v in added.items() if k != "graphs"} == {k: v for k, v in exported.items() if k != "graphs"}
     assert load_manifest(engine).graphs["unet"].cpu_file == engine / "onnx" / "unet.cpu.onnx"
     assert add_cpu_graphs(engine, progress=lambda line: None) == {}
+    # --replace rewrites the twins an engine has (an engine whose twins came from an older fusion):
+    # a failed check keeps the old ones and their manifest, no staged file stays behind
+    older_twin = (engine / "onnx" / "unet.onnx").read_bytes()  # a valid twin with nothing fused
+    (engine / "onnx" / "unet.cpu.onnx").write_bytes(older_twin)
+    older_twins = json.loads(path.read_text())
+    older_twins["graphs"]["unet"]["cpu"]["sha256"] = sha256_file(engine / "onnx" / "unet.cpu.onnx")
+    path.write_text(json.dumps(older_twins))
+    with pytest.raises(ExportError, match="differs from the portable graph"):
+        add_cpu_graphs(engine, parity_tolerance=1e-12, progress=lambda line: None, replace=True)
+    assert json.loads(path.read_text()) == older_twins and not any(engine.glob("onnx/*.next*"))
+    assert (engine / "onnx" / "unet.cpu.onnx").read_bytes() == older_twin
+    assert export_main(["cpu-graphs", "--engine", str(engine), "--replace"]) == 0
+    assert json.loads(path.read_text()) == added and not any(engine.glob("onnx/*.next*"))
+    assert load_manifest(engine).graphs["unet"].cpu_file == engine / "onnx" / "unet.cpu.onnx"
 
 
 def test_a_failed_export_leaves_no_engine_folder(tiny_model_dir, tmp_path, monkeypatch):

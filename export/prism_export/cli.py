@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     twins = sub.add_parser("cpu-graphs", help="add CPU twins (attention fused for onnxruntime's CPU provider) to an "
                                                "engine folder exported before they existed")
     twins.add_argument("--engine", type=Path, required=True, help="an engine folder written by `prism-export export`")
+    twins.add_argument("--replace", action="store_true",
+                       help="rewrite the CPU twins the engine already has with this version's fusion (checked the same way)")
     bundle = sub.add_parser("bundle-demo", help="a trained phantom model → the bundled demo engine folder")
     bundle.add_argument("--model", type=Path, required=True, help="the folder `prism-export train-phantom` wrote")
     bundle.add_argument("--out", type=Path, default=Path("engines/phantom-demo"))

@@ -202,15 +202,17 @@ def fuse_for_cpu_file(path: Path, out: Path | None = None) -> dict[str, int]:
     return counts
 
 
-def write_cpu_graph(path: Path) -> dict | None:
+def write_cpu_graph(path: Path, staging: bool = False) -> dict | None:
     """Write the CPU twin of the graph file ``path`` beside it, ``<graph>.cpu.onnx`` (see the module
     docstring): the same graph with its attention products fused into ``MultiHeadAttention`` and
     its GELUs into ``Gelu``, its weights still read from ``path``'s data file (only the small
     reshape constants the fusion adds are stored in the graph). Returns where it went and what was
-    fused, or None (and no file) when the graph has nothing to fuse."""
+    fused, or None (and no file) when the graph has nothing to fuse. ``staging``: written as
+    ``<graph>.cpu.onnx.next`` (``path``), to be moved to ``final`` once checked."""
     path = Path(path)
-    out = path.with_name(path.name.removesuffix(".onnx") + ".cpu.onnx")
+    final = path.with_name(path.name.removesuffix(".onnx") + ".cpu.onnx")
+    out = final.with_name(final.name + ".next") if staging else final
     counts = fuse_for_cpu_file(path, out)
     if not (counts["fused_attentions"] or counts["fused_gelu"]):
         return None
-    return {"path": out, **counts, "ops": [f"{MS_DOMAIN}.MultiHeadAttention", f"{MS_DOMAIN}.Gelu"]}
+    return {"path": out, "final": final, **counts, "ops": [f"{MS_DOMAIN}.MultiHeadAttention", f"{MS_DOMAIN}.Gelu"]}

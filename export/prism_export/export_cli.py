@@ -166,10 +166,10 @@ def run_cpu_graphs(args) -> int:
     from .onnx_export import add_cpu_graphs
 
     try:
-        added = add_cpu_graphs(args.engine, progress=lambda line: print(line, flush=True))
+        added = add_cpu_graphs(args.engine, progress=lambda line: print(line, flush=True), replace=args.replace)
     except PrismError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(f"added CPU twins of {', '.join(added)} to {args.engine}" if added else
+    print(f"{'wrote' if args.replace else 'added'} CPU twins of {', '.join(added)} to {args.engine}" if added else
           f"{args.engine} already has the CPU twins of every graph that has attention to fuse")
     return 0

@@ -302,11 +302,13 @@ def measure_parity(module, spec: GraphSpec, path: Path, seed: int = 0, cpu_graph
 
 
 def add_cpu_graphs(engine_dir, parity_tolerance: float = DEFAULT_PARITY_TOLERANCE,
-                   progress: Callable[[str], None] = print) -> dict[str, dict]:
+                   progress: Callable[[str], None] = print, replace: bool = False) -> dict[str, dict]:
     """Give an engine folder exported before CPU twins existed its ``onnx/<graph>.cpu.onnx`` files
-    (``prism-export cpu-graphs``), each checked against the folder's own portable graph in
-    onnxruntime at the export's parity shapes; the manifest is rewritten last, in one replace, so
-    a failure leaves the folder as it was. Returns the new manifest entries by graph."""
+    (``prism-export cpu-graphs``; ``replace``: rewrite the twins it has too, with this version's
+    fusion), each checked against the folder's own portable graph in onnxruntime at the export's
+    parity shapes. Twins are written beside under a staging name and moved into place only when
+    all passed, then the manifest is rewritten in one replace, so a failure leaves the folder as it
+    was. Returns the new manifest entries by graph."""
     import json
 
     import onnxruntime as ort
@@ -319,13 +321,13 @@ def add_cpu_graphs(engine_dir, parity_tolerance: float = DEFAULT_PARITY_TOLERANC
     manifest = load_manifest(root)  # checks every fp32 file against its hash first
     raw = manifest.raw
     specs = graph_specs(ModelDims.from_manifest(raw), int(raw["control"]["self_max_queries"]))
-    written, entries = [], {}
+    written, staged, entries = [], {}, {}
     try:
         for name in GRAPHS:
             entry = manifest.graphs[name]
-            if entry.cpu_file is not None:
+            if entry.cpu_file is not None and not replace:
                 continue
-            twin = write_cpu_graph(entry.file)
+            twin = write_cpu_graph(entry.file, staging=True)
             if twin is None:
                 continue
             written.append(twin["path"])
@@ -348,9 +350,14 @@ def add_cpu_graphs(engine_dir, parity_tolerance: float = DEFAULT_PARITY_TOLERANC
             if parity["max_rel"] > parity_tolerance:
                 raise ExportError(f"the CPU twin of the {name} graph differs from the portable graph by "
                                   f"{parity['max_rel']:.2e} (relative), more than {parity_tolerance:g}")
+            staged[name] = (twin, parity)
+            progress(f"{name}: onnx/{twin['final'].name} ({twin['fused_attentions']} attention, {twin['fused_gelu']} "
+                     f"GELU fused, {twin['attention_direct_io']} attention inputs / outputs without relayout); "
+                     f"max rel {parity['max_rel']:.2e} vs the portable graph")
+        for name, (twin, parity) in staged.items():  # all passed: into place, then the manifest
+            twin["path"].replace(twin["final"])
+            twin["path"] = twin["final"]
             entries[name] = cpu_twin_entry(root, twin, raw["graphs"][name]["data_file"], parity)
-            progress(f"{name}: onnx/{twin['path'].name} ({twin['fused_attentions']} attention, {twin['fused_gelu']} "
-                     f"GELU fused); max rel {parity['max_rel']:.2e} vs the portable graph")
         if entries:
             for name, cpu in entries.items():
                 raw["graphs"][name]["cpu"] = cpu
