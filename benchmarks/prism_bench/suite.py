@@ -187,8 +187,17 @@ def _timed(fn, warmup: int, repeats: int) -> dict:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    q = np.quantile(times, [0.1, 0.9])
-    return {"median_s": statistics.median(times), "p10_s": float(q[0]), "p90_s": float(q[1]), "repeats": repeats}
+    return _time_stats(times)
+
+
+def _spread(values: list[float]) -> dict:
+    q = np.quantile(values, [0.1, 0.9])
+    return {"median": statistics.median(values), "p10": float(q[0]), "p90": float(q[1])}
+
+
+def _time_stats(times: list[float]) -> dict:
+    spread = _spread(times)
+    return {"median_s": spread["median"], "p10_s": spread["p10"], "p90_s": spread["p90"], "repeats": len(times)}
 
 
 def unet_layout(batch: int) -> tuple[int, int]:
@@ -250,11 +259,6 @@ def graph_worker(job: dict) -> list[dict]:
     return rows
 
 
-def _spread(values: list[float]) -> dict:
-    q = np.quantile(values, [0.1, 0.9])
-    return {"median": statistics.median(values), "p10": float(q[0]), "p90": float(q[1])}
-
-
 def paired_worker(job: dict) -> list[dict]:
     """torch fp32 and each engine precision loaded in this one process and called in turn, round
     after round (the order rotated every round), on the same inputs: a machine whose speed drifts
@@ -289,10 +293,8 @@ def paired_worker(job: dict) -> list[dict]:
                     times[i].append(time.perf_counter() - start)
             ref = firsts[0]
             for (backend, precision), ts, first in zip(configs, times, firsts):
-                q = np.quantile(ts, [0.1, 0.9])
                 row = {"kind": "graph_paired", "backend": backend, "precision": precision, "graph": graph, "batch": batch,
-                       "median_s": statistics.median(ts), "p10_s": float(q[0]), "p90_s": float(q[1]),
-                       "repeats": job["repeats"], "times_s": ts,
+                       **_time_stats(ts), "times_s": ts,
                        "ratio_to_torch_fp32": _spread([a / b for a, b in zip(times[0], ts)]),
                        "rms_rel_diff_vs_torch_fp32": float(np.sqrt(((first - ref) ** 2).sum() / max((ref ** 2).sum(), 1e-30)))}
                 if graph == "unet":

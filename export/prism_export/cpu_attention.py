@@ -56,7 +56,6 @@ class _Graph:
                 self.consumers.setdefault(name, []).append(node)
         self.inits = {t.name: t for t in graph.initializer}
         self.outputs = {o.name for o in graph.output}
-        self.inputs = {i.name for i in graph.input}
         self.shapes = {v.name: v for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
         self.opsets, self.ir_version = list(model.opset_import), model.ir_version
         self._np = numpy_helper
@@ -116,35 +115,39 @@ def _chain_source(g: _Graph, name: str, stop_hidden: int, max_nodes: int = 40):
 
 
 def _probe_chain(g: _Graph, source: str, target: str, nodes: list, dims: list, heads: int, perm: tuple):
-    """Run ``nodes`` (source → target) on a random probe [2, S, hidden] (S: the source's static
-    sequence length, or 5 where it is dynamic) with ONNX Runtime; returns c when target ==
-    c · source.reshape(2, S, heads, head).transpose(perm) (to 1e-6), else None."""
+    """Run ``nodes`` (source → target) with ONNX Runtime on random probes [B, S, hidden] (B = 3 and
+    1; S: the source's static sequence length, or 5 where it is dynamic); returns c when target ==
+    c · source.reshape(B, S, heads, head).transpose(perm) for both (to 1e-6), else None."""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    dims = [2, dims[1] or 5, dims[2]]
-
+    seq, hidden = dims[1] or 5, dims[2]
     order = {id(n): k for k, n in enumerate(g.graph.node)}
     body = sorted(nodes, key=lambda n: order[id(n)])
     used = {i for n in body for i in n.input}
     inits = [g.inits[i] for i in sorted(used) if i in g.inits]
-    graph = helper.make_graph(body, "probe", [helper.make_tensor_value_info(source, TensorProto.FLOAT, [None, None, dims[2]])],
+    graph = helper.make_graph(body, "probe", [helper.make_tensor_value_info(source, TensorProto.FLOAT, [None, None, hidden])],
                               [helper.make_tensor_value_info(target, TensorProto.FLOAT, None)], initializer=inits)
     model = helper.make_model(graph, opset_imports=g.opsets, ir_version=g.ir_version)
-    probe = np.random.default_rng(0).standard_normal((2, *dims[1:])).astype(np.float32)
+    rng, found = np.random.default_rng(0), set()
     try:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        out = session.run([target], {source: probe})[0].astype(np.float64)
+        for batch in (3, 1):  # an odd batch: a relayout that mixes batch and heads shows
+            probe = rng.standard_normal((batch, seq, hidden)).astype(np.float32)
+            out = session.run([target], {source: probe})[0].astype(np.float64)
+            want = probe.astype(np.float64).reshape(batch, seq, heads, hidden // heads).transpose(perm)
+            if out.shape != want.shape:
+                return None
+            c = float((out * want).sum() / (want * want).sum())
+            if c == 0.0 or not np.allclose(out, c * want, rtol=1e-6, atol=1e-6 * np.abs(c * want).max()):
+                return None
+            found.add(round(c, 6))
     except Exception:  # onnxruntime's own exception types: not a chain it can run alone
         return None
-    want = probe.astype(np.float64).reshape(2, dims[1], heads, dims[2] // heads).transpose(perm)
-    if out.shape != want.shape:
-        return None
-    c = float((out * want).sum() / (want * want).sum())
-    return c if c != 0.0 and np.allclose(out, c * want, rtol=1e-6, atol=1e-6 * np.abs(c * want).max()) else None
+    return c if len(found) == 1 else None
 
 
 def _output_target(g: _Graph, out4: str, heads: int, head: int):
