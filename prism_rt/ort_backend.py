@@ -98,7 +98,7 @@ class OrtBackend:
     supports_autograd = False
 
     def __init__(self, manifest: Manifest, device: str = "cpu", threads: int | None = None, cpu_arena: bool = True,
-                 cpu_graphs: bool = True):
+                 cpu_graphs: bool = True, session_config: dict[str, str] | None = None):
         import onnxruntime as ort
 
         self.manifest, self.device = manifest, str(device)
@@ -118,6 +118,11 @@ class OrtBackend:
                 options.enable_cpu_mem_arena = False
         if threads:
             options.intra_op_num_threads = int(threads)
+        for key, value in (session_config or {}).items():  # e.g. session.intra_op.allow_spinning = 0
+            try:
+                options.add_session_config_entry(str(key), str(value))
+            except Exception as exc:  # onnxruntime's own exception types
+                raise BackendError(f"onnxruntime refuses the session setting {key}={value}: {exc}") from None
         self.sessions, self.files = {}, {}
         for name, entry in manifest.graphs.items():
             providers = _providers(kind, index, manifest, name)
@@ -217,7 +222,8 @@ class OrtBackend:
 
 def load_ort_backend(path, device: str = "cpu", self_max_queries: int | None = None,
                      verify_hashes: bool = True, precision: str = "fp32", threads: int | None = None,
-                     cpu_arena: bool = True, cpu_graphs: bool = True) -> OrtBackend:
+                     cpu_arena: bool = True, cpu_graphs: bool = True,
+                     session_config: dict[str, str] | None = None) -> OrtBackend:
     """Check the engine folder's manifest (for the graphs of ``precision``), then open them on ``device``."""
     try:
         import onnxruntime  # noqa: F401
@@ -229,4 +235,5 @@ def load_ort_backend(path, device: str = "cpu", self_max_queries: int | None = N
         raise BackendError(f"the engine {path} was exported with self_max_queries {exported}, not {self_max_queries}: "
                            f"the controlled layers are compiled into the graph. Pass --self-max-queries {exported}, or "
                            f"re-export with `prism-export export … --self-max-queries {self_max_queries}`")
-    return OrtBackend(manifest, device=device, threads=threads, cpu_arena=cpu_arena, cpu_graphs=cpu_graphs)
+    return OrtBackend(manifest, device=device, threads=threads, cpu_arena=cpu_arena, cpu_graphs=cpu_graphs,
+                      session_config=session_config)

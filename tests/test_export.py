@@ -370,8 +370,14 @@ def test_cpu_arena_on_or_off_gives_the_same_noise(engine_dir):
         backend = Engine.load(engine_dir, backend="onnxruntime", cpu_arena=arena).backend
         assert backend.cpu_arena is arena
         outs.append([backend.run("unet", **feeds)["noise"] for _ in range(2)])  # twice: reused arena memory
+    # onnxruntime session settings pass through (here: pool threads that do not spin between calls)
+    quiet = Engine.load(engine_dir, backend="onnxruntime", threads=2,
+                        session_config={"session.intra_op.allow_spinning": "0"}).backend
     for noise in outs[0] + outs[1][1:]:
         np.testing.assert_array_equal(noise, outs[1][0])
+    np.testing.assert_allclose(quiet.run("unet", **feeds)["noise"], outs[1][0], rtol=1e-5, atol=1e-6)  # 2 threads
+    with pytest.raises(BackendError, match="torch backend takes none"):
+        Engine.load(engine_dir, backend="torch", session_config={"session.intra_op.allow_spinning": "0"})
 
 
 def test_null_text_on_onnxruntime_points_to_the_torch_backend(engines, image):

@@ -145,7 +145,7 @@ def peak_rss_mb() -> float | None:
 
 # -- workers (each in its own process) -------------------------------------------------------------
 def _load(kind: str, backend: str, precision: str, paths: dict, device: str, threads: int | None,
-          cpu_graphs: bool = True):
+          cpu_graphs: bool = True, session_config: dict | None = None):
     if threads:
         try:
             import torch
@@ -157,7 +157,8 @@ def _load(kind: str, backend: str, precision: str, paths: dict, device: str, thr
 
     path = paths["checkpoint"] if backend == "torch" else paths["engine"]
     return Engine.load(path, backend=backend, device=device if backend == "torch" else _ort_device(device),
-                       precision=precision, threads=threads, cpu_graphs=cpu_graphs)
+                       precision=precision, threads=threads, cpu_graphs=cpu_graphs,
+                       **({"session_config": session_config} if session_config and backend != "torch" else {}))
 
 
 def _has_cpu_twins(engine) -> bool:
@@ -267,7 +268,10 @@ def paired_worker(job: dict) -> list[dict]:
     configuration's median time, the median (p10, p90) of its per-round ratio to torch fp32, and
     the rms relative difference of its first output from torch fp32's."""
     configs = [("torch", "fp32")] + [("onnxruntime", p) for p in job["precisions"]]
-    engines = [_load("graphs", b, p, job["paths"], job["device"], job["threads"]) for b, p in configs]
+    # onnxruntime's pool threads spin after each call by default: with more than one thread they
+    # would take cores from the configuration called next in this process
+    engines = [_load("graphs", b, p, job["paths"], job["device"], job["threads"],
+                     session_config={"session.intra_op.allow_spinning": "0"}) for b, p in configs]
     rows = []
     for graph in job["graphs"]:
         for batch in job["batches"]:
