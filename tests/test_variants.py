@@ -216,7 +216,9 @@ def test_calibration_ranges_are_the_min_and_max_of_each_quantized_tensor(engine_
             lo[t], hi[t] = min(lo[t], float(v.min())), max(hi[t], float(v.max()))
     assert len(ranges) == len(tensors) > 2 * 10 and len({t for t in tensors if hi[t] > lo[t]}) == len(tensors)
     for t in tensors:
-        assert ranges[t] == pytest.approx((min(lo[t], 0.0), max(hi[t], 0.0)), rel=1e-6, abs=1e-7), t
+        # calibrate_ranges runs the attention-fused graph: scale·(q·kᵀ) there, (√s·q)·(√s·kᵀ) in the
+        # reference — the same numbers to float rounding (measured 1.0e-6 relative), not bit for bit
+        assert ranges[t] == pytest.approx((min(lo[t], 0.0), max(hi[t], 0.0)), rel=1e-5, abs=1e-6), t
 
 
 def test_rescaling_changes_the_weights_not_the_function_and_folds_exactly(engine_dir, calibration_dir, tmp_path):
