@@ -28,7 +28,7 @@ without consumers are removed.
 """
 from __future__ import annotations
 
-from .cpu_rewrites import MS_DOMAIN
+from .cpu_rewrites import MS_DOMAIN, drop_unused_initializers, graph_maps
 
 
 def _static_dims(value_info) -> list | None:
@@ -46,19 +46,12 @@ class _Graph:
     """Producer / consumer maps, small constants and static shapes of a graph being rewritten."""
 
     def __init__(self, model):
-        from onnx import numpy_helper
-
         graph = self.graph = model.graph
-        self.producer = {out: node for node in graph.node for out in node.output}
-        self.consumers: dict[str, list] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
+        self.producer, self.consumers = graph_maps(graph)
         self.inits = {t.name: t for t in graph.initializer}
         self.outputs = {o.name for o in graph.output}
         self.shapes = {v.name: v for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
         self.opsets, self.ir_version = list(model.opset_import), model.ir_version
-        self._np = numpy_helper
 
     def dims(self, name):
         return _static_dims(self.shapes.get(name))
@@ -67,7 +60,9 @@ class _Graph:
         t = self.inits.get(name)
         if t is None or any(e.key == "location" for e in t.external_data):
             return None
-        return self._np.to_array(t)
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(t)
 
 
 def _chain_source(g: _Graph, name: str, stop_hidden: int, max_nodes: int = 40):
@@ -81,7 +76,7 @@ def _chain_source(g: _Graph, name: str, stop_hidden: int, max_nodes: int = 40):
         if node is None or node.op_type not in _RELAYOUT:
             break
         if node.op_type == "Mul":
-            const = [i for i in node.input if g.small_init(i) is not None and g.small_init(i).size == 1]
+            const = [i for i in node.input if (value := g.small_init(i)) is not None and value.size == 1]
             rest = [i for i in node.input if i not in const]
             if len(const) != 1 or len(rest) != 1:
                 break
@@ -247,10 +242,7 @@ def fuse_attention(model, direct: bool = True) -> int:
         fused += 1
     if fused:
         _remove_dead(graph)
-        used = {i for n in graph.node for i in n.input}
-        live = [t for t in graph.initializer if t.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(live)
+        drop_unused_initializers(graph)
         if not any(o.domain == MS_DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return fused
