@@ -561,7 +561,7 @@ def test_bench_paired_times_each_precision_in_turn_against_torch_fp32(engine_dir
     assert {(r["backend"], r["precision"]) for r in rows if r["kind"] == "graph"} >= set(paired)
 
 
-def test_bench_paired_needs_checkpoint_and_engine(tiny_model_dir, tmp_path, capsys):
+def test_bench_paired_is_refused_without_an_engine(tiny_model_dir, tmp_path, capsys):
     from prism_rt.cli import main
 
     code = main(["bench", "--model", str(tiny_model_dir), "--out", str(tmp_path / "b"), "--paired"])  # no --engine
