@@ -228,6 +228,77 @@ def test_cpu_twin_fuses_every_attention_product_exactly_and_leaves_blend_maps(en
         np.testing.assert_allclose(maps_b, maps_a, atol=1e-6)
 
 
+def test_cpu_twin_runs_the_latent_prefix_once_per_distinct_latent(engine_dir):
+    """The UNet twin computes what comes before text enters (conv_in, the first ResNet, the first
+    transformer's self-attention) on the distinct latents only and gathers it back: a direct edit
+    step's batch [edit, source, edit] runs it on 2 rows; outputs equal the portable graph's."""
+    import onnx
+    import onnxruntime as ort
+
+    raw = json.loads((engine_dir / "manifest.json").read_text())
+    prefix = raw["graphs"]["unet"]["cpu"]["latent_prefix"]
+    assert prefix["nodes"] > 20 and prefix["ops"]["Conv"] >= 3 and "Unique" in raw["graphs"]["unet"]["cpu"]["ops"]
+    twin = onnx.load(str(engine_dir / "onnx" / "unet.cpu.onnx"), load_external_data=False)
+    assert [n.op_type for n in twin.graph.node].count("Unique") == 1
+    twin.graph.output.append(onnx.helper.make_tensor_value_info("prism_dedupe/latents", onnx.TensorProto.FLOAT, None))
+    (engine_dir / "onnx" / "unet.probe.onnx").write_bytes(twin.SerializeToString())  # reads the same weights file
+    try:
+        probe = ort.InferenceSession(str(engine_dir / "onnx" / "unet.probe.onnx"), providers=["CPUExecutionProvider"])
+    finally:
+        (engine_dir / "onnx" / "unet.probe.onnx").unlink()
+    portable = ort.InferenceSession(str(engine_dir / "onnx" / "unet.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    source, edit = rng.standard_normal((2, 1, 4, 16, 16), dtype=np.float32)
+    for latents, distinct in ((np.concatenate([edit, source, edit]), 2), (np.concatenate([source, source]), 1),
+                              (rng.standard_normal((3, 4, 16, 16), dtype=np.float32), 3)):
+        n, edits = len(latents), 1 if len(latents) == 3 else 0
+        feeds = dict(latents=latents, timestep=np.array([401.0], np.float32),
+                     text=rng.standard_normal((n, 77, 32), dtype=np.float32),
+                     cross_alpha=np.full((1, edits, 77), 0.5, np.float32),
+                     token_mapper=np.broadcast_to(np.eye(77, dtype=np.float32), (1, edits, 77, 77)).copy(),
+                     refine_alpha=np.ones((1, edits, 77), np.float32), equalizer=np.ones((1, edits, 77), np.float32),
+                     self_replace=np.full((1, edits), 0.5, np.float32))
+        noise, maps, rows = probe.run(None, feeds)
+        assert len(rows) == distinct
+        want_noise, want_maps = portable.run(None, feeds)
+        np.testing.assert_allclose(noise, want_noise, atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(maps, want_maps, atol=1e-6)
+        assert np.abs(noise[0] - noise[-1]).max() > 1e-3  # unconditional and conditional text differ after the prefix
+
+
+def test_the_latent_prefix_ends_where_batch_rows_mix():
+    """A reduction over the batch reads every row, repeated ones included: the prefix stops before
+    it (a graph where it would otherwise follow the convolution), and the rewritten graph equals the
+    original on a batch with repeats; over the channels it stays in the prefix."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from prism_export.cpu_dedupe import dedupe_prefix
+
+    rng = np.random.default_rng(0)
+    for axis, prefix_nodes in ((0, 1), (1, 3)):
+        nodes = [helper.make_node("Conv", ["latents", "w"], ["y"], pads=[1, 1, 1, 1]),
+                 helper.make_node("ReduceMean", ["y", "axes"], ["r"], keepdims=1),
+                 helper.make_node("Add", ["y", "r"], ["z"]),
+                 helper.make_node("Mul", ["z", "text"], ["noise"])]
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("latents", TensorProto.FLOAT, ["batch", 2, 4, 4]),
+                         helper.make_tensor_value_info("text", TensorProto.FLOAT, ["batch", 1, 1, 1])],
+            [helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+            [numpy_helper.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([axis], np.int64), "axes")])
+        model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+        original = model.SerializeToString()
+        assert dedupe_prefix(model)["nodes"] == prefix_nodes
+        onnx.checker.check_model(model)
+        x = rng.standard_normal((2, 2, 4, 4)).astype(np.float32)
+        feeds = {"latents": x[[0, 1, 0, 0]], "text": rng.standard_normal((4, 1, 1, 1)).astype(np.float32)}
+        got, want = (ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+                     for m in (model.SerializeToString(), original))
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_the_cpu_provider_runs_the_cpu_twins_and_portable_graphs_on_request(engine_dir, image):
     """Which file each session loaded, and that both give the same inversion."""
     raw = json.loads((engine_dir / "manifest.json").read_text())

@@ -222,7 +222,9 @@ def graph_inputs(backend, tokenizer, graph: str, batch: int, rng: np.random.Gene
     if graph == "vae_decoder":
         return {"latents": backend.asarray(rng.standard_normal((batch, info.latent_channels, h, h)).astype(np.float32))}
     u, k = unet_layout(batch)
-    return {"latents": backend.asarray(rng.standard_normal((batch, info.latent_channels, h, h)).astype(np.float32)),
+    # the edit loop's layout: each unconditional item repeats a conditional item's latent
+    cond = rng.standard_normal((batch - u, info.latent_channels, h, h)).astype(np.float32)
+    return {"latents": backend.asarray(np.concatenate([cond[np.arange(-u, 0) % len(cond)], cond])),
             "timestep": backend.asarray(np.array([501.0], np.float32)),
             "text": backend.asarray(rng.standard_normal((batch, t, d)).astype(np.float32)),
             "cross_alpha": backend.asarray(np.ones((1, k, t), np.float32)),

@@ -71,7 +71,8 @@ def cpu_twin_entry(root: Path, twin: dict, data_file: str, parity: dict) -> dict
     rec = _file_record(root, twin["path"])
     return {"file": rec["path"], "sha256": rec["sha256"], "bytes": rec["bytes"], "reads": data_file,
             "fused_attentions": twin["fused_attentions"], "fused_gelu": twin["fused_gelu"],
-            "attention_direct_io": twin.get("attention_direct_io", 0), "ops": twin["ops"],
+            "attention_direct_io": twin.get("attention_direct_io", 0),
+            "latent_prefix": twin.get("latent_prefix", {"nodes": 0, "ops": {}}), "ops": twin["ops"],
             "parity": parity, "use": "onnxruntime CPUExecutionProvider only; CUDA / TensorRT run the portable graph"}
 
 

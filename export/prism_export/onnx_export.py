@@ -91,7 +91,7 @@ def export_engine(model, out, *, unet_weights=None, config=None, allow_pickle: b
             records[name] = {"parity": parity, "export_s": round(export_s, 1), "cpu": cpu}
             data_mb = path.with_name(path.name + ".data").stat().st_size / 2**20
             cpu_line = (f"; CPU twin onnx/{cpu['path'].name} ({cpu['fused_attentions']} attention, {cpu['fused_gelu']} "
-                        f"GELU fused) max rel {parity['cpu_graph']['max_rel']:.2e}" if cpu else "")
+                        f"GELU fused{_prefix_words(cpu)}) max rel {parity['cpu_graph']['max_rel']:.2e}" if cpu else "")
             progress(f"{name}: onnx/{path.name} (+ .data, {data_mb:.1f} MiB) in {export_s:.1f} s; parity vs torch: "
                      f"max abs {parity['max_abs']:.2e}, max rel {parity['max_rel']:.2e} "
                      f"over {len(parity['cases'])} shapes (onnxruntime CPU){cpu_line}")
@@ -235,6 +235,11 @@ def _cpu_session(path: Path):
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
+def _prefix_words(twin: dict) -> str:
+    nodes = twin.get("latent_prefix", {}).get("nodes", 0)
+    return f", {nodes}-node latent prefix once per distinct latent" if nodes else ""
+
+
 def _twin_parity(twin_path: Path, spec: GraphSpec, cases: list[tuple[dict, list[np.ndarray]]]) -> dict:
     """Run the CPU twin on each case's inputs and compare with that case's reference outputs. Its
     session opens after the portable graph's closed: at SD v1.5 size each holds 3.4 GB of weights."""
@@ -352,8 +357,8 @@ def add_cpu_graphs(engine_dir, parity_tolerance: float = DEFAULT_PARITY_TOLERANC
                                   f"{parity['max_rel']:.2e} (relative), more than {parity_tolerance:g}")
             staged[name] = (twin, parity)
             progress(f"{name}: onnx/{twin['final'].name} ({twin['fused_attentions']} attention, {twin['fused_gelu']} "
-                     f"GELU fused, {twin['attention_direct_io']} attention inputs / outputs without relayout); "
-                     f"max rel {parity['max_rel']:.2e} vs the portable graph")
+                     f"GELU fused, {twin['attention_direct_io']} attention inputs / outputs without relayout"
+                     f"{_prefix_words(twin)}); max rel {parity['max_rel']:.2e} vs the portable graph")
         for name, (twin, parity) in staged.items():  # all passed: into place, then the manifest
             twin["path"].replace(twin["final"])
             twin["path"] = twin["final"]

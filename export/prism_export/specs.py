@@ -302,13 +302,16 @@ class UNetSpec(GraphSpec):
                 {"uncond": 1, "groups": 2, "edits": 1}]
 
     def sample_inputs(self, rng=None, uncond: int = 1, groups: int = 1, edits: int = 1):
-        """Random inputs in the controls' valid ranges (token_mapper rows sum to 1, refine 0/1)."""
+        """Random inputs in the controls' valid ranges (token_mapper rows sum to 1, refine 0/1), the
+        latents laid out as the edit loop gives them: each unconditional item repeats the latent of a
+        conditional one (the last ``uncond`` of them), the conditional items' latents differ."""
         rng, m, t = _rng(rng), self.model, self.model.max_tokens
         n = uncond + groups * (1 + edits)
         mapper = rng.random((groups, edits, t, t)) ** 8
         mapper /= mapper.sum(-1, keepdims=True)
+        cond = rng.standard_normal((n - uncond, m.latent_channels, m.latent_size, m.latent_size)).astype(np.float32)
         return {
-            "latents": rng.standard_normal((n, m.latent_channels, m.latent_size, m.latent_size)).astype(np.float32),
+            "latents": np.concatenate([cond[np.arange(-uncond, 0) % len(cond)], cond]),
             "timestep": np.array([rng.integers(1, 1000)], np.float32),
             "text": rng.standard_normal((n, t, m.text_width)).astype(np.float32),
             "cross_alpha": rng.random((groups, edits, t)).astype(np.float32),

@@ -15,7 +15,8 @@ the same folder (ARCHITECTURE.md, "Engine folder"):
   per-channel Q/DQ scales: :mod:`prism_export.smoothing`, ``int8_cpu_smoothing``), its MatMuls'
   outputs left float (``MatMulIntegerToFloat``: no requantization error, one pass less); its uncontrolled
   attention layers (SD v1.5's 64×64 self-attention) fused into ONNX Runtime's
-  ``MultiHeadAttention`` (flash attention on CPU, :mod:`prism_export.cpu_attention`).
+  ``MultiHeadAttention`` (flash attention on CPU, :mod:`prism_export.cpu_attention`); its latent-only
+  prefix run once per distinct latent (:mod:`prism_export.cpu_dedupe`).
 
 Both int8 variants come from ``onnxruntime.quantization.quantize_static`` calibrated on the UNet
 inputs recorded while the fp32 engine inverts and edits the calibration images (latents,
@@ -508,6 +509,7 @@ def add_variants(engine_dir, precisions: Sequence[str], settings: VariantSetting
                                              "direct_io": fused["attention_direct_io"],
                                              "op": f"{MS_DOMAIN}.MultiHeadAttention (flash attention on CPU)"}
                     made["cpu_gelu"] = {"fused_gelu": fused["fused_gelu"], "op": f"{MS_DOMAIN}.Gelu"}
+                    made["cpu_latent_prefix"] = {**fused["latent_prefix"], "op": "Unique + Gather (prism_export.cpu_dedupe)"}
                 graphs["unet"] = made
             build_s = time.perf_counter() - start
             entry = {"graphs": {}, "built_utc": _now(), "build_s": round(build_s, 1), "settings": settings.to_json()}
