@@ -556,9 +556,26 @@ def test_bench_paired_times_each_precision_in_turn_against_torch_fp32(engine_dir
     # the same inputs for every configuration: ONNX Runtime fp32 equals torch, int8-cpu differs by its noise
     assert paired[("onnxruntime", "fp32")]["rms_rel_diff_vs_torch_fp32"] < 1e-4
     assert 1e-3 < paired[("onnxruntime", "int8-cpu")]["rms_rel_diff_vs_torch_fp32"] < 0.5
-    assert "## Paired" in (out / "results.md").read_text()
+    assert "## Paired" in (out / "results.md").read_text() and "page faults / call" in (out / "results.md").read_text()
+    assert all(r["minor_faults_per_call"] >= 0 and r["system_s_per_call"] >= 0 for r in rows if "median_s" in r)
     # the per-process rows are still there beside the paired ones
     assert {(r["backend"], r["precision"]) for r in rows if r["kind"] == "graph"} >= set(paired)
+
+
+def test_bench_counts_the_page_faults_and_kernel_time_of_a_call():
+    """A call that writes a fresh 64 MiB buffer each time (freed after: glibc returns blocks that big
+    to the system) faults at least once per page of it — 2 MiB pages at most (numpy asks for huge
+    pages), 32 of them; a call that rewrites a kept buffer faults (nearly) never."""
+    from prism_bench.suite import _call_measured, _timed
+
+    kept = np.zeros(2**24, np.float32)
+    kept.fill(1.0)
+    fresh = _timed(lambda: np.ones(2**24, np.float32), warmup=1, repeats=3)
+    reused = _timed(lambda: kept.fill(2.0), warmup=1, repeats=3)
+    assert fresh["minor_faults_per_call"] >= 2**26 // 2**21 and reused["minor_faults_per_call"] <= 4
+    assert fresh["system_s_per_call"] >= 0 and reused["repeats"] == 3
+    seconds, (faults, system) = _call_measured(lambda: np.ones(2**24, np.float32))
+    assert seconds > 0 and faults >= 2**26 // 2**21 and system >= 0
 
 
 def test_bench_paired_is_refused_without_an_engine(tiny_model_dir, tmp_path, capsys):

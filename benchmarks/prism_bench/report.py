@@ -88,13 +88,15 @@ def markdown(results: dict) -> str:
                 "torch fp32's time over the configuration's in the same round, median (p10–p90) over "
                 f"{paired[0]['repeats']} rounds. Peak RSS is of all of them together: "
                 f"{_opt(paired[0].get('peak_rss_mb'), '{:.0f}')} MB.", "",
-                "| graph | batch | backend | precision | median | ratio to torch fp32 | rms rel. diff. of output |",
-                "|---|---:|---|---|---:|---:|---:|"]
+                "| graph | batch | backend | precision | median | ratio to torch fp32 | rms rel. diff. of output "
+                "| page faults / call | kernel time / call |",
+                "|---|---:|---|---|---:|---:|---:|---:|---:|"]
         for r in paired:
             q = r["ratio_to_torch_fp32"]
             out.append(f"| {r['graph']} | {r['batch']} | {r['backend']} | {r['precision']} | "
                        f"{_fmt_s(r['median_s'])} ({_fmt_s(r['p10_s'])}–{_fmt_s(r['p90_s'])}) | "
-                       f"{q['median']:.2f}× ({q['p10']:.2f}–{q['p90']:.2f}) | {r['rms_rel_diff_vs_torch_fp32']:.2e} |")
+                       f"{q['median']:.2f}× ({q['p10']:.2f}–{q['p90']:.2f}) | {r['rms_rel_diff_vs_torch_fp32']:.2e} | "
+                       f"{_opt(r.get('minor_faults_per_call'), '{:,}')} | {_opt(r.get('system_s_per_call'), '{:.2f} s')} |")
         out.append("")
     return "\n".join(out)
 

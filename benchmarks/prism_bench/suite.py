@@ -47,7 +47,7 @@ PRESETS = {
     "tiny": Preset("tiny", steps=20, repeats=5, warmup=1, batches=(1, 2, 4), sweep=(0.4, 0.5, 0.6, 0.7, 0.8),
                    mode="full", throughput_images=2),
     # on a CPU one SD v1.5 UNet call at the edit batch (12) takes about a minute: batches 1 and 2 there
-    "sd15": Preset("sd15", steps=50, repeats=3, warmup=1, batches=(1, 2, 4), sweep=(0.4, 0.5, 0.6, 0.7, 0.8),
+    "sd15": Preset("sd15", steps=50, repeats=3, warmup=2, batches=(1, 2, 4), sweep=(0.4, 0.5, 0.6, 0.7, 0.8),
                    mode="auto", throughput_images=2, cpu_batches=(1, 2)),
 }
 
@@ -180,15 +180,36 @@ def _device_peak_mb(engine) -> float | None:
     return None
 
 
+def _usage() -> tuple[int, float] | None:
+    """(minor page faults, system CPU seconds) of this process so far, all threads; None off POSIX."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_minflt, r.ru_stime
+
+
+def _call_measured(fn) -> tuple[float, tuple[int, float] | None]:
+    """One call's wall time, and the page faults and kernel time it cost (memory the allocator
+    returned to the system and touches again: a cost of the allocator, not of the arithmetic)."""
+    before = _usage()
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    after = _usage()
+    return seconds, None if before is None else (after[0] - before[0], after[1] - before[1])
+
+
 def _timed(fn, warmup: int, repeats: int) -> dict:
     for _ in range(warmup):
         fn()
-    times = []
+    times, usage = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return _time_stats(times)
+        seconds, used = _call_measured(fn)
+        times.append(seconds)
+        usage.append(used)
+    return _time_stats(times, usage)
 
 
 def _spread(values: list[float]) -> dict:
@@ -196,9 +217,13 @@ def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "p10": float(q[0]), "p90": float(q[1])}
 
 
-def _time_stats(times: list[float]) -> dict:
+def _time_stats(times: list[float], usage: list | None = None) -> dict:
     spread = _spread(times)
-    return {"median_s": spread["median"], "p10_s": spread["p10"], "p90_s": spread["p90"], "repeats": len(times)}
+    stats = {"median_s": spread["median"], "p10_s": spread["p10"], "p90_s": spread["p90"], "repeats": len(times)}
+    if usage and all(u is not None for u in usage):
+        stats["minor_faults_per_call"] = int(statistics.median(u[0] for u in usage))
+        stats["system_s_per_call"] = statistics.median(u[1] for u in usage)
+    return stats
 
 
 def unet_layout(batch: int) -> tuple[int, int]:
@@ -290,17 +315,17 @@ def paired_worker(job: dict) -> list[dict]:
                 for _ in range(job["warmup"] - 1):
                     call()
                 calls.append(call)
-            times = [[] for _ in calls]
+            times, usage = [[] for _ in calls], [[] for _ in calls]
             for r in range(job["repeats"]):
                 for j in range(len(calls)):
                     i = (r + j) % len(calls)
-                    start = time.perf_counter()
-                    calls[i]()
-                    times[i].append(time.perf_counter() - start)
+                    seconds, used = _call_measured(calls[i])
+                    times[i].append(seconds)
+                    usage[i].append(used)
             ref = firsts[0]
-            for (backend, precision), ts, first in zip(configs, times, firsts):
+            for (backend, precision), ts, used, first in zip(configs, times, usage, firsts):
                 row = {"kind": "graph_paired", "backend": backend, "precision": precision, "graph": graph, "batch": batch,
-                       **_time_stats(ts), "times_s": ts,
+                       **_time_stats(ts, used), "times_s": ts,
                        "ratio_to_torch_fp32": _spread([a / b for a, b in zip(times[0], ts)]),
                        "rms_rel_diff_vs_torch_fp32": float(np.sqrt(((first - ref) ** 2).sum() / max((ref ** 2).sum(), 1e-30)))}
                 if graph == "unet":
