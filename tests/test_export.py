@@ -299,6 +299,18 @@ def test_the_latent_prefix_ends_where_batch_rows_mix():
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_a_graph_of_latents_alone_has_no_prefix_to_share(engine_dir):
+    """The VAE decoder reads nothing but latents: nothing in it is shared by rows that differ
+    elsewhere, so its twin gets no Unique (the UNet's does)."""
+    import onnx
+
+    raw = json.loads((engine_dir / "manifest.json").read_text())
+    assert raw["graphs"]["vae_decoder"]["cpu"]["latent_prefix"]["nodes"] == 0
+    decoder = onnx.load(str(engine_dir / raw["graphs"]["vae_decoder"]["cpu"]["file"]), load_external_data=False)
+    assert [i.name for i in decoder.graph.input] == ["latents"]
+    assert "Unique" not in {n.op_type for n in decoder.graph.node}
+
+
 def test_the_cpu_provider_runs_the_cpu_twins_and_portable_graphs_on_request(engine_dir, image):
     """Which file each session loaded, and that both give the same inversion."""
     raw = json.loads((engine_dir / "manifest.json").read_text())

@@ -93,8 +93,8 @@ def dedupe_prefix(model) -> dict:
     none = {"nodes": 0, "ops": {}}
     names = [i.name for i in graph.input]
     symbol = _batch_symbol(model)
-    if LATENTS not in names or not symbol:
-        return none
+    if LATENTS not in names or not symbol or not set(names) - {LATENTS, TIMESTEP}:
+        return none  # no latents, or nothing but them (a VAE decoder): no prefix shared by several rows
     if any(a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute):
         return none  # control flow: not handled
     inits = {t.name: t for t in graph.initializer}
