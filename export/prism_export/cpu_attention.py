@@ -28,7 +28,7 @@ without consumers are removed.
 """
 from __future__ import annotations
 
-from .cpu_rewrites import MS_DOMAIN, drop_unused_initializers, graph_maps
+from .cpu_rewrites import MS_DOMAIN, drop_unused_initializers, graph_maps, remove_dead
 
 
 def _static_dims(value_info) -> list | None:
@@ -165,19 +165,6 @@ def _output_target(g: _Graph, out4: str, heads: int, head: int):
     return r.output[0], (t, r)
 
 
-def _remove_dead(graph) -> int:
-    """Remove nodes none of whose outputs is read (repeatedly); returns how many."""
-    removed = 0
-    while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
-        if not dead:
-            return removed
-        for n in dead:
-            graph.node.remove(n)
-        removed += len(dead)
-
-
 def fuse_attention(model, direct: bool = True) -> int:
     """Rewrite ``model`` (an ``onnx.ModelProto``, weights may stay external) in place; returns the
     number of attention products (Q·Kᵀ → softmax → ·V) fused. ``direct``: read / write the
@@ -241,7 +228,7 @@ def fuse_attention(model, direct: bool = True) -> int:
             g.producer.update({o: node for o in node.output})
         fused += 1
     if fused:
-        _remove_dead(graph)
+        remove_dead(graph)
         drop_unused_initializers(graph)
         if not any(o.domain == MS_DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))

@@ -23,9 +23,10 @@ For the ONNX Runtime CPU graphs only (the twins, int8-cpu): TensorRT has no ``Un
 """
 from __future__ import annotations
 
-from collections import defaultdict
+import heapq
+from collections import Counter, defaultdict
 
-from .cpu_rewrites import drop_unused_initializers, graph_maps
+from .cpu_rewrites import drop_unused_initializers, graph_maps, remove_dead
 
 LATENTS, TIMESTEP = "latents", "timestep"
 PREFIX = "prism_dedupe"
@@ -49,7 +50,7 @@ def _mixes_rows(node, inits: dict) -> bool:
     return False
 
 
-def _topological(nodes: list, graph_inputs: set) -> list:
+def _topological(nodes: list) -> list:
     """``nodes`` in an order where every node follows the producers of its inputs (stable)."""
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     waiting = [0] * len(nodes)
@@ -58,8 +59,6 @@ def _topological(nodes: list, graph_inputs: set) -> list:
         for name in {x for x in n.input if x and x in producer}:
             waiting[i] += 1
             users[producer[name]].append(i)
-    import heapq
-
     ready = [i for i, w in enumerate(waiting) if w == 0]
     heapq.heapify(ready)
     order = []
@@ -171,14 +170,10 @@ def dedupe_prefix(model) -> dict:
     for name, n in cuts.items():  # the original writer's tensor is now the gathered one
         n.output[list(n.output).index(name)] = f"{PREFIX}/unused/{name}"
         new.append(helper.make_node("Gather", [rename[name], inverse], [name], axis=0, name=f"{PREFIX}/gather/{name}"))
-    nodes = _topological(list(graph.node) + new, set(names) | set(inits))
+    nodes = _topological(list(graph.node) + new)
     del graph.node[:]
     graph.node.extend(nodes)
-    from .cpu_attention import _remove_dead
-
-    _remove_dead(graph)
+    remove_dead(graph)
     drop_unused_initializers(graph)
-    ops: dict[str, int] = defaultdict(int)
-    for n in prefix.values():
-        ops[n.op_type] += 1
+    ops = Counter(n.op_type for n in prefix.values())
     return {"nodes": len(prefix), "ops": dict(sorted(ops.items())), "handed_back": len(cuts)}

@@ -48,6 +48,19 @@ def drop_unused_initializers(graph) -> None:
     graph.initializer.extend(live)
 
 
+def remove_dead(graph) -> int:
+    """Remove nodes none of whose outputs is read (repeatedly); returns how many."""
+    removed = 0
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            return removed
+        for n in dead:
+            graph.node.remove(n)
+        removed += len(dead)
+
+
 def rewrite_file(path: Path, rewrite, out: Path | None = None) -> int:
     """Apply ``rewrite(model, base_dir)`` (returns a count) to the graph file ``path`` without loading
     its weights; saved — in place, or to ``out`` in the same folder (it reads the same weights
@@ -219,7 +232,7 @@ def write_cpu_graph(path: Path, staging: bool = False) -> dict | None:
     final = path.with_name(path.name.removesuffix(".onnx") + ".cpu.onnx")
     out = final.with_name(final.name + ".next") if staging else final
     counts = fuse_for_cpu_file(path, out)
-    if not (counts["fused_attentions"] or counts["fused_gelu"]):
-        return None
+    if not (counts["fused_attentions"] or counts["fused_gelu"] or counts["latent_prefix"]["nodes"]):
+        return None  # rewrite_file saved nothing
     return {"path": out, "final": final, **counts, "ops": [f"{MS_DOMAIN}.MultiHeadAttention", f"{MS_DOMAIN}.Gelu"]
             + (["Unique"] if counts["latent_prefix"]["nodes"] else [])}
