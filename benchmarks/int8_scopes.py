@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 HELD_OUT_SEED0 = 1_000_010  # phantom patients outside training (0…) and calibration (2 000 000…)
 
 
@@ -37,20 +35,6 @@ def scope_set(spec: str, defaults: tuple[str, ...]) -> tuple[str, tuple[str, ...
         elif change not in scopes:
             scopes.append(change)
     return name, tuple(scopes)
-
-
-def held_out_items(count: int, size: int):
-    from prism_export import phantom
-    from prism_export.variants import DEFAULT_TARGETS, CalibrationItem
-
-    items = []
-    for seed in range(HELD_OUT_SEED0, HELD_OUT_SEED0 + count):
-        patient, attributes = phantom.sample_patient(seed), phantom.sample_attributes(seed)
-        sample = phantom.render(patient, attributes, size=size)
-        toggled = phantom.counterfactuals(patient, attributes, size=size)["devices"]
-        items.append(CalibrationItem(f"phantom-{seed}", sample.image, sample.caption,
-                                     (toggled.caption,) if toggled.caption != sample.caption else DEFAULT_TARGETS))
-    return items
 
 
 class _Session:
@@ -92,10 +76,10 @@ def main(argv=None) -> int:
     engine = Engine.load(args.engine, backend="onnxruntime", precision="fp32", threads=args.threads)
     calls = V._invert_and_edit(engine, V.default_calibration_items(args.calibration_count, args.size), settings,
                                record=True).unet_calls
-    picked = set(np.unique(np.linspace(0, len(calls) - 1, args.samples).round().astype(int)).tolist())
+    picked = set(V.spread_index(len(calls), args.samples))
     groups = {"calibration": [calls[i] for i in sorted(picked)],
               "held_apart": V._spread([c for i, c in enumerate(calls) if i not in picked], 48),
-              "held_out": V._spread(V._invert_and_edit(engine, held_out_items(args.held_out, args.size), settings,
+              "held_out": V._spread(V._invert_and_edit(engine, [V.phantom_item(seed, args.size) for seed in range(HELD_OUT_SEED0, HELD_OUT_SEED0 + args.held_out)], settings,
                                                        record=True).unet_calls, 2 * args.samples)}
     del engine
     args.out.mkdir(parents=True, exist_ok=True)

@@ -305,6 +305,7 @@ def test_a_graph_of_latents_alone_has_no_prefix_to_share(engine_dir):
     import onnx
 
     raw = json.loads((engine_dir / "manifest.json").read_text())
+    assert raw["graphs"]["unet"]["cpu"]["latent_prefix"]["nodes"] > 0
     assert raw["graphs"]["vae_decoder"]["cpu"]["latent_prefix"]["nodes"] == 0
     decoder = onnx.load(str(engine_dir / raw["graphs"]["vae_decoder"]["cpu"]["file"]), load_external_data=False)
     assert [i.name for i in decoder.graph.input] == ["latents"]

@@ -169,17 +169,23 @@ def default_calibration_items(count: int, size: int) -> list[CalibrationItem]:
             items.append(CalibrationItem("RG1_UNCR.dcm", load_image(dicom).pixels))
     except ImportError:
         pass
-    from . import phantom
-
     seed = CALIBRATION_SEED0
     while len(items) < count:
-        patient, attributes = phantom.sample_patient(seed), phantom.sample_attributes(seed)
-        sample = phantom.render(patient, attributes, size=size)
-        toggled = phantom.counterfactuals(patient, attributes, size=size)["devices"]
-        items.append(CalibrationItem(f"phantom-{seed}", sample.image, sample.caption,
-                                     (toggled.caption,) if toggled.caption != sample.caption else DEFAULT_TARGETS))
+        items.append(phantom_item(seed, size))
         seed += 1
     return items[:count]
+
+
+def phantom_item(seed: int, size: int) -> CalibrationItem:
+    """Phantom patient ``seed`` (``prism_export.phantom``) with its caption and the edit that toggles
+    its support devices."""
+    from . import phantom
+
+    patient, attributes = phantom.sample_patient(seed), phantom.sample_attributes(seed)
+    sample = phantom.render(patient, attributes, size=size)
+    toggled = phantom.counterfactuals(patient, attributes, size=size)["devices"]
+    return CalibrationItem(f"phantom-{seed}", sample.image, sample.caption,
+                           (toggled.caption,) if toggled.caption != sample.caption else DEFAULT_TARGETS)
 
 
 # -- recording the fp32 trajectories ----------------------------------------------------------------
@@ -227,11 +233,15 @@ def _invert_and_edit(engine, items: Sequence[CalibrationItem], settings: Variant
     return _Run(images, calls, time.perf_counter() - start)
 
 
+def spread_index(total: int, count: int) -> list[int]:
+    """At most ``count`` indices into ``total`` items, evenly spread (all of them when fewer)."""
+    if total <= count:
+        return list(range(total))
+    return np.unique(np.linspace(0, total - 1, count).round().astype(int)).tolist()
+
+
 def _spread(calls: list, count: int) -> list:
-    if len(calls) <= count:
-        return list(calls)
-    index = np.unique(np.linspace(0, len(calls) - 1, count).round().astype(int))
-    return [calls[i] for i in index]
+    return [calls[i] for i in spread_index(len(calls), count)]
 
 
 # -- building the variant graphs --------------------------------------------------------------------
