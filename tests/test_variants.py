@@ -7,6 +7,7 @@ One export of the tiny model with all variants (module fixture: export + calibra
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -556,10 +557,44 @@ def test_bench_paired_times_each_precision_in_turn_against_torch_fp32(engine_dir
     # the same inputs for every configuration: ONNX Runtime fp32 equals torch, int8-cpu differs by its noise
     assert paired[("onnxruntime", "fp32")]["rms_rel_diff_vs_torch_fp32"] < 1e-4
     assert 1e-3 < paired[("onnxruntime", "int8-cpu")]["rms_rel_diff_vs_torch_fp32"] < 0.5
-    assert "## Paired" in (out / "results.md").read_text() and "page faults / call" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "## Paired" in md and "each in its own process" in md and "page faults / call" in md
     assert all(r["minor_faults_per_call"] >= 0 and r["system_s_per_call"] >= 0 for r in rows if "median_s" in r)
+    # each configuration was served by a process of its own, not this one, and measured its own RSS
+    pids = {row["pid"] for row in paired.values()}
+    assert len(pids) == 3 and os.getpid() not in pids and all(r["process"] == "own" for r in paired.values())
+    assert all(r["peak_rss_mb"] > 0 for r in paired.values())
     # the per-process rows are still there beside the paired ones
     assert {(r["backend"], r["precision"]) for r in rows if r["kind"] == "graph"} >= set(paired)
+
+
+def test_bench_paired_no_isolate_shares_this_process(engine_dir, tmp_path):
+    from prism_rt.cli import main
+
+    out = tmp_path / "paired"
+    assert main(["bench", "--model", str(engine_dir), "--out", str(out), "--mode", "graphs", "--graphs", "unet",
+                 "--batches", "1", "--precisions", "int8-cpu", "--repeats", "2", "--threads", "1", "--paired",
+                 "--no-isolate"]) == 0
+    rows = [r for r in json.loads((out / "results.json").read_text())["rows"] if r["kind"] == "graph_paired"]
+    assert [(r["backend"], r["precision"]) for r in rows] == [("torch", "fp32"), ("onnxruntime", "int8-cpu")]
+    assert {r["pid"] for r in rows} == {os.getpid()} and {r["process"] for r in rows} == {"shared"}
+    assert "all in one process" in (out / "results.md").read_text()
+    assert 1e-3 < rows[1]["rms_rel_diff_vs_torch_fp32"] < 0.5
+
+
+def test_bench_paired_names_the_configuration_whose_process_failed(engine_dir, tiny_model_dir):
+    """A configuration that cannot load raises a typed error naming it; the others' processes end."""
+    import multiprocessing
+
+    from prism_bench.suite import paired_worker
+    from prism_rt.errors import PrismError
+
+    job = {"precisions": ["int4"], "paths": {"checkpoint": str(tiny_model_dir), "engine": str(engine_dir)},
+           "device": "cpu", "threads": 1, "batches": [1], "repeats": 1, "warmup": 1, "processes": True,
+           "graphs": ["unet"]}
+    with pytest.raises(PrismError, match="paired onnxruntime int4: .*int4"):
+        paired_worker(job)
+    assert multiprocessing.active_children() == []
 
 
 def test_bench_counts_the_page_faults_and_kernel_time_of_a_call():

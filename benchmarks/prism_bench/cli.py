@@ -39,9 +39,9 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where preset models and engines are kept")
     p.add_argument("--no-isolate", action="store_true", help="run every configuration in this process (no per-process RSS)")
     p.add_argument("--paired", action="store_true",
-                   help="also time torch fp32 and every engine precision in turn, round after round in one process, "
-                        "and report each round's ratio (steady on machines whose speed drifts between runs; "
-                        "needs the checkpoint)")
+                   help="also time torch fp32 and every engine precision in turn, round after round, each in its own "
+                        "process (--no-isolate: all in this one), and report each round's ratio (steady on machines "
+                        "whose speed drifts between runs; needs the checkpoint)")
     return p
 
 

@@ -83,20 +83,24 @@ def markdown(results: dict) -> str:
             out.append("")
     paired = [r for r in rows if r["kind"] == "graph_paired"]
     if paired:
-        out += ["## Paired: torch fp32 and each precision in turn, one process", "",
+        own = paired[0].get("process", "shared") == "own"
+        out += ["## Paired: torch fp32 and each precision in turn, "
+                + ("each in its own process" if own else "all in one process"), "",
                 "Each round calls every configuration once on the same inputs (order rotated); the ratio is "
                 "torch fp32's time over the configuration's in the same round, median (p10–p90) over "
-                f"{paired[0]['repeats']} rounds. Peak RSS is of all of them together: "
-                f"{_opt(paired[0].get('peak_rss_mb'), '{:.0f}')} MB.", "",
+                f"{paired[0]['repeats']} rounds. "
+                + ("Peak RSS is each configuration's own process's." if own else
+                   f"Peak RSS is of all of them together: {_opt(paired[0].get('peak_rss_mb'), '{:.0f}')} MB."), "",
                 "| graph | batch | backend | precision | median | ratio to torch fp32 | rms rel. diff. of output "
-                "| page faults / call | kernel time / call |",
-                "|---|---:|---|---|---:|---:|---:|---:|---:|"]
+                "| page faults / call | kernel time / call | peak RSS MB |",
+                "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in paired:
             q = r["ratio_to_torch_fp32"]
             out.append(f"| {r['graph']} | {r['batch']} | {r['backend']} | {r['precision']} | "
                        f"{_fmt_s(r['median_s'])} ({_fmt_s(r['p10_s'])}–{_fmt_s(r['p90_s'])}) | "
                        f"{q['median']:.2f}× ({q['p10']:.2f}–{q['p90']:.2f}) | {r['rms_rel_diff_vs_torch_fp32']:.2e} | "
-                       f"{_opt(r.get('minor_faults_per_call'), '{:,}')} | {_opt(r.get('system_s_per_call'), '{:.2f} s')} |")
+                       f"{_opt(r.get('minor_faults_per_call'), '{:,}')} | {_opt(r.get('system_s_per_call'), '{:.2f} s')} | "
+                       f"{_opt(r.get('peak_rss_mb'), '{:.0f}')} |")
         out.append("")
     return "\n".join(out)
 

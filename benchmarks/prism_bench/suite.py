@@ -287,53 +287,166 @@ def graph_worker(job: dict) -> list[dict]:
     return rows
 
 
+def _graph_call(engine, graph: str, batch: int):
+    """A call of one graph at one batch on the bench's inputs; returns its first output on the host."""
+    backend = engine.backend
+    inputs = graph_inputs(backend, engine.tokenizer, graph, batch, np.random.default_rng(0))
+
+    def call():
+        out = backend.run(graph, **inputs)
+        return backend.to_numpy(next(iter(out.values())))  # waits for the device
+
+    return call
+
+
+class _PairedConfig:
+    """One configuration of the paired measurement, loaded in this process."""
+
+    def __init__(self, job: dict):
+        # onnxruntime's pool threads spin after each call by default: with more than one thread they
+        # would take cores from the configuration called next
+        self.engine = _load("graphs", job["backend"], job["precision"], job["paths"], job["device"], job["threads"],
+                            session_config={"session.intra_op.allow_spinning": "0"})
+        self._call = None
+
+    def prepare(self, graph: str, batch: int, warmup: int) -> np.ndarray:
+        """Set up the graph and batch timed next; warm up; returns the first output (compared across)."""
+        self._call = _graph_call(self.engine, graph, batch)
+        first = np.asarray(self._call(), np.float64)
+        for _ in range(warmup - 1):
+            self._call()
+        return first
+
+    def timed(self) -> tuple[float, tuple[int, float] | None]:
+        return _call_measured(self._call)
+
+    def peak_rss_mb(self) -> float | None:
+        return peak_rss_mb()
+
+    def close(self) -> None:
+        pass
+
+
+def _paired_server(conn, job: dict) -> None:
+    """A spawned process serving one configuration: loads it, then answers the coordinator's
+    requests (``prepare``, ``timed``, ``peak_rss_mb``, ``close``) until ``close``."""
+    import traceback
+
+    try:
+        config = _PairedConfig(job)
+        conn.send(("ok", os.getpid()))
+        while True:
+            what, args = conn.recv()
+            conn.send(("ok", getattr(config, what)(*args)))
+            if what == "close":
+                return
+    except BaseException as exc:  # the coordinator raises it, naming the configuration
+        try:
+            conn.send(("error", "".join(traceback.format_exception_only(type(exc), exc)).strip()))
+        except OSError:
+            pass
+
+
+class _PairedProcess:
+    """The coordinator's handle of a configuration served by :func:`_paired_server` in its own
+    process: the same methods as :class:`_PairedConfig`, each a request answered there."""
+
+    def __init__(self, job: dict):
+        ctx = multiprocessing.get_context("spawn")
+        self.label = f"{job['backend']} {job['precision']}"
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_paired_server, args=(child, job), name=f"paired {self.label}", daemon=True)
+        self._proc.start()
+        child.close()
+        self.pid = self._answer()
+
+    def _answer(self):
+        from prism_rt.errors import BackendError
+
+        try:
+            kind, value = self._conn.recv()
+        except (EOFError, OSError):
+            self._proc.join(timeout=10)
+            raise BackendError(f"paired {self.label}: its process ended without an answer (exit code "
+                               f"{self._proc.exitcode}; killed for memory? pair fewer precisions with --precisions)") from None
+        if kind == "error":
+            raise BackendError(f"paired {self.label}: {value}")
+        return value
+
+    def _ask(self, what: str, *args):
+        self._conn.send((what, args))
+        return self._answer()
+
+    def prepare(self, graph: str, batch: int, warmup: int) -> np.ndarray:
+        return self._ask("prepare", graph, batch, warmup)
+
+    def timed(self) -> tuple[float, tuple[int, float] | None]:
+        return self._ask("timed")
+
+    def peak_rss_mb(self) -> float | None:
+        return self._ask("peak_rss_mb")
+
+    def close(self) -> None:
+        try:  # never raises: it runs after another error too
+            if self._proc.is_alive():
+                self._conn.send(("close", ()))
+                if self._conn.poll(30):
+                    self._conn.recv()
+        except (OSError, EOFError):
+            pass
+        finally:
+            self._proc.join(timeout=30)
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._conn.close()
+
+
 def paired_worker(job: dict) -> list[dict]:
-    """torch fp32 and each engine precision loaded in this one process and called in turn, round
-    after round (the order rotated every round), on the same inputs: a machine whose speed drifts
-    between runs (a shared VM) slows every configuration of a round alike, so the ratio of each
-    round's two times is steadier than the ratio of medians taken minutes apart. Rows: each
-    configuration's median time, the median (p10, p90) of its per-round ratio to torch fp32, and
-    the rms relative difference of its first output from torch fp32's."""
-    configs = [("torch", "fp32")] + [("onnxruntime", p) for p in job["precisions"]]
-    # onnxruntime's pool threads spin after each call by default: with more than one thread they
-    # would take cores from the configuration called next in this process
-    engines = [_load("graphs", b, p, job["paths"], job["device"], job["threads"],
-                     session_config={"session.intra_op.allow_spinning": "0"}) for b, p in configs]
-    rows = []
-    for graph in job["graphs"]:
-        for batch in job["batches"]:
-            calls, firsts = [], []
-            for engine in engines:
-                backend = engine.backend
-                inputs = graph_inputs(backend, engine.tokenizer, graph, batch, np.random.default_rng(0))
-
-                def call(backend=backend, inputs=inputs):
-                    out = backend.run(graph, **inputs)
-                    return backend.to_numpy(next(iter(out.values())))  # waits for the device
-
-                firsts.append(np.asarray(call(), np.float64))  # warm-up, and the output compared
-                for _ in range(job["warmup"] - 1):
-                    call()
-                calls.append(call)
-            times, usage = [[] for _ in calls], [[] for _ in calls]
-            for r in range(job["repeats"]):
-                for j in range(len(calls)):
-                    i = (r + j) % len(calls)
-                    seconds, used = _call_measured(calls[i])
-                    times[i].append(seconds)
-                    usage[i].append(used)
-            ref = firsts[0]
-            for (backend, precision), ts, used, first in zip(configs, times, usage, firsts):
-                row = {"kind": "graph_paired", "backend": backend, "precision": precision, "graph": graph, "batch": batch,
-                       **_time_stats(ts, used), "times_s": ts,
-                       "ratio_to_torch_fp32": _spread([a / b for a, b in zip(times[0], ts)]),
-                       "rms_rel_diff_vs_torch_fp32": float(np.sqrt(((first - ref) ** 2).sum() / max((ref ** 2).sum(), 1e-30)))}
-                if graph == "unet":
-                    row["unet_layout"] = dict(zip(("uncond", "edits"), unet_layout(batch)))
-                rows.append(row)
-    for row in rows:
-        row["peak_rss_mb"] = peak_rss_mb()  # of all configurations together
-    return rows
+    """torch fp32 and each engine precision called in turn, round after round (the order rotated
+    every round), on the same inputs: a machine whose speed drifts between runs (a shared VM, a
+    device that heats up) slows every configuration of a round alike, so the ratio of each round's
+    two times is steadier than the ratio of medians taken minutes apart. With ``job["processes"]``
+    each configuration is served by its own spawned process (its own allocator, thread pools and
+    RSS, as a user runs it; only one computes at a time); without it they share this one. Rows:
+    each configuration's median time, the median (p10, p90) of its per-round ratio to torch fp32,
+    and the rms relative difference of its first output from torch fp32's."""
+    specs = [("torch", "fp32")] + [("onnxruntime", p) for p in job["precisions"]]
+    make = _PairedProcess if job.get("processes") else _PairedConfig
+    configs = []
+    try:
+        for backend, precision in specs:  # loaded one after another: the peak of loading is one model's
+            configs.append(make({**job, "backend": backend, "precision": precision}))
+        rows = []
+        for graph in job["graphs"]:
+            for batch in job["batches"]:
+                firsts = [c.prepare(graph, batch, job["warmup"]) for c in configs]
+                times, usage = [[] for _ in configs], [[] for _ in configs]
+                for r in range(job["repeats"]):
+                    for j in range(len(configs)):
+                        i = (r + j) % len(configs)
+                        seconds, used = configs[i].timed()
+                        times[i].append(seconds)
+                        usage[i].append(used)
+                ref = firsts[0]
+                for (backend, precision), ts, used, first in zip(specs, times, usage, firsts):
+                    row = {"kind": "graph_paired", "backend": backend, "precision": precision, "graph": graph,
+                           "batch": batch, **_time_stats(ts, used), "times_s": ts,
+                           "ratio_to_torch_fp32": _spread([a / b for a, b in zip(times[0], ts)]),
+                           "rms_rel_diff_vs_torch_fp32": float(np.sqrt(((first - ref) ** 2).sum()
+                                                                       / max((ref ** 2).sum(), 1e-30)))}
+                    if graph == "unet":
+                        row["unet_layout"] = dict(zip(("uncond", "edits"), unet_layout(batch)))
+                    rows.append(row)
+        for row in rows:
+            config = configs[specs.index((row["backend"], row["precision"]))]
+            # one process per configuration: its own peak; one for all: of all of them together
+            row["peak_rss_mb"] = config.peak_rss_mb()
+            row["process"] = "own" if job.get("processes") else "shared"
+            row["pid"] = getattr(config, "pid", os.getpid())
+        return rows
+    finally:
+        for config in configs:
+            config.close()
 
 
 def _stock_unet_rows(engine, job: dict, rng) -> list[dict]:
@@ -432,7 +545,7 @@ class BenchPlan:
     images: list = field(default_factory=list)  # gray [0,1] arrays or paths
     engine_precisions: tuple[str, ...] = ("fp32",)
     isolate: bool = True
-    paired: bool = False  # also time torch fp32 and the engine precisions in turn, in one process (paired_worker)
+    paired: bool = False  # also time torch fp32 and the engine precisions in turn (paired_worker)
     prompt: str = SOURCE
     target: str = TARGET
     judge: dict | None = None  # {"classifier": path, "truth": [H,W] array, "mask": [H,W] bool}: edit metrics
@@ -469,12 +582,13 @@ def run_bench(plan: BenchPlan, progress=print) -> dict:
                                    "graphs": list(preset.graphs or GRAPHS)})
 
     if plan.paired:
-        progress(f"paired: torch fp32 and onnxruntime {', '.join(plan.engine_precisions)} in turn, one process, "
-                 f"at batches {batches} …")
-        rows += run(paired_worker, {"precisions": list(plan.engine_precisions), "paths": plan.paths,
-                                    "device": plan.device, "threads": plan.threads, "batches": batches,
-                                    "repeats": preset.repeats, "warmup": preset.warmup,
-                                    "graphs": list(preset.graphs or GRAPHS)})
+        progress(f"paired: torch fp32 and onnxruntime {', '.join(plan.engine_precisions)} in turn, "
+                 f"{'each in its own process' if plan.isolate else 'all in this process'}, at batches {batches} …")
+        # this process only coordinates: each configuration has its own (or, --no-isolate, this one)
+        rows += paired_worker({"precisions": list(plan.engine_precisions), "paths": plan.paths,
+                               "device": plan.device, "threads": plan.threads, "batches": batches,
+                               "repeats": preset.repeats, "warmup": preset.warmup, "processes": plan.isolate,
+                               "graphs": list(preset.graphs or GRAPHS)})
 
     if full:
         with tempfile.TemporaryDirectory() as scratch:
