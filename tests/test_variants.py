@@ -331,11 +331,71 @@ def test_folding_moves_the_rescaling_into_per_channel_qdq_scales(tmp_path):
     assert flipped.mean() < 0.02 and np.all(np.abs(after - before) <= 1.01 * np.broadcast_to(step, before.shape) + 1e-6)
 
 
+def _linear_layer(tmp_path, name: str, act_scale_shape=(), bias_from_input: bool = False) -> Path:
+    """x -> Q -> DQ -> MatMul(DQ(w: int8, per-column scale, axis 1)) -> Add(bias) -> y, as
+    quantize_static writes a quantized linear layer with a float output."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    k, n = 16, 8
+    consts = {"x_scale": np.full(act_scale_shape, 0.03, np.float32), "x_zero": np.full(act_scale_shape, 131, np.uint8),
+              "w": rng.integers(-127, 128, (k, n)).astype(np.int8), "w_scale": rng.uniform(0.005, 0.02, n).astype(np.float32),
+              "w_zero": np.zeros(n, np.int8)}
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, k])]
+    if bias_from_input:
+        inputs.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, [n]))
+    else:
+        consts["bias"] = rng.standard_normal(n).astype(np.float32)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"], name="xq"),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"], name="xd"),
+             helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["wd"], name="wd", axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["xw"], name="linear"),
+             helper.make_node("Add", ["xw", "bias"], ["y"], name="linear/bias")]
+    graph = helper.make_graph(nodes, "linear", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, n])],
+                              [numpy_helper.from_array(v, key) for key, v in consts.items()])
+    path = tmp_path / name
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_a_quantized_linear_layer_takes_its_bias_into_the_integer_product(tmp_path):
+    """Fused, the layer is one MatMulIntegerToFloat reading the quantized input, the int8 weights,
+    both scales and zero points and the bias, and computes what DQ · DQ → MatMul → Add computes; a
+    per-channel activation scale or a bias that is not a constant is left as it is."""
+    import onnx
+    import onnxruntime as ort
+
+    from prism_export.cpu_rewrites import fuse_quantized_matmul_bias, rewrite_file
+
+    x = {"x": np.random.default_rng(2).standard_normal((2, 5, 16)).astype(np.float32)}
+    run = lambda p, feeds=x: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["y"], feeds)[0]  # noqa: E731
+    path = _linear_layer(tmp_path, "layer.onnx")
+    before = run(path)
+    # the hand-computed reference: dequantize both, multiply, add the bias
+    model = onnx.load(str(path))
+    c = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    xq = np.clip(np.round(x["x"] / 0.03) + 131, 0, 255)
+    reference = ((xq - 131) * 0.03) @ (c["w"].astype(np.float32) * c["w_scale"]) + c["bias"]
+    assert np.allclose(before, reference, rtol=1e-5, atol=1e-5)
+    assert rewrite_file(path, lambda m, _: fuse_quantized_matmul_bias(m)) == 1
+    fused = onnx.load(str(path)).graph
+    assert [(n.op_type, n.domain) for n in fused.node] == [("QuantizeLinear", ""), ("MatMulIntegerToFloat", "com.microsoft")]
+    assert list(fused.node[1].input) == ["xq", "w", "x_scale", "w_scale", "x_zero", "w_zero", "bias"]
+    assert np.allclose(run(path), before, rtol=1e-6, atol=1e-6)
+    for name, kwargs in (("per-channel.onnx", {"act_scale_shape": (16,)}), ("bias-input.onnx", {"bias_from_input": True})):
+        kept = _linear_layer(tmp_path, name, **kwargs)
+        assert fuse_quantized_matmul_bias(onnx.load(str(kept))) == 0
+
+
 def test_int8_cpu_convolutions_fuse_with_folded_scales_and_matmuls_keep_float_outputs(engine_dir, tmp_path):
     """What makes int8-cpu fast survives the rescaling: onnxruntime still fuses every quantized
     convolution into QLinearConv (per-channel scales sit on the Q before / DQ after it) and runs
-    every quantized MatMul as MatMulIntegerToFloat; no rescaling Mul is left at a convolution."""
+    every quantized MatMul as MatMulIntegerToFloat, those with a bias with it inside; no rescaling
+    Mul is left at a convolution."""
     import collections
+
+    from prism_export.cpu_rewrites import graph_maps
 
     manifest = json.loads((engine_dir / "manifest.json").read_text())
     made = manifest["variants"]["int8-cpu"]["quantization"]
@@ -361,6 +421,15 @@ def test_int8_cpu_convolutions_fuse_with_folded_scales_and_matmuls_keep_float_ou
     assert ops["QLinearConv"] == quantized["Conv"] == rescaling["convolutions"]
     assert ops["QLinearMatMul"] == 0 and ops["MatMulIntegerToFloat"] >= quantized["MatMul"]
     assert ops["Erf"] == 0  # the GELUs stay fused
+    # every quantized linear layer with a bias has it inside its integer product: no MatMul → Add(bias) left
+    stored = collections.Counter(n.op_type for n in graph.node)
+    inits = {t.name: list(t.dims) for t in graph.initializer}
+    _, consumers = graph_maps(graph)
+    biased = [n for n in graph.node if n.op_type == "MatMul" and len(consumers[n.output[0]]) == 1
+              and consumers[n.output[0]][0].op_type == "Add"
+              and any(len(inits.get(i, [])) == 1 for i in consumers[n.output[0]][0].input)]
+    assert biased == [] and stored["MatMulIntegerToFloat"] == made["cpu_matmul_bias"]["fused"] > 0
+    assert all(len(n.input) == 7 and n.input[6] for n in graph.node if n.op_type == "MatMulIntegerToFloat")
 
 
 def _quantized_nodes(engine_dir: Path) -> list[str]:

@@ -8,8 +8,13 @@
   elementwise nodes and ONNX Runtime's own GELU fusion does not match in that order, becomes one
   ``com.microsoft.Gelu`` (the same erf formula, one pass).
 
-Both run before quantization / after it respectively; ``com.microsoft`` operators exist in ONNX
-Runtime only, so neither touches the graphs TensorRT builds from.
+* :func:`fuse_quantized_matmul_bias`: a quantized linear layer's ``DQ · DQ → MatMul → Add(bias)``
+  becomes one ``com.microsoft.MatMulIntegerToFloat`` with the bias (ONNX Runtime's own fusion
+  leaves the ``Add``, and the GEGLU gate's bias with it a ``BiasGelu`` in place of a ``Gelu``):
+  outputs bitwise equal, an SD v1.5 int8-cpu step at batch 2 ~6 % faster (README).
+
+The first runs before quantization, the others after it; ``com.microsoft`` operators exist in ONNX
+Runtime only, so none touches the graphs TensorRT builds from.
 
 * :func:`write_cpu_graph`: the CPU twin of an fp32 graph, ``onnx/<graph>.cpu.onnx``, written by the
   export beside ``onnx/<graph>.onnx`` and reading the same weights file: attention fused into
@@ -200,12 +205,72 @@ def fuse_gelu(model, base_dir: str | None = None) -> int:
     return count
 
 
+def fuse_quantized_matmul_bias(model) -> int:
+    """``DequantizeLinear(a) · DequantizeLinear(w) → Add(bias)`` — a quantized linear layer with
+    its bias, as ``quantize_static`` writes it with float outputs — becomes one
+    ``com.microsoft.MatMulIntegerToFloat(a_q, w_q, a_scale, w_scale, a_zp, w_zp, bias)``: the
+    integer product, its scaling and the bias in one pass over the output. ONNX Runtime fuses the
+    product itself into that operator anyway but leaves the bias ``Add`` as another pass (~1.5 % of
+    an SD v1.5 int8-cpu step). Only a per-tensor activation (scalar scale and zero point) and 2-D
+    weights quantized per tensor or per output column match; the dequantized tensors stay for any
+    other reader. Returns how many were fused."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer, consumers = graph_maps(graph)
+    outputs = {o.name for o in graph.output}
+
+    def dims(name):
+        return list(inits[name].dims) if name in inits else None
+
+    replace, drop, count = {}, set(), 0
+    for mm in graph.node:
+        if mm.op_type != "MatMul" or mm.output[0] in outputs:
+            continue
+        a_dq, w_dq = producer.get(mm.input[0]), producer.get(mm.input[1])
+        users = consumers[mm.output[0]]
+        if not (a_dq and w_dq and a_dq.op_type == w_dq.op_type == "DequantizeLinear"
+                and len(users) == 1 and users[0].op_type == "Add"):
+            continue
+        add = users[0]
+        bias = [i for i in add.input if i != mm.output[0]]
+        w, w_scale = w_dq.input[0], w_dq.input[1]
+        w_dims = dims(w)
+        if (len(bias) != 1 or w_dims is None or len(w_dims) != 2 or inits[w].data_type != TensorProto.INT8
+                or dims(bias[0]) != [w_dims[1]] or inits[bias[0]].data_type != TensorProto.FLOAT
+                or len(a_dq.input) < 3 or dims(a_dq.input[1]) != [] or dims(a_dq.input[2]) != []
+                or dims(w_scale) not in ([], [w_dims[1]])):
+            continue
+        if dims(w_scale) == [w_dims[1]] and _attr(w_dq, "axis", 1) not in (1, -1):
+            continue
+        fused = helper.make_node("MatMulIntegerToFloat",
+                                 [a_dq.input[0], w, a_dq.input[1], w_scale, a_dq.input[2],
+                                  w_dq.input[2] if len(w_dq.input) > 2 else "", bias[0]],
+                                 [add.output[0]], name=f"{mm.name}/int_bias", domain=MS_DOMAIN)
+        fused.metadata_props.extend(mm.metadata_props)
+        replace[id(mm)] = fused
+        drop.add(id(add))
+        count += 1
+    if count:
+        rewritten = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
+        del graph.node[:]
+        graph.node.extend(rewritten)
+        remove_dead(graph)  # the dequantized weights (and activations no other node reads)
+        drop_unused_initializers(graph)
+        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return count
+
+
 def fuse_for_cpu_file(path: Path, out: Path | None = None) -> dict:
     """Attention (:func:`prism_export.cpu_attention.fuse_attention`) and GELU (:func:`fuse_gelu`)
     fused in the graph file ``path``, then the UNet's latent-only prefix run once per distinct
-    latent (:func:`prism_export.cpu_dedupe.dedupe_prefix`), in one load and save
-    (:func:`rewrite_file`: in place, or to ``out``); returns how many of each were fused, how many
-    attention inputs / outputs need no relayout, and the deduplicated prefix (``latent_prefix``)."""
+    latent (:func:`prism_export.cpu_dedupe.dedupe_prefix`), then — in a quantized graph — each
+    quantized linear layer's bias fused into its integer product (:func:`fuse_quantized_matmul_bias`),
+    in one load and save (:func:`rewrite_file`: in place, or to ``out``); returns how many of each
+    were fused, how many attention inputs / outputs need no relayout, and the deduplicated prefix
+    (``latent_prefix``)."""
     from .cpu_attention import direct_io, fuse_attention
     from .cpu_dedupe import dedupe_prefix
 
@@ -215,7 +280,9 @@ def fuse_for_cpu_file(path: Path, out: Path | None = None) -> dict:
         counts.update(fused_attentions=fuse_attention(model), fused_gelu=fuse_gelu(model, base_dir))
         counts["attention_direct_io"] = direct_io(model)
         counts["latent_prefix"] = dedupe_prefix(model)
-        return counts["fused_attentions"] + counts["fused_gelu"] + counts["latent_prefix"]["nodes"]
+        counts["fused_matmul_bias"] = fuse_quantized_matmul_bias(model)  # after: the prefix's own stay row-wise
+        return (counts["fused_attentions"] + counts["fused_gelu"] + counts["latent_prefix"]["nodes"]
+                + counts["fused_matmul_bias"])
 
     rewrite_file(path, rewrite, out)
     return counts

@@ -522,6 +522,9 @@ def add_variants(engine_dir, precisions: Sequence[str], settings: VariantSetting
                                              "op": f"{MS_DOMAIN}.MultiHeadAttention (flash attention on CPU)"}
                     made["cpu_gelu"] = {"fused_gelu": fused["fused_gelu"], "op": f"{MS_DOMAIN}.Gelu"}
                     made["cpu_latent_prefix"] = {**fused["latent_prefix"], "op": "Unique + Gather (prism_export.cpu_dedupe)"}
+                    made["cpu_matmul_bias"] = {"fused": fused["fused_matmul_bias"],
+                                               "op": f"{MS_DOMAIN}.MatMulIntegerToFloat (integer product, scales and "
+                                                     "bias in one pass)"}
                 graphs["unet"] = made
             build_s = time.perf_counter() - start
             entry = {"graphs": {}, "built_utc": _now(), "build_s": round(build_s, 1), "settings": settings.to_json()}
