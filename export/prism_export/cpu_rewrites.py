@@ -11,7 +11,8 @@
 * :func:`fuse_quantized_matmul_bias`: a quantized linear layer's ``DQ · DQ → MatMul → Add(bias)``
   becomes one ``com.microsoft.MatMulIntegerToFloat`` with the bias (ONNX Runtime's own fusion
   leaves the ``Add``, and the GEGLU gate's bias with it a ``BiasGelu`` in place of a ``Gelu``):
-  outputs bitwise equal, an SD v1.5 int8-cpu step at batch 2 ~6 % faster (README).
+  outputs bitwise equal; on an SD v1.5 int8-cpu step at batch 2 (ONNX Runtime profile) the bias
+  Adds 268 → 159 ms and BiasGelu 188 ms → Gelu 85 ms, ~3 % of the step (README).
 
 The first runs before quantization, the others after it; ``com.microsoft`` operators exist in ONNX
 Runtime only, so none touches the graphs TensorRT builds from.
@@ -210,8 +211,8 @@ def fuse_quantized_matmul_bias(model) -> int:
     its bias, as ``quantize_static`` writes it with float outputs — becomes one
     ``com.microsoft.MatMulIntegerToFloat(a_q, w_q, a_scale, w_scale, a_zp, w_zp, bias)``: the
     integer product, its scaling and the bias in one pass over the output. ONNX Runtime fuses the
-    product itself into that operator anyway but leaves the bias ``Add`` as another pass (~1.5 % of
-    an SD v1.5 int8-cpu step). Only a per-tensor activation (scalar scale and zero point) and 2-D
+    product itself into that operator anyway but leaves the bias ``Add`` as another pass over the
+    output. Only a per-tensor activation (scalar scale and zero point) and 2-D
     weights quantized per tensor or per output column match; the dequantized tensors stay for any
     other reader. Returns how many were fused."""
     from onnx import TensorProto, helper
