@@ -77,10 +77,11 @@ def main(argv=None) -> int:
     calls = V._invert_and_edit(engine, V.default_calibration_items(args.calibration_count, args.size), settings,
                                record=True).unet_calls
     picked = set(V.spread_index(len(calls), args.samples))
+    held_out = [V.phantom_item(seed, args.size) for seed in range(HELD_OUT_SEED0, HELD_OUT_SEED0 + args.held_out)]
     groups = {"calibration": [calls[i] for i in sorted(picked)],
               "held_apart": V._spread([c for i, c in enumerate(calls) if i not in picked], 48),
-              "held_out": V._spread(V._invert_and_edit(engine, [V.phantom_item(seed, args.size) for seed in range(HELD_OUT_SEED0, HELD_OUT_SEED0 + args.held_out)], settings,
-                                                       record=True).unet_calls, 2 * args.samples)}
+              "held_out": V._spread(V._invert_and_edit(engine, held_out, settings, record=True).unet_calls,
+                                    2 * args.samples)}
     del engine
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"engine": str(args.engine), "alpha": args.alpha, "calls": {k: len(v) for k, v in groups.items()},

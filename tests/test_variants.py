@@ -347,8 +347,8 @@ def _linear_layer(tmp_path, name: str, act_scale_shape=(), bias_from_input: bool
         inputs.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, [n]))
     else:
         consts["bias"] = rng.standard_normal(n).astype(np.float32)
-    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"], name="xq"),
-             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"], name="xd"),
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"], name="xq", axis=-1),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"], name="xd", axis=-1),
              helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["wd"], name="wd", axis=1),
              helper.make_node("MatMul", ["xd", "wd"], ["xw"], name="linear"),
              helper.make_node("Add", ["xw", "bias"], ["y"], name="linear/bias")]

@@ -267,13 +267,7 @@ def graph_worker(job: dict) -> list[dict]:
     graphs = job.get("graphs") or GRAPHS
     for graph in graphs:
         for batch in job["batches"]:
-            inputs = graph_inputs(backend, engine.tokenizer, graph, batch, rng)
-
-            def call():
-                out = backend.run(graph, **inputs)
-                backend.to_numpy(next(iter(out.values())))  # waits for the device
-
-            timing = _timed(call, job["warmup"], job["repeats"])
+            timing = _timed(_graph_call(engine, graph, batch, rng), job["warmup"], job["repeats"])
             row = {"kind": "graph", "backend": label, "precision": job["precision"], "graph": graph,
                    "batch": batch, **timing}
             if graph == "unet":
@@ -287,10 +281,11 @@ def graph_worker(job: dict) -> list[dict]:
     return rows
 
 
-def _graph_call(engine, graph: str, batch: int):
-    """A call of one graph at one batch on the bench's inputs; returns its first output on the host."""
+def _graph_call(engine, graph: str, batch: int, rng: np.random.Generator):
+    """A call of one graph at one batch on the bench's inputs (drawn from ``rng`` now); the call
+    returns its first output on the host."""
     backend = engine.backend
-    inputs = graph_inputs(backend, engine.tokenizer, graph, batch, np.random.default_rng(0))
+    inputs = graph_inputs(backend, engine.tokenizer, graph, batch, rng)
 
     def call():
         out = backend.run(graph, **inputs)
@@ -308,10 +303,11 @@ class _PairedConfig:
         self.engine = _load("graphs", job["backend"], job["precision"], job["paths"], job["device"], job["threads"],
                             session_config={"session.intra_op.allow_spinning": "0"})
         self._call = None
+        self.pid = os.getpid()
 
     def prepare(self, graph: str, batch: int, warmup: int) -> np.ndarray:
         """Set up the graph and batch timed next; warm up; returns the first output (compared across)."""
-        self._call = _graph_call(self.engine, graph, batch)
+        self._call = _graph_call(self.engine, graph, batch, np.random.default_rng(0))  # every configuration alike
         first = np.asarray(self._call(), np.float64)
         for _ in range(warmup - 1):
             self._call()
@@ -437,12 +433,11 @@ def paired_worker(job: dict) -> list[dict]:
                     if graph == "unet":
                         row["unet_layout"] = dict(zip(("uncond", "edits"), unet_layout(batch)))
                     rows.append(row)
+        # one process per configuration: its own peak; one for all: of all of them together
+        by_spec = {spec: (config.peak_rss_mb(), config.pid) for spec, config in zip(specs, configs)}
         for row in rows:
-            config = configs[specs.index((row["backend"], row["precision"]))]
-            # one process per configuration: its own peak; one for all: of all of them together
-            row["peak_rss_mb"] = config.peak_rss_mb()
+            row["peak_rss_mb"], row["pid"] = by_spec[(row["backend"], row["precision"])]
             row["process"] = "own" if job.get("processes") else "shared"
-            row["pid"] = getattr(config, "pid", os.getpid())
         return rows
     finally:
         for config in configs:
