@@ -141,6 +141,12 @@ def test_int8_float_scopes_match_whole_module_path_components(engine_dir):
     assert in_scope(["unet", "unet.up_blocks.1.resnets.0.conv1"], "up_blocks.1")
     assert not in_scope(["unet", "unet.up_blocks.10.resnets.0.conv1", "unet.up_blocks.11"], "up_blocks.1")
     assert not in_scope(["unet.down_blocks.0.attentions.0.proj_input"], "proj_in")
+    # "*" is any one component
+    shortcut = "up_blocks.3.resnets.*.conv_shortcut"
+    assert in_scope(["unet", "unet.up_blocks.3", "unet.up_blocks.3.resnets.2.conv_shortcut"], shortcut)
+    assert not in_scope(["unet.up_blocks.2.resnets.2.conv_shortcut"], shortcut)
+    assert not in_scope(["unet.up_blocks.3.resnets.conv_shortcut", "unet.up_blocks.3.resnets.0.1.conv_shortcut"], shortcut)
+    assert not in_scope(["unet.up_blocks.3.resnets.0.conv_shortcut_x"], shortcut)
 
     fp32 = _onnx(engine_dir / "onnx" / "unet.onnx")
     paths = {n.name: module_paths(n) for n in fp32.graph.node}
@@ -151,6 +157,14 @@ def test_int8_float_scopes_match_whole_module_path_components(engine_dir):
                                                    for p in paths[n])]
     assert 0 < len(wider) < len(default) and summary["kept_float_scopes"][-1] == "up_blocks.1"
     assert not any("proj_in" in p or "proj_out" in p for n in default for p in paths[n])
+    # a wildcard scope: the last output block's shortcuts float, the other shortcuts quantized
+    is_shortcut = lambda n: any("conv_shortcut" in p for p in paths[n])  # noqa: E731
+    fewer, _ = unet_nodes_to_quantize(fp32, [s for s in UNET_FLOAT_SCOPES if s != "conv_shortcut"]
+                                      + ["up_blocks.3.resnets.*.conv_shortcut"])
+    assert not any(is_shortcut(n) for n in default)
+    assert set(default) < set(fewer) and all(is_shortcut(n) for n in set(fewer) - set(default))
+    assert any(is_shortcut(n) for n in fewer)
+    assert not any(p.startswith("unet.up_blocks.3.") for n in fewer if is_shortcut(n) for p in paths[n])
     with pytest.raises(VariantError, match="proj_inn"):
         unet_nodes_to_quantize(fp32, ("proj_inn",))
 

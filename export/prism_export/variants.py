@@ -42,6 +42,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -62,7 +63,13 @@ FP16_GRAPHS_DEFAULT = ("text_encoder", "vae_encoder", "vae_decoder", "unet")
 # stay float in the int8 variants.
 # conv_shortcut: the 1×1 convolutions where a ResNet changes width take the raw residual stream
 # (no norm in front, the widest range in the UNet); quantized, they alone gave 6 % of the tiny
-# model's 8 % noise error (of Conv-only quantization) at 13 of 95 convolutions.
+# model's 8 % noise error (of Conv-only quantization) at 13 of 95 convolutions. With the rescaling,
+# on the trained phantom UNet (benchmarks/int8_scopes.py; 48 held-apart calls / 96 calls of 4
+# held-out patients): all float 1.39 / 1.66 %, all quantized 2.02 / 2.34 %, all but the last output
+# block's (`up_blocks.3.resnets.*.conv_shortcut` kept float) 1.43 / 1.73 %. That last set is no
+# faster at SD v1.5 size (int8-cpu step 7.40 → 7.30 s, 1.009× interleaved: float Conv −0.2 s, but the
+# int8 shortcuts' QLinearConv, QuantizeLinear and DequantizeLinear over the wide concatenated
+# inputs +0.18 s), so every shortcut stays float.
 # proj_in / proj_out: measured on the trained phantom UNet (int8-cpu, 48 recorded calls held apart
 # from calibration), floating one layer at a time, these 1×1 convolutions removed the most error per
 # FLOP; all 32 of them in float: rms noise error 3.04 % → 2.26 % (4 other held-out patients:
@@ -259,9 +266,11 @@ def module_paths(node) -> list[str]:
 
 def in_scope(paths: Sequence[str], scope: str) -> bool:
     """Whether ``scope`` (``proj_in``, ``up_blocks.3``, ``down_blocks.0.resnets.0.conv2``) names a
-    module on ``paths``, matched on whole dotted components (``up_blocks.1`` is not ``up_blocks.10``)."""
-    needle = "." + scope.strip(". ") + "."
-    return any(needle in f".{p}." for p in paths)
+    module on ``paths``, matched on whole dotted components (``up_blocks.1`` is not ``up_blocks.10``);
+    a component ``*`` stands for any one component (``up_blocks.3.resnets.*.conv_shortcut``)."""
+    parts = scope.strip(". ").split(".")
+    pattern = re.compile(r"(?:^|\.)" + r"\.".join("[^.]+" if p == "*" else re.escape(p) for p in parts) + r"(?:\.|$)")
+    return any(pattern.search(p) for p in paths)
 
 
 def unet_nodes_to_quantize(model, float_scopes: Sequence[str] = UNET_FLOAT_SCOPES) -> tuple[list[str], dict]:
