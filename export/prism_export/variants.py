@@ -39,6 +39,7 @@ calibration images, as the export has no others.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import logging
 import os
@@ -268,9 +269,15 @@ def in_scope(paths: Sequence[str], scope: str) -> bool:
     """Whether ``scope`` (``proj_in``, ``up_blocks.3``, ``down_blocks.0.resnets.0.conv2``) names a
     module on ``paths``, matched on whole dotted components (``up_blocks.1`` is not ``up_blocks.10``);
     a component ``*`` stands for any one component (``up_blocks.3.resnets.*.conv_shortcut``)."""
-    parts = scope.strip(". ").split(".")
-    pattern = re.compile(r"(?:^|\.)" + r"\.".join("[^.]+" if p == "*" else re.escape(p) for p in parts) + r"(?:\.|$)")
+    pattern = _scope_pattern(scope)
     return any(pattern.search(p) for p in paths)
+
+
+@functools.lru_cache(maxsize=None)
+def _scope_pattern(scope: str) -> re.Pattern:
+    """``scope`` as a pattern over a dotted module path (compiled once: it is tried on every node)."""
+    parts = scope.strip(". ").split(".")
+    return re.compile(r"(?:^|\.)" + r"\.".join("[^.]+" if p == "*" else re.escape(p) for p in parts) + r"(?:\.|$)")
 
 
 def unet_nodes_to_quantize(model, float_scopes: Sequence[str] = UNET_FLOAT_SCOPES) -> tuple[list[str], dict]:
