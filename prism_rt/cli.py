@@ -31,6 +31,14 @@ def _pair(text: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
+def _trt_cache(text: str):
+    if text.strip().lower() in ("off", "none", "no", "false", "0"):
+        return False
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder, or off")
+    return Path(text)
+
+
 def _model_args(p: argparse.ArgumentParser, model_required: bool = True):
     p.add_argument("--model", required=model_required,
                    help="diffusers SD v1.x folder or single-file .safetensors checkpoint (--backend torch), "
@@ -50,6 +58,10 @@ def _model_args(p: argparse.ArgumentParser, model_required: bool = True):
     p.add_argument("--portable-graphs", action="store_true",
                    help="onnxruntime on a CPU: run the portable graphs (the ones TensorRT builds from) instead of the "
                         "engine's CPU twins with fused attention (same outputs to ~1e-6, far less memory at SD v1.5 size)")
+    p.add_argument("--trt-cache", type=_trt_cache, default=None, metavar="DIR|off",
+                   help="onnxruntime on --device tensorrt: keep TensorRT's built engines and timing cache in DIR "
+                        "(default ENGINE/trt-cache, or ~/.cache/prism_rt/trt where the engine folder is read-only), "
+                        "so only the first run on a machine builds them; off: build anew in each process")
     p.add_argument("--self-max-queries", type=int, default=None,
                    help="self-attention layers with at most this many queries are controlled (PRISM 1024, the "
                         "default for torch; p2p 256); an engine folder uses the value it was exported with")
@@ -178,7 +190,7 @@ def _load(args):
     return Engine.load(args.model, backend=args.backend, device=args.device, unet_weights=args.unet_weights,
                        allow_pickle=args.allow_pickle, config=args.config, self_max_queries=args.self_max_queries,
                        precision=args.precision, cpu_arena=not args.no_cpu_arena,
-                       cpu_graphs=not args.portable_graphs)
+                       cpu_graphs=not args.portable_graphs, trt_cache=args.trt_cache)
 
 
 def _invert(engine, args, source):

@@ -70,7 +70,8 @@ class Engine:
     def load(cls, path, backend: str | BackendKind = BackendKind.TORCH, *, device: str = "cpu",
              unet_weights=None, allow_pickle: bool = False, config=None, self_max_queries: int | None = None,
              precision: str = "fp32", threads: int | None = None, cpu_arena: bool = True,
-             cpu_graphs: bool = True, session_config: dict[str, str] | None = None) -> "Engine":
+             cpu_graphs: bool = True, session_config: dict[str, str] | None = None,
+             trt_cache: str | Path | bool | None = None) -> "Engine":
         """``precision``: an engine folder's variant (fp32, fp16, int8, int8-cpu; see ``prism-rt info``),
         or the torch backend's dtype (fp32, fp16: the graphs run in half precision, the loops in fp32).
         ``threads``: onnxruntime's intra-op threads (None: its default, all cores).
@@ -81,6 +82,9 @@ class Engine:
         memory at SD v1.5 size); False runs the portable graphs TensorRT builds from.
         ``session_config``: onnxruntime session settings (``SessionOptions.add_session_config_entry``),
         e.g. ``{"session.intra_op.allow_spinning": "0"}`` where other work shares the cores.
+        ``trt_cache`` (onnxruntime on ``device="tensorrt"``): where TensorRT's built engines and
+        timing cache are kept between processes — None: ``ENGINE/trt-cache`` (or the user's cache
+        folder where the engine folder is read-only); a path: there; False: build anew each time.
         ``self_max_queries``: self-attention layers with at most this many queries are controlled
         (PRISM 32², the original prompt-to-prompt code 16²); larger ones keep fused attention. It is
         compiled into an exported UNet: None = 32² for torch, the engine's own value for onnxruntime."""
@@ -99,8 +103,8 @@ class Engine:
                 raise BackendError(f"the torch backend runs fp32 or fp16, not {precision!r}; int8 variants live in "
                                    "engine folders: export one with `prism-export export … --precision fp32,int8-cpu` "
                                    "and run it with --backend onnxruntime")
-            if session_config:
-                raise BackendError("session_config holds onnxruntime settings; the torch backend takes none")
+            if session_config or trt_cache not in (None, False):
+                raise BackendError("session_config and trt_cache are onnxruntime settings; the torch backend takes none")
             impl = load_torch_backend(path, unet_weights=unet_weights, allow_pickle=allow_pickle, config=config,
                                       device=device, self_max_queries=self_max_queries or 32 * 32, precision=precision)
         elif kind is BackendKind.ONNXRUNTIME:
@@ -112,7 +116,7 @@ class Engine:
                                    "weights: re-export with `prism-export export --model … --unet-weights … --out ENGINE`")
             impl = load_ort_backend(path, device=device, self_max_queries=self_max_queries, precision=precision,
                                     threads=threads, cpu_arena=cpu_arena, cpu_graphs=cpu_graphs,
-                                    session_config=session_config)
+                                    session_config=session_config, trt_cache=trt_cache)
         else:
             raise BackendError(f"backend {kind.value!r} is not available in this version; use --backend torch or onnxruntime")
         return cls(impl, ClipTokenizer.from_folder(impl.info.tokenizer_dir), str(path))

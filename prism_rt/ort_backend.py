@@ -15,6 +15,7 @@ neutral item leaves the source untouched: the control only ever rewrites edit it
 from __future__ import annotations
 
 import enum
+import os
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ def _parse_device(device: str) -> tuple[OrtDevice, int]:
     return OrtDevice(kind), int(index or 0)
 
 
-def _providers(kind: OrtDevice, index: int, manifest: Manifest, graph: str) -> list:
+def _providers(kind: OrtDevice, index: int, manifest: Manifest, graph: str, trt_cache: Path | None = None) -> list:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -64,20 +65,100 @@ def _providers(kind: OrtDevice, index: int, manifest: Manifest, graph: str) -> l
     cuda = ("CUDAExecutionProvider", {"device_id": index})
     if kind is OrtDevice.CUDA:
         return [cuda, "CPUExecutionProvider"]
+    return [("TensorrtExecutionProvider", tensorrt_options(manifest, graph, index, trt_cache)), cuda,
+            "CPUExecutionProvider"]
+
+
+def tensorrt_version() -> str:
+    """The installed TensorRT's version (its pip distribution; ``unknown`` without one, e.g. a
+    system install), read without importing TensorRT."""
+    from importlib import metadata
+
+    for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-cu12-libs", "tensorrt-cu13", "tensorrt-cu13-libs",
+                 "tensorrt-libs"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def _trt_build_options(manifest: Manifest, graph: str, index: int) -> dict:
     profile = manifest.graphs[graph].profile
 
     def shapes(level):
         return ",".join(f"{name}:{'x'.join(str(d) for d in p[level])}" for name, p in profile.items())
 
     # fp16 graphs already hold half weights; the int8 UNet is explicitly quantized (Q/DQ), which
-    # TensorRT builds without a calibration table once int8 is enabled
+    # TensorRT builds without a calibration table once int8 is enabled (a Q/DQ network with int8
+    # off fails to build: "Int8 precision has been set ... but int8 is not configured")
     precision = manifest.graphs[graph].precision
-    trt = {"device_id": index, "trt_fp16_enable": precision == "fp16", "trt_int8_enable": precision == "int8",
-           "trt_engine_cache_enable": False}
+    options = {"device_id": index, "trt_fp16_enable": precision == "fp16", "trt_int8_enable": precision == "int8"}
     if profile:
-        trt.update(trt_profile_min_shapes=shapes("min"), trt_profile_opt_shapes=shapes("opt"),
-                   trt_profile_max_shapes=shapes("max"))
-    return [("TensorrtExecutionProvider", trt), cuda, "CPUExecutionProvider"]
+        options.update(trt_profile_min_shapes=shapes("min"), trt_profile_opt_shapes=shapes("opt"),
+                       trt_profile_max_shapes=shapes("max"))
+    return options
+
+
+def trt_cache_folder(manifest: Manifest, graph: str, index: int, root: Path, *, ort_version: str | None = None,
+                     trt_version: str | None = None) -> Path:
+    """Where the TensorRT EP keeps the engine it built for one graph: one folder per graph file
+    (its SHA-256), precision, build settings (profile shapes, flags) and onnxruntime / TensorRT
+    versions, because onnxruntime names its cache files by the graph's path and the GPU's compute
+    capability only — a changed graph, setting or version must never load a stale engine."""
+    import hashlib
+    import json
+
+    import onnxruntime as ort
+
+    entry = manifest.graphs[graph]
+    settings = {k: v for k, v in _trt_build_options(manifest, graph, index).items() if k != "device_id"}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    graph_sha = (entry.sha256 or "unhashed")[:12]
+    ort_version = ort_version or ort.__version__
+    trt_version = trt_version or tensorrt_version()
+    return Path(root) / f"{graph}-{entry.precision}-{graph_sha}-{digest}-ort{ort_version}-trt{trt_version}"
+
+
+def default_trt_cache_root(manifest: Manifest) -> Path:
+    """``ENGINE/trt-cache`` where the engine folder is writable, else the user's cache folder
+    (``$XDG_CACHE_HOME`` or ``~/.cache``)``/prism_rt/trt/<engine name>``."""
+    root = Path(manifest.root).absolute()  # onnxruntime is given absolute cache paths
+    if os.access(root, os.W_OK):
+        return root / "trt-cache"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(base).absolute() / "prism_rt" / "trt" / root.resolve().name
+
+
+def tensorrt_options(manifest: Manifest, graph: str, index: int, cache_root: Path | None) -> dict:
+    """The TensorRT EP's options for one graph: the manifest's min/opt/max shapes as its
+    optimisation profile, fp16 / int8 by the graph's precision, and (``cache_root`` not None) the
+    built engine and the kernel timing cache kept on disk, so only the first session on a machine
+    pays TensorRT's build (minutes for an SD v1.5 UNet)."""
+    options = _trt_build_options(manifest, graph, index)
+    options["trt_engine_cache_enable"] = cache_root is not None
+    if cache_root is not None:
+        options.update(trt_engine_cache_path=str(trt_cache_folder(manifest, graph, index, cache_root)),
+                       trt_timing_cache_enable=True,
+                       trt_timing_cache_path=str(Path(cache_root) / f"timing-trt{tensorrt_version()}"))
+    return options
+
+
+def _trt_cache_root(manifest: Manifest, trt_cache) -> Path | None:
+    """``trt_cache``: None or True: the default place; False: no cache; a path: that folder."""
+    if trt_cache is None or trt_cache is True:
+        return default_trt_cache_root(manifest)
+    if trt_cache is False:
+        return None
+    return Path(trt_cache).expanduser().absolute()
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BackendError(f"cannot create the TensorRT cache folder {folder} ({exc.strerror}); pass a writable "
+                           "--trt-cache DIR, or --trt-cache off to build TensorRT's engines anew in each process") from None
 
 
 _SHARED_ARENA: list = []
@@ -98,11 +179,13 @@ class OrtBackend:
     supports_autograd = False
 
     def __init__(self, manifest: Manifest, device: str = "cpu", threads: int | None = None, cpu_arena: bool = True,
-                 cpu_graphs: bool = True, session_config: dict[str, str] | None = None):
+                 cpu_graphs: bool = True, session_config: dict[str, str] | None = None,
+                 trt_cache: str | Path | bool | None = None):
         import onnxruntime as ort
 
         self.manifest, self.device = manifest, str(device)
         kind, index = _parse_device(device)
+        self.trt_cache = _trt_cache_root(manifest, trt_cache) if kind is OrtDevice.TENSORRT else None
         self.info = manifest.model_info()
         options = ort.SessionOptions()
         self.cpu_arena = bool(cpu_arena) and kind is OrtDevice.CPU
@@ -125,7 +208,10 @@ class OrtBackend:
                 raise BackendError(f"onnxruntime refuses the session setting {key}={value}: {exc}") from None
         self.sessions, self.files = {}, {}
         for name, entry in manifest.graphs.items():
-            providers = _providers(kind, index, manifest, name)
+            providers = _providers(kind, index, manifest, name, self.trt_cache)
+            if self.trt_cache is not None:  # made before onnxruntime writes into it
+                for folder in (providers[0][1]["trt_engine_cache_path"], providers[0][1]["trt_timing_cache_path"]):
+                    _make_folder(Path(folder))
             # the CPU twin: attention fused into MultiHeadAttention (flash attention), same weights;
             # SD v1.5 fp32 UNet at batch 4: 15.7 -> 6.6 GB peak
             file = entry.cpu_file if kind is OrtDevice.CPU and cpu_graphs and entry.cpu_file else entry.file
@@ -217,13 +303,15 @@ class OrtBackend:
                 "graph_files": {name: f.relative_to(self.manifest.root).as_posix() for name, f in self.files.items()},
                 "precision": self.manifest.loaded_precision, "graph_precisions": dict(self.manifest.precision),
                 "engine": str(self.manifest.root),
-                "engine_format_version": self.manifest.format_version}
+                "engine_format_version": self.manifest.format_version,
+                **({"trt_cache": str(self.trt_cache)} if self.trt_cache is not None else {})}
 
 
 def load_ort_backend(path, device: str = "cpu", self_max_queries: int | None = None,
                      verify_hashes: bool = True, precision: str = "fp32", threads: int | None = None,
                      cpu_arena: bool = True, cpu_graphs: bool = True,
-                     session_config: dict[str, str] | None = None) -> OrtBackend:
+                     session_config: dict[str, str] | None = None,
+                     trt_cache: str | Path | bool | None = None) -> OrtBackend:
     """Check the engine folder's manifest (for the graphs of ``precision``), then open them on ``device``."""
     try:
         import onnxruntime  # noqa: F401
@@ -236,4 +324,4 @@ def load_ort_backend(path, device: str = "cpu", self_max_queries: int | None = N
                            f"the controlled layers are compiled into the graph. Pass --self-max-queries {exported}, or "
                            f"re-export with `prism-export export … --self-max-queries {self_max_queries}`")
     return OrtBackend(manifest, device=device, threads=threads, cpu_arena=cpu_arena, cpu_graphs=cpu_graphs,
-                      session_config=session_config)
+                      session_config=session_config, trt_cache=trt_cache)

@@ -16,6 +16,7 @@ import pytest
 
 from prism_rt.config import ControlConfig
 from prism_rt.engine import Engine
+from prism_rt.errors import BackendError
 from prism_rt.manifest import EngineMismatchError, load_manifest
 
 STEPS = 10
@@ -523,6 +524,74 @@ def test_a_precision_the_engine_lacks_names_the_command_that_adds_it(engine_dir,
     err = capsys.readouterr().err
     assert code == 2 and "prism-export variants" in err and "int8" in err
     assert not (tmp_path / "out").exists()
+
+
+def _profile(text: str) -> dict[str, list[int]]:
+    """onnxruntime's TensorRT profile string ``name:AxBxC,name2:…`` read back."""
+    return {name: [int(d) for d in dims.split("x")] for name, dims in (item.split(":") for item in text.split(","))}
+
+
+def test_tensorrt_options_carry_the_manifest_profile_and_precision_flags(engine_dir, tmp_path):
+    """What the TensorRT EP is given per graph (built without a GPU: a pure function of the manifest)."""
+    from prism_rt.ort_backend import tensorrt_options
+
+    raw = json.loads((engine_dir / "manifest.json").read_text())
+    for precision in ("fp32", "fp16", "int8"):
+        manifest = load_manifest(engine_dir, precision=precision)
+        assert manifest.graphs["unet"].precision == precision
+        for graph, entry in manifest.graphs.items():
+            options = tensorrt_options(manifest, graph, 1, None)
+            assert options["device_id"] == 1 and options["trt_engine_cache_enable"] is False
+            assert "trt_engine_cache_path" not in options
+            assert options["trt_fp16_enable"] is (entry.precision == "fp16")
+            assert options["trt_int8_enable"] is (entry.precision == "int8")
+            profile = raw["graphs"][graph]["profile"]
+            assert {t.name for t in entry.inputs} == set(profile), graph  # every input has its range
+            for level in ("min", "opt", "max"):
+                assert _profile(options[f"trt_profile_{level}_shapes"]) == {n: p[level] for n, p in profile.items()}
+    unet = raw["graphs"]["unet"]["profile"]
+    assert unet["latents"]["min"][0] == 1 and unet["latents"]["max"][0] == 63  # the exported batch range
+
+
+def test_tensorrt_engine_cache_is_one_folder_per_graph_file_setting_and_version(engine_dir, tmp_path, monkeypatch):
+    """onnxruntime names a cached engine by the graph's path and the GPU only: the folder must change
+    whenever the graph file, its precision / build settings, onnxruntime or TensorRT change."""
+    from prism_rt import ort_backend as ob
+
+    fp32, int8 = (load_manifest(engine_dir, precision=p) for p in ("fp32", "int8"))
+    options = ob.tensorrt_options(int8, "unet", 0, tmp_path)
+    folder = Path(options["trt_engine_cache_path"])
+    assert options["trt_engine_cache_enable"] is True and options["trt_timing_cache_enable"] is True
+    assert folder.parent == tmp_path and Path(options["trt_timing_cache_path"]).parent == tmp_path
+    assert folder.name.startswith("unet-int8-" + int8.graphs["unet"].sha256[:12])
+    folders = {
+        folder,
+        ob.trt_cache_folder(fp32, "unet", 0, tmp_path),  # another graph file and precision
+        ob.trt_cache_folder(fp32, "vae_decoder", 0, tmp_path),
+        ob.trt_cache_folder(int8, "unet", 0, tmp_path, ort_version="0.0.1"),
+        ob.trt_cache_folder(int8, "unet", 0, tmp_path, trt_version="0.0.1"),
+    }
+    assert len(folders) == 5
+    assert ob.trt_cache_folder(int8, "unet", 3, tmp_path) == folder  # the device is not a build setting
+    # another profile (same file) is another build
+    int8.graphs["unet"].profile["latents"] = dict(int8.graphs["unet"].profile["latents"], opt=[2, 4, 16, 16])
+    assert ob.trt_cache_folder(int8, "unet", 0, tmp_path) != folder
+
+    # where it goes by default: the engine folder, or the user's cache when that is read-only
+    assert ob.default_trt_cache_root(fp32) == engine_dir / "trt-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(ob.os, "access", lambda path, mode: False)
+    assert ob.default_trt_cache_root(fp32) == tmp_path / "xdg" / "prism_rt" / "trt" / engine_dir.name
+    assert ob._trt_cache_root(fp32, False) is None and ob._trt_cache_root(fp32, "~/c") == Path.home() / "c"
+
+
+def test_trt_cache_option_is_parsed_and_refused_by_the_torch_backend(tiny_model_dir):
+    from prism_rt.cli import build_parser
+
+    parse = lambda *extra: build_parser().parse_args(["info", "--model", "m", *extra]).trt_cache  # noqa: E731
+    assert parse() is None and parse("--trt-cache", "off") is False and parse("--trt-cache", "/x/y") == Path("/x/y")
+    with pytest.raises(BackendError, match="trt_cache.*onnxruntime"):
+        Engine.load(tiny_model_dir, backend="torch", trt_cache="/x/y")
 
 
 def test_a_changed_variant_file_is_refused_only_when_that_variant_is_loaded(engine_dir, tmp_path):
