@@ -10,7 +10,9 @@ layers stay float. For several sets of convolutions the script reports the rms n
 
     python benchmarks/int8_conv_floor.py --unet /path/to/stable-diffusion-v1-5/unet --out floor.json
 
-Inputs: batch 2 (one guided step), latents and text embeddings N(0, 1) (``--seed``), one timestep.
+Inputs: batch 2 (one guided step) at one timestep; latents and text embeddings N(0, 1) (``--seed``),
+or, with ``--image`` and ``--prompt`` (a full diffusers model folder), the image's VAE latents noised
+to the timestep and the text encoder's embeddings of "" and the prompt — what a trained model sees.
 """
 from __future__ import annotations
 
@@ -87,6 +89,49 @@ class Emulation:
                     lambda mod, args, y, b=activation_bits, r=fixed_out: fake_quant_activation(y, b, r)))
 
 
+class Inputs:
+    """One guided call's UNet inputs at a timestep: random, or a real image and caption."""
+
+    def __init__(self, unet, model: Path, image: Path | None, prompt: str | None, seed: int):
+        import torch
+
+        self.g = torch.Generator().manual_seed(seed)
+        cfg = unet.config
+        self.shape = (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        self.width = cfg.cross_attention_dim
+        self.x0 = self.text = None
+        if image is not None:
+            self._encode(model, image, prompt)
+
+    def _encode(self, model: Path, image: Path, prompt: str):
+        import torch
+        from diffusers import AutoencoderKL, DDIMScheduler
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from prism_rt.imageio import fit_to_model, load_image
+
+        vae = AutoencoderKL.from_pretrained(model / "vae").eval()
+        side = self.shape[-1] * 2 ** (len(vae.config.block_out_channels) - 1)
+        pixels, _ = fit_to_model(load_image(image).pixels, side)
+        tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
+        ids = tokenizer(["", prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        with torch.no_grad():
+            self.x0 = vae.encode(torch.from_numpy(pixels)[None]).latent_dist.mean * vae.config.scaling_factor
+            self.text = CLIPTextModel.from_pretrained(model / "text_encoder").eval()(ids).last_hidden_state
+        self.scheduler = DDIMScheduler.from_pretrained(model / "scheduler")
+
+    def at(self, timestep: int):
+        import torch
+
+        noise = torch.randn(self.shape, generator=self.g)
+        if self.x0 is None:
+            return torch.cat([noise, torch.randn(self.shape, generator=self.g)]), \
+                torch.randn(2, 77, self.width, generator=self.g)
+        latents = self.scheduler.add_noise(self.x0, noise, torch.tensor([timestep]))
+        return latents.repeat(2, 1, 1, 1), self.text
+
+
 def main(argv=None) -> int:
     import torch
     from diffusers import UNet2DConditionModel
@@ -97,6 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--unet", type=Path, required=True, help="a diffusers UNet folder (or a model folder holding unet/)")
     p.add_argument("--out", type=Path, required=True, help="results JSON")
     p.add_argument("--timestep", type=int, default=500)
+    p.add_argument("--image", type=Path, help="a radiograph (PNG / JPEG / DICOM); needs --prompt and a model folder")
+    p.add_argument("--prompt", help="its caption")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--calibration-timesteps", default="",
                    help="comma-separated timesteps: also report static ranges calibrated on calls at these "
@@ -105,17 +152,19 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if (args.image is None) != (args.prompt is None):
+        p.error("--image and --prompt go together")
     folder = args.unet / "unet" if (args.unet / "unet" / "config.json").exists() else args.unet
+    if args.image is not None and folder == args.unet:
+        p.error("--image needs a full model folder (vae/, text_encoder/, tokenizer/, scheduler/ beside unet/)")
     unet = UNet2DConditionModel.from_pretrained(folder).eval()
     emulation = Emulation(unet, UNET_FLOAT_SCOPES)
     quantized = list(emulation.convs)
     if not quantized:
         raise SystemExit(f"{folder}: no convolution outside the float scopes {UNET_FLOAT_SCOPES}")
 
-    cfg = unet.config
-    g = torch.Generator().manual_seed(args.seed)
-    latents = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
-    text = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
+    inputs = Inputs(unet, args.unet, args.image, args.prompt, args.seed)
+    latents, text = inputs.at(args.timestep)
 
     def call():
         with torch.no_grad():
@@ -143,14 +192,15 @@ def main(argv=None) -> int:
     if calibration:
         emulation.record()
         for t in calibration:
+            calibration_latents, calibration_text = inputs.at(t)
             with torch.no_grad():
-                unet(torch.randn(latents.shape, generator=g), torch.tensor(t),
-                     encoder_hidden_states=torch.randn(text.shape, generator=g))
+                unet(calibration_latents, torch.tensor(t), encoder_hidden_states=calibration_text)
         sets[f"all, static ranges from t = {args.calibration_timesteps}"] = dict(names=quantized, static=True)
     if last_up:
         sets[f"all but {last_up}"] = dict(names=[n for n in quantized if not n.startswith(last_up + ".")])
         sets.update({f"only {n}": dict(names=[n]) for n in within(last_up)})
-    results = {"unet": str(folder), "timestep": args.timestep, "seed": args.seed, "fp32_call_s": round(call_s, 2),
+    results = {"unet": str(folder), "timestep": args.timestep, "seed": args.seed,
+               "inputs": {"image": str(args.image), "prompt": args.prompt} if args.image else "N(0, 1)", "fp32_call_s": round(call_s, 2),
                "float_scopes": list(UNET_FLOAT_SCOPES), "quantized_convolutions": len(quantized), "sets": {}}
     for name, settings in sets.items():
         if not settings["names"]:
