@@ -175,7 +175,8 @@ def main(argv=None) -> int:
     call_s = time.perf_counter() - started
     rms = lambda t: float(t.pow(2).mean().sqrt())  # noqa: E731
     within = lambda prefix: [n for n in quantized if n == prefix or n.startswith(prefix + ".")]  # noqa: E731
-    last_up = sorted({".".join(n.split(".")[:2]) for n in within("up_blocks")})[-1] if within("up_blocks") else None
+    up_blocks = {".".join(n.split(".")[:2]) for n in within("up_blocks")}
+    last_up = max(up_blocks, key=lambda b: int(b.split(".")[1])) if up_blocks else None
     sets = {
         "all (input + weights + output, as QLinearConv)": dict(names=quantized),
         "all, no output requantization": dict(names=quantized, outputs=False),
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
                 unet(calibration_latents, torch.tensor(t), encoder_hidden_states=calibration_text)
         sets[f"all, static ranges from t = {args.calibration_timesteps}"] = dict(names=quantized, static=True)
     if last_up:
-        sets[f"all but {last_up}"] = dict(names=[n for n in quantized if not n.startswith(last_up + ".")])
+        sets[f"all but {last_up}"] = dict(names=[n for n in quantized if n not in within(last_up)])
         sets.update({f"only {n}": dict(names=[n]) for n in within(last_up)})
     results = {"unet": str(folder), "timestep": args.timestep, "seed": args.seed,
                "inputs": {"image": str(args.image), "prompt": args.prompt} if args.image else "N(0, 1)", "fp32_call_s": round(call_s, 2),

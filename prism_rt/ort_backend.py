@@ -15,6 +15,7 @@ neutral item leaves the source untouched: the control only ever rewrites edit it
 from __future__ import annotations
 
 import enum
+import functools
 import os
 from pathlib import Path
 
@@ -69,9 +70,10 @@ def _providers(kind: OrtDevice, index: int, manifest: Manifest, graph: str, trt_
             "CPUExecutionProvider"]
 
 
+@functools.lru_cache(maxsize=None)
 def tensorrt_version() -> str:
     """The installed TensorRT's version (its pip distribution; ``unknown`` without one, e.g. a
-    system install), read without importing TensorRT."""
+    system install), read without importing TensorRT (once per process: it is asked per graph)."""
     from importlib import metadata
 
     for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-cu12-libs", "tensorrt-cu13", "tensorrt-cu13-libs",
@@ -126,8 +128,8 @@ def default_trt_cache_root(manifest: Manifest) -> Path:
     root = Path(manifest.root).absolute()  # onnxruntime is given absolute cache paths
     if os.access(root, os.W_OK):
         return root / "trt-cache"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return Path(base).absolute() / "prism_rt" / "trt" / root.resolve().name
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").absolute()
+    return base / "prism_rt" / "trt" / root.resolve().name
 
 
 def tensorrt_options(manifest: Manifest, graph: str, index: int, cache_root: Path | None) -> dict:

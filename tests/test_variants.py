@@ -531,7 +531,7 @@ def _profile(text: str) -> dict[str, list[int]]:
     return {name: [int(d) for d in dims.split("x")] for name, dims in (item.split(":") for item in text.split(","))}
 
 
-def test_tensorrt_options_carry_the_manifest_profile_and_precision_flags(engine_dir, tmp_path):
+def test_tensorrt_options_carry_the_manifest_profile_and_precision_flags(engine_dir):
     """What the TensorRT EP is given per graph (built without a GPU: a pure function of the manifest)."""
     from prism_rt.ort_backend import tensorrt_options
 
