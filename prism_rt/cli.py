@@ -135,16 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="onnxruntime has no autograd, so no null-text here (default direct)")
     demo.add_argument("--no-progress", action="store_true")
 
-    from .evaluate_cli import add_evaluate_parser
-
-    add_evaluate_parser(sub)
-
-    try:
-        from prism_bench.cli import add_bench_parser
-    except ImportError:  # the benchmark suite is not installed with this copy
-        pass
-    else:
-        add_bench_parser(sub)
+    _add_plugin_commands(sub)
 
     info = sub.add_parser("info", help="describe a model or an engine folder")
     info.add_argument("engine", nargs="?", type=Path, help="an engine folder: print its manifest summary")
@@ -315,23 +306,28 @@ def cmd_demo(args) -> int:
     return code
 
 
-def cmd_evaluate(args) -> int:
-    from .evaluate_cli import run_evaluate
+PLUGIN_GROUP = "prism_rt.commands"
+"""Entry-point group of the commands other distributions' floors add to ``prism-rt`` (``bench`` and
+``evaluate`` from prism_bench): each entry point is ``register(subparsers)``, which adds one
+sub-parser and sets its ``func``. The runtime never imports them itself (floors point down only)."""
 
-    return run_evaluate(args)
 
+def _add_plugin_commands(sub) -> None:
+    from importlib.metadata import entry_points
 
-def cmd_bench(args) -> int:
-    from prism_bench.cli import run_bench_cli
-
-    return run_bench_cli(args)
+    for entry in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        try:
+            register = entry.load()
+        except ImportError:  # that floor's optional dependencies are not installed
+            continue
+        register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"edit": cmd_edit, "invert": cmd_invert, "info": cmd_info, "bench": cmd_bench,
-               "demo": cmd_demo, "evaluate": cmd_evaluate}[args.command]
+    handler = getattr(args, "func", None) or {"edit": cmd_edit, "invert": cmd_invert, "info": cmd_info,
+                                              "demo": cmd_demo}[args.command]
     try:
         return handler(args)
     except PrismError as exc:

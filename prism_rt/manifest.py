@@ -28,17 +28,15 @@ from pathlib import Path, PurePosixPath
 
 from .backend import GRAPHS, ModelInfo
 from .errors import ModelError
+from .precision import CHOICES, Precision
 from .onnx_io import OnnxFormatError, read_signature
 
 FORMAT = "prism-rt-engine"
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
-REFERENCE_PRECISION = "fp32"
-PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu")
-"""fp32: the reference. fp16: UNet / text encoder / VAE in half precision (which ones: a setting of
-the export). int8: the UNet with symmetric int8 Q/DQ (TensorRT's explicit quantization). int8-cpu:
-the UNet with u8 activations and s8 per-channel weights, fastest in ONNX Runtime on x86."""
+REFERENCE_PRECISION = Precision.FP32.value
+PRECISIONS = CHOICES  # see prism_rt.precision.Precision
 
 
 class EngineMismatchError(ModelError):

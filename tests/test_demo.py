@@ -74,7 +74,7 @@ def test_evaluate_scores_composite_from_the_same_edit(monkeypatch):
     to the reconstruction over the whole image."""
     from prism_rt.engine import Engine
     from prism_rt.evaluate import Classifier
-    from prism_rt.evaluate_cli import evaluate, phantom_cases
+    from prism_bench.evaluate_cli import evaluate, phantom_cases
 
     engine = Engine.load(DEMO, backend="onnxruntime", threads=1)
     classifier = Classifier.load(DEMO / "classifier.onnx")

@@ -476,7 +476,7 @@ def test_evaluate_edits_null_text_inversions_from_torch_on_onnxruntime(engines, 
     from prism_export.tiny import TinySpec, save_tiny_model
     from prism_rt.errors import SettingsError
     from prism_rt.evaluate import Classifier
-    from prism_rt.evaluate_cli import evaluate, phantom_cases
+    from prism_bench.evaluate_cli import evaluate, phantom_cases
 
     classifier = Classifier.load(Path(__file__).resolve().parent.parent / "engines" / "phantom-demo" / "classifier.onnx")
     cases = phantom_cases(1, ["devices-remove"], engines["torch"].backend.info.image_size, seed0=1_000_003)

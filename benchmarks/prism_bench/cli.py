@@ -42,7 +42,13 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
                    help="also time torch fp32 and every engine precision in turn, round after round, each in its own "
                         "process (--no-isolate: all in this one), and report each round's ratio (steady on machines "
                         "whose speed drifts between runs; needs the checkpoint)")
+    p.set_defaults(func=run_bench_cli)
     return p
+
+
+def register(sub) -> None:
+    """The ``prism_rt.commands`` entry point: ``prism-rt bench``."""
+    add_bench_parser(sub)
 
 
 def _prepare_preset(preset: str, cache: Path, progress) -> dict:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import COMPOSITE_THRESHOLDS, NOISE_BLEND_THRESHOLDS, ControlConfig, RunLimits
-from .errors import MissingExtraError, SettingsError
+from prism_rt.config import COMPOSITE_THRESHOLDS, NOISE_BLEND_THRESHOLDS, ControlConfig, RunLimits
+from prism_rt.errors import MissingExtraError, SettingsError
 
 EDITS = ("devices-remove", "devices-add", "effusion-remove", "effusion-add")
 BASE_CONFIGS = ("null-text", "null-text+blend", "null-text+noise-blend", "direct", "direct+blend", "direct+noise-blend",
@@ -105,8 +105,8 @@ def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, swe
     (several thresholds: more candidates of the filter), so both cost one edit. ``inverter``: an
     engine on the same weights with gradients (torch) that makes the null-text inversions, which
     ``engine`` (e.g. ONNX Runtime) then edits — as ``prism-rt invert --save`` + ``edit --inversion``."""
-    from .composite import composite_result
-    from .evaluate import edit_metrics, select, to01
+    from prism_rt.composite import composite_result
+    from prism_rt.evaluate import edit_metrics, select, to01
 
     if inverter is not None:
         same_weights(engine, inverter)
@@ -227,13 +227,17 @@ def add_evaluate_parser(sub):
                         "that need gradients (null-text); --model then edits them (e.g. on onnxruntime, far faster)")
     p.add_argument("--threads", type=int, help="onnxruntime / torch threads (default: all cores)")
     p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=run_evaluate)
     return p
 
 
+register = add_evaluate_parser  # the ``prism_rt.commands`` entry point
+
+
 def run_evaluate(args) -> int:
-    from .engine import Engine
-    from .evaluate import Classifier
-    from .outputs import library_versions
+    from prism_rt.engine import Engine
+    from prism_rt.evaluate import Classifier
+    from prism_rt.outputs import library_versions
 
     edits = [e for e in args.edits.split(",") if e]
     configs = [c for c in args.configs.split(",") if c]
