@@ -1,14 +1,20 @@
 """Reading radiographs, fitting them to the model's square, and mapping results back (PRISM_METHOD §3).
 
 Torch-free on purpose: the lean runtime reads images with numpy and Pillow only; pydicom is an
-optional extra, imported only when a DICOM file is actually read.
+optional extra, imported only when a DICOM file is actually read (``prism_rt.dicomio``).
+
+Hostile input is refused before pixels are decoded: the size comes from the header and is
+checked against ``max_pixels`` (:data:`DEFAULT_MAX_PIXELS`), so a 140 KB PNG declaring
+12000×12000 pixels costs milliseconds, not gigabytes. Whatever the file holds, reading it
+raises nothing but :class:`~prism_rt.errors.PrismError` subclasses, each one line naming the file.
 """
 from __future__ import annotations
 
 import hashlib
 import io
-import numbers
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,12 +22,16 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from prism_rt.config import Fit
-from prism_rt.errors import InputImageError, MissingExtraError
+from prism_rt.errors import InputImageError, PrismError
 
-__all__ = ["SourceImage", "FitInfo", "load_image", "fit_to_model", "unfit", "to_uint",
-           "save_png", "diff_heatmap"]
+__all__ = ["SourceImage", "ImageHeader", "DEFAULT_MAX_PIXELS", "probe_image", "load_image", "FitInfo",
+           "fit_to_model", "unfit", "to_uint", "save_png", "diff_heatmap"]
 
 _EXPECTED = "PNG, JPEG or DICOM expected"
+
+DEFAULT_MAX_PIXELS = 50_000_000
+"""The largest image read by default: above the largest CR/DR chest detectors (43×43 cm at
+100 µm ≈ 18.5 M pixels; 4300×4300 at 0.1 mm pitch), far below what a forged header can declare."""
 
 
 @dataclass(frozen=True)
@@ -40,164 +50,189 @@ class SourceImage:
     meta: dict
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    """What :func:`probe_image` learns from a file's header without decoding its pixels."""
+
+    path: str
+    kind: str
+    height: int
+    width: int
+    frames: int
+
+
 def _fail(path: str, what: str, todo: str) -> InputImageError:
     return InputImageError(f"{path}: {what}; {todo}")
 
 
-def load_image(path: str | os.PathLike) -> SourceImage:
-    """Read a PNG/JPEG (8- or 16-bit, grey or colour) or a single-frame grayscale DICOM.
+def _one_line(exc: BaseException, limit: int = 240) -> str:
+    """A library's message on one line (pydicom's run over several), trimmed."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
-    The file is read once into memory so the hash and the pixels come from the same bytes.
-    Every failure is an :class:`InputImageError` naming the path: a raw PIL or pydicom
-    exception would tell a clinician user nothing.
-    """
-    name = str(path)
-    p = Path(path)
+
+def check_size(name: str, height: int, width: int, frames: int, max_pixels: int) -> None:
+    """Refuse, from the header, an image with no pixels or more than ``max_pixels``."""
+    if height < 1 or width < 1:
+        raise _fail(name, f"the image has zero size ({height}×{width})", "pass a non-empty image")
+    if height * width * max(frames, 1) > max_pixels:
+        raise _fail(name, f"{width}×{height} pixels" + (f" × {frames} frames" if frames > 1 else "")
+                    + f" = {height * width * max(frames, 1):,} exceeds the limit of {max_pixels:,} pixels",
+                    "downscale the image, or raise the limit (--max-pixels / max_pixels=) if it is genuine")
+
+
+@contextmanager
+def _typed(name: str, max_pixels: int):
+    """Any exception a decoder raises on hostile bytes → one-line InputImageError naming the file;
+    library warnings (pydicom prints several lines per oddity) are silenced while reading."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        except PrismError:
+            raise
+        except Image.DecompressionBombError as e:
+            raise _fail(name, f"Pillow refuses it as a decompression bomb ({_one_line(e)})",
+                        f"downscale the image; the limit asked for was {max_pixels:,} pixels") from e
+        except MemoryError as e:
+            raise _fail(name, "too large to decode in the available memory",
+                        "downscale the image or lower --max-pixels") from e
+        except Exception as e:  # noqa: BLE001 - hostile bytes make decoders raise anything
+            raise _fail(name, f"not a readable image ({_EXPECTED}): {_one_line(e)}",
+                        "check that the file is complete and really an image") from e
+
+
+def _existing_file(path) -> tuple[str, Path]:
+    name, p = str(path), Path(path)
     if not p.exists():
         raise _fail(name, "no such file", "check the path")
     if p.is_dir():
         raise _fail(name, "is a directory, not an image file", "pass the path of one image")
+    return name, p
+
+
+def _is_dicom(p: Path, head: bytes) -> bool:
+    return head[128:132] == b"DICM" or p.suffix.lower() in (".dcm", ".dicom")
+
+
+def probe_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """Read only the header and raise what :func:`load_image` would raise about the file's
+    existence, format and size: cheap enough to run before any model loads."""
+    name, p = _existing_file(path)
     try:
+        with open(p, "rb") as f:
+            head = f.read(132)
+    except OSError as e:
+        raise _fail(name, f"cannot be read ({e.strerror or e})", "check its permissions") from e
+    if not head:
+        raise _fail(name, "the file is empty", f"pass a real image ({_EXPECTED})")
+    with _typed(name, max_pixels):
+        if _is_dicom(p, head):
+            from .dicomio import probe_dicom
+
+            height, width, frames = probe_dicom(name, p, head[128:132] != b"DICM", max_pixels)
+            kind = "dicom"
+        else:
+            try:
+                with Image.open(p) as img:
+                    (width, height), kind = img.size, (img.format or "unknown").lower()
+                    frames = int(getattr(img, "n_frames", 1))
+            except UnidentifiedImageError as e:
+                raise _fail(name, f"not a readable image ({_EXPECTED}): cannot identify image file",
+                            "check that the file is complete and really an image") from e
+            check_size(name, height, width, 1, max_pixels)
+    return ImageHeader(name, kind, int(height), int(width), int(frames))
+
+
+def load_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> SourceImage:
+    """Read a PNG/JPEG (8- or 16-bit, grey or colour) or a single-frame grayscale DICOM.
+
+    The file is read once into memory so the hash and the pixels come from the same bytes.
+    Its size is checked from the header (``max_pixels``) before any pixel is decoded, and
+    pixels are converted straight to float32 (no full-size float64 copy). Every failure is an
+    :class:`InputImageError` (or :class:`MissingExtraError`) naming the path: a raw PIL or
+    pydicom exception would tell a clinician user nothing.
+    """
+    name, p = _existing_file(path)
+    try:
+        size = p.stat().st_size
+        # No radiograph within max_pixels needs more than 8 bytes a pixel (float64 DICOM).
+        if size > 8 * max_pixels + (16 << 20):
+            raise _fail(name, f"the file is {size:,} bytes, more than any image of {max_pixels:,} pixels needs",
+                        "pass a single radiograph, or raise the limit (--max-pixels / max_pixels=)")
         data = p.read_bytes()
     except OSError as e:
         raise _fail(name, f"cannot be read ({e.strerror or e})", "check its permissions") from e
     if not data:
         raise _fail(name, "the file is empty", f"pass a real image ({_EXPECTED})")
     digest = hashlib.sha256(data).hexdigest()
-    if data[128:132] == b"DICM" or p.suffix.lower() in (".dcm", ".dicom"):
-        pixels, bits, meta = _read_dicom(name, data)
-        kind = "dicom"
-    else:
-        pixels, bits, meta, kind = _read_pillow(name, data)
-    if pixels.size == 0:
-        raise _fail(name, f"the image has zero size {pixels.shape}", "pass a non-empty image")
-    pixels = np.ascontiguousarray(np.clip(pixels, 0.0, 1.0), dtype=np.float32)
+    with _typed(name, max_pixels):
+        if _is_dicom(p, data):
+            from .dicomio import read_dicom
+
+            pixels, bits, meta = read_dicom(name, data, max_pixels)
+            kind = "dicom"
+        else:
+            pixels, bits, meta, kind = _read_pillow(name, data, max_pixels)
+        if pixels.size == 0:
+            raise _fail(name, f"the image has zero size {pixels.shape}", "pass a non-empty image")
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        np.clip(pixels, 0.0, 1.0, out=pixels)
     return SourceImage(pixels=pixels, path=name, kind=kind, sha256=digest, bit_depth=bits, meta=meta)
 
 
-def _read_pillow(name: str, data: bytes) -> tuple[np.ndarray, int, dict, str]:
+def _unit_lut(levels: np.ndarray, bits: int) -> np.ndarray:
+    """Integer levels → float32 [0, 1] through a table computed in float64: the same values as
+    ``levels / (2**bits - 1)`` in float64, without a full-size float64 copy."""
+    table = (np.arange(2**bits, dtype=np.float64) / (2**bits - 1)).astype(np.float32)
+    return table[levels]
+
+
+def _read_pillow(name: str, data: bytes, max_pixels: int) -> tuple[np.ndarray, int, dict, str]:
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()  # Image.open is lazy: truncation only shows when the pixels are decoded
+        img = Image.open(io.BytesIO(data))  # lazy: only the header is parsed here
+    except UnidentifiedImageError as e:
+        raise _fail(name, f"not a readable image ({_EXPECTED}): cannot identify image file",
+                    "check that the file is complete and really an image") from e
+    check_size(name, img.size[1], img.size[0], 1, max_pixels)
+    try:
+        img.load()  # truncation only shows when the pixels are decoded
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
-        why = "cannot identify image file" if isinstance(e, UnidentifiedImageError) else str(e)
-        raise _fail(name, f"not a readable image ({_EXPECTED}): {why}",
+        raise _fail(name, f"not a readable image ({_EXPECTED}): {_one_line(e)}",
                     "check that the file is complete and really an image") from e
     mode, kind = img.mode, (img.format or "unknown").lower()
     meta = {"format": kind, "mode": mode, "photometric_interpretation": "MONOCHROME2",
             "frames": int(getattr(img, "n_frames", 1))}
-    try:
-        if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-            # Full range, not per-image min/max: a 16-bit file's grey levels are absolute.
-            bits, scale, gray = 16, 65535.0, np.asarray(img).astype(np.float64)
-        elif mode in ("L", "LA", "1"):
-            bits, scale, gray = 8, 255.0, np.asarray(img.convert("L"), dtype=np.float64)
-        else:
-            rgb = np.asarray(img.convert("RGB"), dtype=np.float64)
-            # ITU-R BT.601 luma, computed in float so no precision is lost to uint8 rounding.
-            bits, scale, gray = 8, 255.0, rgb @ np.array([0.299, 0.587, 0.114])
-            meta["converted_to_luminance"] = "ITU-R BT.601"
-    except Exception as e:  # noqa: BLE001
-        raise _fail(name, f"cannot convert Pillow mode {mode!r} to grayscale: {e}",
-                    f"save it as 8- or 16-bit grayscale ({_EXPECTED})") from e
-    if gray.size and (gray.min() < 0 or gray.max() > scale):
-        raise _fail(name, f"pixel values [{gray.min():g}, {gray.max():g}] exceed the 16-bit range",
-                    "save the image as 8- or 16-bit grayscale")
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # Full range, not per-image min/max: a 16-bit file's grey levels are absolute.
+        levels = np.asarray(img)
+        del img  # Pillow's own copy of the pixels: free it before the float32 one is made
+        lo, hi = (int(levels.min()), int(levels.max())) if levels.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise _fail(name, f"pixel values [{lo:g}, {hi:g}] exceed the 16-bit range",
+                        "save the image as 8- or 16-bit grayscale")
+        bits, scale, gray = 16, 65535.0, _unit_lut(levels.astype(np.uint16, copy=False), 16)
+    elif mode in ("L", "LA", "1"):
+        levels = np.asarray(img.convert("L"))
+        del img
+        bits, scale, gray = 8, 255.0, _unit_lut(levels, 8)
+    else:
+        rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+        del img
+        # ITU-R BT.601 luma in float64, row block by row block: no uint8 rounding, no full float64 copy.
+        gray = np.empty(rgb.shape[:2], np.float32)
+        luma = np.array([0.299, 0.587, 0.114]) / 255.0
+        for top in range(0, rgb.shape[0], 512):
+            gray[top:top + 512] = rgb[top:top + 512].astype(np.float64) @ luma
+        bits, scale, levels = 8, 255.0, None
+        meta["converted_to_luminance"] = "ITU-R BT.601"
     meta["scale"] = scale
-    meta["original_range"] = _range(gray)
-    return gray / scale, bits, meta, kind
-
-
-def _plain(value):
-    """pydicom values (DS, IS, MultiValue, UID) → JSON types, so meta survives json.dumps."""
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, numbers.Number):
-        return float(value)
-    if isinstance(value, (str, bytes)):
-        return str(value)
-    try:
-        return [_plain(v) for v in value]
-    except TypeError:
-        return str(value)
+    meta["original_range"] = _range(levels) if levels is not None else _range(gray * np.float32(scale))
+    return gray, bits, meta, kind
 
 
 def _range(a: np.ndarray) -> list[float] | None:
     return [float(a.min()), float(a.max())] if a.size else None
-
-
-def _read_dicom(name: str, data: bytes) -> tuple[np.ndarray, int, dict]:
-    try:
-        import pydicom
-    except ImportError as e:
-        raise MissingExtraError("dicom", "pydicom", "Reading DICOM") from e
-    try:
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    except ImportError:  # pydicom 2.x
-        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
-    except Exception as e:  # noqa: BLE001
-        raise _fail(name, f"not a readable DICOM file: {e}", "check that the file is complete") from e
-    if "PixelData" not in ds:
-        raise _fail(name, "the DICOM file has no pixel data", "pass an image object, not a report")
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    frames, samples = int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("SamplesPerPixel", 1))
-    if frames > 1 or samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise _fail(name, f"{frames} frame(s), {samples} sample(s) per pixel, "
-                    f"PhotometricInterpretation {photometric or 'missing'}",
-                    "only single-frame grayscale radiographs are supported")
-    try:
-        stored = ds.pixel_array
-        values = apply_modality_lut(stored, ds).astype(np.float64)
-    except Exception as e:  # noqa: BLE001 - missing codec, bad length, ...
-        syntax = ds.file_meta.get("TransferSyntaxUID")
-        todo = ("install a decoder (pip install pylibjpeg pylibjpeg-libjpeg) or convert the file"
-                if getattr(syntax, "is_compressed", False) else "the file may be truncated or corrupt")
-        raise _fail(name, f"cannot decode the DICOM pixel data (transfer syntax {syntax}): {e}",
-                    todo) from e
-    bits = int(ds.get("BitsStored", 16))
-    meta = {"photometric_interpretation": photometric, "modality": _plain(ds.get("Modality")),
-            "view_position": _plain(ds.get("ViewPosition")), "bits_stored": bits,
-            "pixel_representation": int(ds.get("PixelRepresentation", 0)),
-            "stored_range": _range(stored), "sop_instance_uid": _plain(ds.get("SOPInstanceUID")),
-            "pixel_spacing": _plain(ds.get("ImagerPixelSpacing", ds.get("PixelSpacing")))}
-    if "ModalityLUTSequence" in ds:
-        meta["modality_lut"] = "ModalityLUTSequence"
-    else:
-        meta["modality_lut"] = {"slope": float(ds.get("RescaleSlope", 1.0)),
-                                "intercept": float(ds.get("RescaleIntercept", 0.0))}
-    meta["modality_range"] = _range(values)
-    try:
-        if "VOILUTSequence" in ds:
-            lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
-            lo, hi = float(lut.min()), float(lut.max())  # declared LUT bits often exceed its use
-            out = apply_voi_lut(values, ds).astype(np.float64)
-            meta["voi"] = {"kind": "lut", "output_range": [lo, hi]}
-        elif "WindowCenter" in ds and "WindowWidth" in ds:
-            # Ask pydicom for its own output range (it depends on bits, sign, rescale and the
-            # VOI LUT function) by windowing two values far outside the window.
-            wc, ww = (float(_plain(v)[0] if isinstance(_plain(v), list) else v)
-                      for v in (ds.WindowCenter, ds.WindowWidth))
-            with np.errstate(over="ignore"):
-                probe = np.array([wc - 64 * ww, wc + 64 * ww])
-                lo, hi = apply_voi_lut(probe, ds).astype(np.float64)
-            out = apply_voi_lut(values, ds).astype(np.float64)
-            meta["voi"] = {"kind": "window", "center": wc, "width": ww, "output_range": [lo, hi],
-                           "function": str(ds.get("VOILUTFunction", "LINEAR"))}
-        else:
-            out, (lo, hi) = values, _range(values)
-            meta["voi"] = {"kind": "minmax", "output_range": [lo, hi]}
-    except Exception as e:  # noqa: BLE001
-        raise _fail(name, f"cannot apply the DICOM VOI LUT / window: {e}",
-                    "check the file's VOI LUT / window attributes") from e
-    pixels = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
-    if photometric == "MONOCHROME1":  # stored bright = air; the model expects bright = dense
-        pixels = 1.0 - pixels
-        meta["flipped"] = True
-    return pixels, bits, meta
 
 
 @dataclass(frozen=True)
@@ -304,7 +339,8 @@ def save_png(path: str | os.PathLike, pixels01: np.ndarray, bits: int = 8) -> No
     arr = to_uint(pixels01, bits)
     if arr.ndim != 2:
         raise ValueError(f"save_png expects an [H, W] grayscale image, got shape {arr.shape}")
-    Image.fromarray(arr).save(Path(path), format="PNG")
+    # compress_level 1: a 1841×1955 16-bit PNG in ~0.3 s instead of ~0.5 s (level 6) for ~2 % more bytes
+    Image.fromarray(arr).save(Path(path), format="PNG", compress_level=1)
 
 
 # Diverging blue-white-red (ColorBrewer RdBu, centre made pure white): white means "unchanged".
