@@ -23,7 +23,6 @@ from typing import Any, Protocol
 import numpy as np
 
 GRAPHS = ("text_encoder", "vae_encoder", "vae_decoder", "unet")
-UNET_INPUTS = ("latents", "timestep", "text", "cross_alpha", "token_mapper", "refine_alpha", "equalizer", "self_replace")
 
 
 class BackendKind(str, enum.Enum):

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
+
+from .errors import SettingsError
 
 
 class InversionMethod(str, enum.Enum):
@@ -32,6 +35,22 @@ class Fit(str, enum.Enum):
     """Pad to a square with the image's edge mean, then resize: keeps the aspect ratio."""
 
 
+GUIDANCE_RANGE = (1.0, 30.0)
+"""Classifier-free guidance scales accepted: 1 is no guidance; beyond ~30 the guided noise leaves
+the range the model was trained on and images saturate."""
+
+EDIT_WEIGHT_RANGE = (0.0, 10.0)
+"""Attention reweighting factors accepted for the edit words (PRISM: 2; 0 removes the words'
+attention; beyond 10 the softmax is dominated by one token)."""
+
+
+def _finite_in(name: str, value: float, low: float, high: float, *, open_low: bool = False, hint: str = "") -> None:
+    ok = math.isfinite(value) and (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        raise SettingsError(f"{name} must be in {'(' if open_low else '['}{low:g}, {high:g}], got {value}" +
+                            (f"; {hint}" if hint else ""))
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """DDIM sampler (PRISM_METHOD §2).
@@ -52,9 +71,10 @@ class SamplerConfig:
 
     def __post_init__(self):
         if not 1 <= self.steps <= self.num_train_timesteps:
-            raise ValueError(f"steps must be in 1..{self.num_train_timesteps}, got {self.steps}")
-        if self.guidance < 1.0:
-            raise ValueError(f"guidance must be >= 1, got {self.guidance}")
+            raise SettingsError(f"steps must be in 1..{self.num_train_timesteps}, got {self.steps}")
+        if not GUIDANCE_RANGE[0] <= self.guidance <= GUIDANCE_RANGE[1]:  # also refuses NaN
+            raise SettingsError(f"guidance must be in [{GUIDANCE_RANGE[0]:g}, {GUIDANCE_RANGE[1]:g}], got {self.guidance}; "
+                                "PRISM uses 7.5")
 
 
 @dataclass(frozen=True)
@@ -69,6 +89,12 @@ class InversionConfig:
     null_inner_steps: int = 10
     null_epsilon: float = 1e-5
     null_lr: float = 1e-2
+
+    def __post_init__(self):
+        if not 0 <= self.null_inner_steps <= 1000:
+            raise SettingsError(f"null_inner_steps must be in [0, 1000], got {self.null_inner_steps}; PRISM uses 10")
+        _finite_in("null_epsilon", self.null_epsilon, 0.0, 1.0)
+        _finite_in("null_lr", self.null_lr, 0.0, 1.0, open_low=True, hint="PRISM uses 0.01")
 
 
 NOISE_BLEND_THRESHOLDS = (0.85, 1.0, 1.7)
@@ -140,27 +166,33 @@ class ControlConfig:
     legacy: bool = False
 
     def __post_init__(self):
+        if self.edit_weight is not None:
+            _finite_in("edit_weight", self.edit_weight, *EDIT_WEIGHT_RANGE, hint="PRISM uses 2.0; 1 = no reweighting")
+        _finite_in("blend_threshold", self.blend_threshold, 0.0, 1.0, open_low=True,
+                   hint="a fraction of each item's peak attention; the published value is 0.3")
+        _finite_in("blend_start", self.blend_start, 0.0, 1.0, hint="a fraction of the steps; the published value is 0.2")
         if not 0.0 <= self.cross_replace <= 1.0:
-            raise ValueError(f"cross_replace must be in [0, 1], got {self.cross_replace}")
+            raise SettingsError(f"cross_replace must be in [0, 1], got {self.cross_replace}")
         if not self.self_replace:
-            raise ValueError("self_replace needs at least one value")
+            raise SettingsError("self_replace needs at least one value")
         for s in self.self_replace:
             if not 0.0 <= s <= 1.0:
-                raise ValueError(f"self_replace values must be in [0, 1], got {s}")
+                raise SettingsError(f"self_replace values must be in [0, 1], got {s}")
         if self.mode not in ("refine", "replace"):
-            raise ValueError(f"mode must be refine or replace, got {self.mode!r}")
+            raise SettingsError(f"mode must be refine or replace, got {self.mode!r}")
         if self.noise_blend and self.blend_words is not None:
-            raise ValueError("choose one LocalBlend mask: blend_words (attention maps) or noise_blend, not both")
+            raise SettingsError("choose one LocalBlend mask: blend_words (attention maps) or noise_blend, not both")
         if not 0.0 < self.noise_blend_strength < 1.0:
-            raise ValueError(f"noise_blend_strength must be in (0, 1), got {self.noise_blend_strength}")
+            raise SettingsError(f"noise_blend_strength must be in (0, 1), got {self.noise_blend_strength}")
         if self.noise_blend_samples < 1:
-            raise ValueError(f"noise_blend_samples must be ≥ 1, got {self.noise_blend_samples}")
+            raise SettingsError(f"noise_blend_samples must be ≥ 1, got {self.noise_blend_samples}")
         object.__setattr__(self, "noise_blend_threshold", _floats(self.noise_blend_threshold))
-        if not self.noise_blend_threshold or min(self.noise_blend_threshold) < 0:
-            raise ValueError(f"noise_blend_threshold needs one or more values ≥ 0, got {self.noise_blend_threshold}")
+        if not self.noise_blend_threshold or not all(math.isfinite(v) and 0 <= v <= 100 for v in self.noise_blend_threshold):
+            raise SettingsError(f"noise_blend_threshold needs one or more values in [0, 100] (× the mean prediction "
+                                f"difference, 0 = the whole image; default {NOISE_BLEND_THRESHOLDS}), got {self.noise_blend_threshold}")
         object.__setattr__(self, "composite", _floats(self.composite))
         if any(not 0.0 <= v < 1.0 for v in self.composite) or len({f"{v:g}" for v in self.composite}) != len(self.composite):
-            raise ValueError(f"composite thresholds must be distinct values in [0, 1) (a fraction of the intensity "
+            raise SettingsError(f"composite thresholds must be distinct values in [0, 1) (a fraction of the intensity "
                              f"range, 0 = the plain counterfactual; {COMPOSITE_THRESHOLDS} is the default), "
                              f"got {self.composite}")
 
@@ -171,3 +203,36 @@ class RunLimits:
     each carrying the source branch (costs one extra source item per chunk)."""
 
     max_batch: int = 32
+
+    def __post_init__(self):
+        if not 1 <= self.max_batch <= 4096:
+            raise SettingsError(f"max_batch must be in [1, 4096], got {self.max_batch}; the default is 32")
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    """ONNX Runtime session settings of an engine folder (``Engine.from_dir``).
+
+    threads: intra-op threads (None: onnxruntime's default, every core). On a machine whose cores
+      other work shares, 1–2 threads are often faster than the default.
+    cpu_arena: on a CPU keep one memory arena for all graphs (faster: no fresh pages per call);
+      False frees every tensor after each call (lowest resident memory, for long-lived services).
+    cpu_graphs: on a CPU run each graph's CPU twin where the engine has one (attention fused into
+      ``MultiHeadAttention``: same outputs to ~1e-6, a fraction of the memory at SD v1.5 size);
+      False runs the portable graphs TensorRT builds from.
+    session_config: ``SessionOptions.add_session_config_entry`` settings, e.g.
+      ``{"session.intra_op.allow_spinning": "0"}`` where other work shares the cores.
+    trt_cache (device ``tensorrt``): where TensorRT's built engines and timing cache are kept
+      between processes — None: ``ENGINE/trt-cache`` (or the user's cache folder where the engine
+      folder is read-only); a path: there; False: build anew in each process.
+    """
+
+    threads: int | None = None
+    cpu_arena: bool = True
+    cpu_graphs: bool = True
+    session_config: dict | None = None
+    trt_cache: object = None  # str | Path | bool | None
+
+    def __post_init__(self):
+        if self.threads is not None and int(self.threads) < 1:
+            raise SettingsError(f"threads must be ≥ 1 (or None for every core), got {self.threads}")

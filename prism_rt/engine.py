@@ -1,9 +1,20 @@
-"""The Python API: ``Engine.load(path, backend=...)``, ``engine.invert(image, prompt)``,
-``engine.edit(inversion, targets)``. No global state; one engine per thread."""
+"""The Python API.
+
+    engine = Engine.from_dir("engines/phantom-demo", precision="fp32", options=OrtOptions(threads=2))
+    inversion = engine.invert("cxr.dcm", "Chest X-ray showing Support Devices")
+    result = engine.edit(inversion, ["Chest X-ray showing No Finding"])
+    result.save("out/cxr")
+
+``Engine.from_dir`` runs an engine folder (``prism-export export``) on ONNX Runtime;
+``Engine.from_checkpoint`` runs a diffusers checkpoint on the PyTorch reference backend (the only
+one with autograd, so the only one for null-text inversion). Every setting is checked here, before
+any model work, with a typed error; callers (CLI, batch jobs, services) only parse.
+"""
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,141 +23,188 @@ import numpy as np
 from .backend import BackendKind
 from .blend import nearest_resize
 from .composite import composite_result
-from .config import ControlConfig, Fit, InversionConfig, InversionMethod, RunLimits, SamplerConfig
-from .errors import BackendError, InputImageError, InversionFileError, MissingExtraError
+from .config import ControlConfig, Fit, InversionConfig, InversionMethod, OrtOptions, RunLimits, SamplerConfig
+from .errors import BackendError, InputImageError, InversionFileError, MissingExtraError, SettingsError
 from .inversion import Inversion
-from .loop import (Counter, EditInputs, ddim_inversion, decode_latents, edit_loop, edit_loop_groups, encode_image,
-                   encode_prompts, noise_difference_maps)
+from .loop import (Counter, EditInputs, ddim_inversion, decode_latents, edit_loop_groups, encode_image, encode_prompts,
+                   noise_difference_maps)
+from .manifest import MANIFEST_NAME
+from .precision import TORCH_PRECISIONS, Precision
+from .result import EditResult
 from .schedule import DDIMSchedule
+from .unet_batch import plan_chunks
+
+__all__ = ["EditResult", "Engine", "is_engine_dir"]
+
+
+def is_engine_dir(path) -> bool:
+    """An engine folder (``prism-export export``) has a manifest; anything else is a checkpoint."""
+    return (Path(path) / MANIFEST_NAME).is_file()
 
 
 @dataclass
-class EditResult:
-    """Model-space outputs ([3,S,S] in [-1,1]) and what is needed to map them back."""
+class _Prepared:
+    """One image's edit inputs on the backend, made once however its items are chunked."""
 
-    items: tuple  # control.EditItem, one per edit × self-window value
-    reconstruction: np.ndarray  # the source branch, decoded
-    edits: list[np.ndarray]
-    masks: list[np.ndarray | None]  # per item, the last LocalBlend mask at image size [S,S], or None
-    reconstruction_error: float
-    counts: dict
+    inversion: Inversion
+    plan: Any  # control.ControlPlan
+    embeddings: Any  # [2 + targets, T, D]: source, "", each target
+    targets: list
+    trajectory: list
+    nulls: Any
+    noise_maps: dict | None
     timings: dict
-    plan_words: tuple = ()
-    settings: dict = field(default_factory=dict)
-    composite_masks: list[np.ndarray] | None = None  # per item, the difference composite's mask [S,S] in [0,1]
+    counter: Counter
 
-    def __post_init__(self):
-        if self.composite_masks is None:
-            self.composite_masks = [None] * len(self.items)
-
-    def item_stats(self) -> list[dict]:
-        """Mean |Δ| (on the [0,1] scale, model space) of each edit against the reconstruction,
-        inside and outside its blend mask."""
-        stats = []
-        recon = (self.reconstruction.mean(0) + 1) / 2
-        for item, image, mask, kept in zip(self.items, self.edits, self.masks, self.composite_masks):
-            delta = np.abs((image.mean(0) + 1) / 2 - recon)
-            row = {"name": item.name, "target": item.target, "self_replace": item.self_replace,
-                   "blend_threshold": item.blend_threshold, "composite": item.composite,
-                   "mean_abs_diff": float(delta.mean())}
-            if kept is not None:
-                row["composite_fraction"] = float(kept.mean())
-            if mask is not None:
-                inside = mask > 0.5
-                row["mask_fraction"] = float(inside.mean())
-                row["mean_abs_diff_inside_mask"] = float(delta[inside].mean()) if inside.any() else None
-                row["mean_abs_diff_outside_mask"] = float(delta[~inside].mean()) if (~inside).any() else None
-            stats.append(row)
-        return stats
+    def inputs(self, backend, items: list[int], control: ControlConfig) -> tuple[Any, EditInputs]:
+        xp = backend.xp
+        sub = self.plan.subset(items)
+        rows = {t: self.embeddings[2 + i:3 + i] for i, t in enumerate(self.targets)}
+        fixed = None
+        if self.noise_maps is not None:  # the source row is never blended; each item's mask is its threshold's
+            masks = [xp.astype(self.noise_maps[it.target] > it.blend_threshold, self.noise_maps[it.target].dtype)
+                     for it in sub.items]
+            fixed = xp.concat([xp.zeros_like(masks[0]), *masks], axis=0)
+        return sub, EditInputs(
+            method=self.inversion.method, latents_T=self.trajectory[-1], source_embedding=self.embeddings[0:1],
+            target_embeddings=xp.concat([rows[it.target] for it in sub.items], axis=0),
+            null_embedding=self.embeddings[1:2], null_embeddings=self.nulls, trajectory=self.trajectory,
+            guidance=self.inversion.sampler.guidance, blend_threshold=control.blend_threshold,
+            blend_start=control.blend_start, fixed_masks=fixed)
 
 
 class Engine:
+    """An engine runs PRISM's inversion and editing loops on one backend. Make one with
+    :meth:`from_dir` (an engine folder, ONNX Runtime) or :meth:`from_checkpoint` (a diffusers
+    checkpoint, PyTorch)."""
+
     def __init__(self, backend, tokenizer, model_path: str):
         self.backend = backend
         self.tokenizer = tokenizer
         self.model_path = model_path
 
+    # -- construction ------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path, backend: str | BackendKind = BackendKind.TORCH, *, device: str = "cpu",
-             unet_weights=None, allow_pickle: bool = False, config=None, self_max_queries: int | None = None,
-             precision: str = "fp32", threads: int | None = None, cpu_arena: bool = True,
-             cpu_graphs: bool = True, session_config: dict[str, str] | None = None,
-             trt_cache: str | Path | bool | None = None) -> "Engine":
-        """``precision``: an engine folder's variant (fp32, fp16, int8, int8-cpu; see ``prism-rt info``),
-        or the torch backend's dtype (fp32, fp16: the graphs run in half precision, the loops in fp32).
-        ``threads``: onnxruntime's intra-op threads (None: its default, all cores).
-        ``cpu_arena``: onnxruntime on a CPU keeps one memory arena for all graphs (faster: no fresh
-        pages per call); False frees every tensor after each call (lowest resident memory).
-        ``cpu_graphs``: onnxruntime on a CPU runs each graph's CPU twin where the engine has one
-        (attention fused into ``MultiHeadAttention``: same outputs to ~1e-6, a fraction of the
-        memory at SD v1.5 size); False runs the portable graphs TensorRT builds from.
-        ``session_config``: onnxruntime session settings (``SessionOptions.add_session_config_entry``),
-        e.g. ``{"session.intra_op.allow_spinning": "0"}`` where other work shares the cores.
-        ``trt_cache`` (onnxruntime on ``device="tensorrt"``): where TensorRT's built engines and
-        timing cache are kept between processes — None: ``ENGINE/trt-cache`` (or the user's cache
-        folder where the engine folder is read-only); a path: there; False: build anew each time.
-        ``self_max_queries``: self-attention layers with at most this many queries are controlled
-        (PRISM 32², the original prompt-to-prompt code 16²); larger ones keep fused attention. It is
-        compiled into an exported UNet: None = 32² for torch, the engine's own value for onnxruntime."""
+    def from_dir(cls, engine_dir, *, precision: Precision | str = Precision.FP32, device: str = "cpu",
+                 options: OrtOptions | None = None, self_max_queries: int | None = None) -> "Engine":
+        """An engine folder from ``prism-export export`` on ONNX Runtime. ``precision``: one the
+        folder holds (``prism-rt info ENGINE`` lists them with their measured quality);
+        ``device``: ``cpu``, ``cuda[:N]`` or ``tensorrt[:N]`` (execution provider); ``options``:
+        :class:`~prism_rt.config.OrtOptions`. ``self_max_queries`` is compiled into the graph: it
+        may be given only to check it."""
+        from .ort_backend import load_ort_backend
         from .tokenizer import ClipTokenizer
 
-        kind = BackendKind(backend)
-        if kind is BackendKind.TORCH:
-            for module in ("torch", "diffusers", "transformers", "safetensors"):
-                try:
-                    __import__(module)
-                except ImportError:
-                    raise MissingExtraError("torch", module, "The PyTorch backend") from None
-            from .torch_backend.backend import load_torch_backend
+        precision, options = Precision.parse(precision), options or OrtOptions()
+        impl = load_ort_backend(engine_dir, device=device, self_max_queries=self_max_queries, precision=precision.value,
+                                threads=options.threads, cpu_arena=options.cpu_arena, cpu_graphs=options.cpu_graphs,
+                                session_config=options.session_config, trt_cache=options.trt_cache)
+        return cls(impl, ClipTokenizer.from_folder(impl.info.tokenizer_dir), str(engine_dir))
 
-            if precision not in ("fp32", "fp16"):
-                raise BackendError(f"the torch backend runs fp32 or fp16, not {precision!r}; int8 variants live in "
-                                   "engine folders: export one with `prism-export export … --precision fp32,int8-cpu` "
-                                   "and run it with --backend onnxruntime")
-            if session_config or trt_cache not in (None, False):
-                raise BackendError("session_config and trt_cache are onnxruntime settings; the torch backend takes none")
-            impl = load_torch_backend(path, unet_weights=unet_weights, allow_pickle=allow_pickle, config=config,
-                                      device=device, self_max_queries=self_max_queries or 32 * 32, precision=precision)
-        elif kind is BackendKind.ONNXRUNTIME:
-            # ``path`` is an engine folder from `prism-export export`; its manifest is checked here
-            from .ort_backend import load_ort_backend
+    @classmethod
+    def from_checkpoint(cls, path, *, unet_weights=None, config=None, allow_pickle: bool = False,
+                        precision: Precision | str = Precision.FP32, device: str = "cpu",
+                        self_max_queries: int | None = None, threads: int | None = None) -> "Engine":
+        """A diffusers SD v1.x folder or single-file checkpoint on the PyTorch reference backend.
+        ``unet_weights``: a fine-tuned UNet state dict (PRISM's ``model.safetensors``);
+        ``config``: the SD folder giving configs and tokenizer for a single-file checkpoint;
+        ``precision``: fp32 or fp16 graphs (the loops stay fp32); ``self_max_queries``:
+        self-attention layers with at most this many queries are controlled (PRISM 32², the
+        original prompt-to-prompt 16²); ``threads``: torch's intra-op threads (process-wide)."""
+        from .tokenizer import ClipTokenizer
 
-            if unet_weights is not None or config is not None:
-                raise BackendError("--unet-weights and --config apply when exporting; an engine folder already holds its "
-                                   "weights: re-export with `prism-export export --model … --unet-weights … --out ENGINE`")
-            impl = load_ort_backend(path, device=device, self_max_queries=self_max_queries, precision=precision,
-                                    threads=threads, cpu_arena=cpu_arena, cpu_graphs=cpu_graphs,
-                                    session_config=session_config, trt_cache=trt_cache)
-        else:
-            raise BackendError(f"backend {kind.value!r} is not available in this version; use --backend torch or onnxruntime")
+        precision = Precision.parse(precision)
+        for module in ("torch", "diffusers", "transformers", "safetensors"):
+            try:
+                __import__(module)
+            except ImportError:
+                raise MissingExtraError("torch", module, "The PyTorch backend") from None
+        if precision not in TORCH_PRECISIONS:
+            raise BackendError(f"the torch backend runs fp32 or fp16, not {precision.value!r}; int8 variants live in "
+                               "engine folders: export one with `prism-export export … --precision fp32,int8-cpu` "
+                               "and pass that folder as --model")
+        if is_engine_dir(path):
+            raise BackendError(f"{path} is an engine folder (it has {MANIFEST_NAME}); load it with Engine.from_dir")
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(int(OrtOptions(threads=threads).threads))
+        from .torch_backend.backend import load_torch_backend
+
+        impl = load_torch_backend(path, unet_weights=unet_weights, allow_pickle=allow_pickle, config=config,
+                                  device=device, self_max_queries=self_max_queries or 32 * 32,
+                                  precision=precision.value)
         return cls(impl, ClipTokenizer.from_folder(impl.info.tokenizer_dir), str(path))
 
+    @classmethod
+    def load(cls, path, backend: str | BackendKind | None = None, *, device: str = "cpu", precision="fp32",
+             self_max_queries: int | None = None, unet_weights=None, config=None, allow_pickle: bool = False,
+             threads: int | None = None, options: OrtOptions | None = None, **ort_settings) -> "Engine":
+        """:meth:`from_dir` for an engine folder, :meth:`from_checkpoint` otherwise; ``backend``
+        (optional) must agree with what ``path`` is. ``ort_settings``: :class:`OrtOptions` fields."""
+        kind = (BackendKind.ONNXRUNTIME if is_engine_dir(path) else BackendKind.TORCH) if backend is None else BackendKind(backend)
+        if kind is BackendKind.ONNXRUNTIME:
+            if unet_weights is not None or config is not None or allow_pickle:
+                raise BackendError("--unet-weights, --config and --allow-pickle apply to checkpoints; an engine folder "
+                                   "already holds its weights: re-export with `prism-export export --model … "
+                                   "--unet-weights … --out ENGINE`")
+            if not is_engine_dir(path):
+                raise BackendError(f"{path} is not an engine folder (no {MANIFEST_NAME}); onnxruntime runs engine folders "
+                                   f"from `prism-export export --model {path} --out ENGINE`, or run the checkpoint on torch")
+            options = replace(options or OrtOptions(), **({"threads": threads} if threads else {}), **ort_settings)
+            return cls.from_dir(path, precision=precision, device=device, options=options,
+                                self_max_queries=self_max_queries)
+        if kind is BackendKind.TORCH:
+            if options is not None or any(v not in (None, False) and k in ("session_config", "trt_cache")
+                                          for k, v in ort_settings.items()):
+                raise BackendError("session_config and trt_cache are onnxruntime settings; the torch backend takes none")
+            return cls.from_checkpoint(path, unet_weights=unet_weights, config=config, allow_pickle=allow_pickle,
+                                       precision=precision, device=device, self_max_queries=self_max_queries,
+                                       threads=threads)
+        raise BackendError(f"backend {kind.value!r} is not available in this version; engine folders run on onnxruntime "
+                           "(--device tensorrt uses its TensorRT execution provider), checkpoints on torch")
+
     # -- settings ------------------------------------------------------------------------------
+    @property
+    def default_inversion(self) -> InversionMethod:
+        """PRISM's null-text inversion where the backend has gradients (torch), else direct
+        inversion (exact source reconstruction, no optimisation)."""
+        return InversionMethod.NULL_TEXT if self.backend.supports_autograd else InversionMethod.DIRECT
+
     def sampler(self, steps: int = 50, guidance: float = 7.5) -> SamplerConfig:
         """DDIM with the model's own beta schedule (SD v1.x: scaled_linear 0.00085…0.012)."""
         cfg = self.backend.info.scheduler_config
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset")
         return SamplerConfig(steps=steps, guidance=guidance, **{k: cfg[k] for k in keys if k in cfg})
 
-    # -- inversion -----------------------------------------------------------------------------
-    def invert(self, image, prompt: str, *, method: InversionMethod | str = InversionMethod.NULL_TEXT,
-               sampler: SamplerConfig | None = None, inversion: InversionConfig | None = None,
-               fit: Fit | str = Fit.RESIZE, progress: bool = False) -> Inversion:
-        from .imageio import SourceImage, fit_to_model, load_image
-
-        method = InversionMethod(method)
-        sampler = sampler or self.sampler()
-        inversion = replace(inversion or InversionConfig(), method=method)
+    def check_inversion_method(self, method: InversionMethod | str | None) -> InversionMethod:
+        """The inversion method to run (None: :attr:`default_inversion`), refused early where the
+        backend cannot run it."""
+        method = self.default_inversion if method is None else InversionMethod(method)
         if method is InversionMethod.NULL_TEXT and not self.backend.supports_autograd:
             raise BackendError(f"null-text inversion needs gradients, which the {self.backend.kind.value} backend "
-                               "does not have; use --backend torch, or --inversion direct / negative-prompt")
+                               "does not have; use --inversion direct or negative-prompt, or run the checkpoint "
+                               "(not the engine folder) on torch")
+        return method
+
+    # -- inversion -----------------------------------------------------------------------------
+    def invert(self, image, prompt: str, *, method: InversionMethod | str | None = None,
+               sampler: SamplerConfig | None = None, inversion: InversionConfig | None = None,
+               fit: Fit | str = Fit.RESIZE, progress: bool = False) -> Inversion:
+        """Invert ``image`` (a path, a ``SourceImage``, a PIL image or a [H,W] / [H,W,3] array in
+        [0,1]) under its caption ``prompt``. ``method`` None: :attr:`default_inversion`."""
+        from .imageio import SourceImage, fit_to_model, load_image
+
+        method = self.check_inversion_method(method)
+        sampler = sampler or self.sampler()
+        inversion = replace(inversion or InversionConfig(), method=method)
         self.tokenizer.encode_batch_padded([prompt])  # prompt errors before any work
         source = image if isinstance(image, SourceImage) else load_image(image) if isinstance(image, (str, Path)) else None
         pixels01 = source.pixels if source is not None else _as_gray01(image)
         fitted, fit_info = fit_to_model(pixels01, self.backend.info.image_size, Fit(fit))
         schedule = DDIMSchedule.from_config(sampler)
         counter, timings = Counter(), {}
-        bar = _progress(progress, len(schedule.timesteps) * (2 if method is InversionMethod.NULL_TEXT else 1), "invert")
+        bar = Progress(progress, len(schedule.timesteps) * (2 if method is InversionMethod.NULL_TEXT else 1), "invert")
 
         start = time.perf_counter()
         z0 = encode_image(self.backend, fitted)
@@ -188,172 +246,94 @@ class Engine:
 
     def edit(self, inversion: Inversion, targets: Sequence[str], control: ControlConfig | None = None,
              limits: RunLimits | None = None, progress: bool = False) -> EditResult:
-        control = control or ControlConfig()
-        limits = limits or RunLimits()
-        targets = list(targets)
-        backend, xp = self.backend, self.backend.xp
-        sampler = inversion.sampler
-        self._check_inversion(inversion)
-        schedule = DDIMSchedule.from_config(sampler)
-        plan = self.plan(inversion.source_prompt, targets, control, sampler.steps)
-        counter, timings = Counter(), {}
-
-        start = time.perf_counter()
-        embeddings = encode_prompts(backend, self.tokenizer, [inversion.source_prompt, "", *targets], allow_empty=True)
-        source_embedding, null_embedding = embeddings[0:1], embeddings[1:2]
-        target_rows = {t: embeddings[2 + i: 3 + i] for i, t in enumerate(targets)}
-        trajectory = [backend.asarray(z) for z in inversion.trajectory]
-        nulls = (xp.stack([backend.asarray(n) for n in inversion.null_embeddings])
-                 if inversion.null_embeddings is not None else None)
-        timings["encode_s"] = time.perf_counter() - start
-
-        per_chunk = self._items_per_chunk(inversion.method, limits)
-        chunks = [list(range(i, min(i + per_chunk, len(plan.items)))) for i in range(0, len(plan.items), per_chunk)]
-        start = time.perf_counter()
-        noise_masks = self._noise_masks(trajectory[0], source_embedding, null_embedding, target_rows, control,
-                                        limits, schedule, sampler.guidance, counter)
-        if noise_masks is not None:
-            timings["noise_blend_s"] = time.perf_counter() - start
-        bar = _progress(progress, len(chunks) * sampler.steps, "edit")
-        start = time.perf_counter()
-        source_latent, edit_latents, masks = None, [], []
-        for chunk in chunks:
-            sub = plan.subset(chunk)
-            inputs = EditInputs(
-                method=inversion.method, latents_T=trajectory[-1], source_embedding=source_embedding,
-                target_embeddings=xp.concat([target_rows[item.target] for item in sub.items], axis=0),
-                null_embedding=null_embedding, null_embeddings=nulls, trajectory=trajectory,
-                guidance=sampler.guidance, blend_threshold=control.blend_threshold, blend_start=control.blend_start,
-                fixed_masks=None if noise_masks is None else self._fixed_masks(noise_masks, sub.items))
-            outcome = edit_loop(backend, schedule, sub, inputs, counter, bar.update_one)
-            if source_latent is None:
-                source_latent = outcome.latents[:1]
-                masks.append(outcome.masks[0] if outcome.masks is not None else None)
-            edit_latents.append(outcome.latents[1:])
-            masks.extend(list(outcome.masks[1:]) if outcome.masks is not None else [None] * len(chunk))
-        bar.close()
-        timings["edit_loop_s"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        final = xp.concat([source_latent, *edit_latents], axis=0)
-        z0 = trajectory[0]
-        recon_error = float(xp.linalg.vector_norm(final[:1] - z0) / xp.linalg.vector_norm(z0))
-        images = np.concatenate([decode_latents(backend, final[i:i + 1]) for i in range(final.shape[0])], axis=0)
-        timings["decode_s"] = time.perf_counter() - start
-        size = images.shape[-1]
-        image_masks = [None if m is None else backend.to_numpy(nearest_resize(xp, m[0], (size, size))) for m in masks]
-        return composite_result(EditResult(
-            items=plan.items, reconstruction=images[0], edits=list(images[1:]), masks=image_masks[1:],
-            reconstruction_error=recon_error, counts=counter.to_json(), timings=timings, plan_words=plan.edit_words,
-            settings={"chunks": len(chunks), "items_per_chunk": per_chunk, "mode": control.mode,
-                      "blend_downsample": backend.info.blend_downsample, "backend": backend.kind.value},
-        ), () if control.legacy else control.composite)
+        """The counterfactuals of one image under each edited caption in ``targets``
+        (:meth:`edit_many` of one image)."""
+        return self.edit_many([inversion], [list(targets)], control, limits, progress)[0]
 
     def edit_many(self, inversions: Sequence[Inversion], targets, control: ControlConfig | None = None,
                   limits: RunLimits | None = None, progress: bool = False) -> list[EditResult]:
         """Edits of several images, their groups batched into one UNet call per step (the
         controlled UNet's G axis): throughput for batch jobs. ``targets``: the edited captions of
         every image, or one list per image (each with as many captions). All inversions need the
-        same method and sampler. Images are grouped so that a step's batch stays ≤ ``max_batch``;
-        an image whose own edits exceed it is edited alone (its items chunked) by :meth:`edit`."""
-        control = control or ControlConfig()
-        limits = limits or RunLimits()
+        same method and sampler. Whole images are grouped as many to a call as fit ``max_batch``;
+        an image whose own items do not fit is run alone, its items split into chunks."""
+        control, limits = control or ControlConfig(), limits or RunLimits()
         inversions = list(inversions)
         if not inversions:
             return []
-        targets = list(targets)
-        per_image = ([list(t) for t in targets] if targets and not isinstance(targets[0], str)
-                     else [targets] * len(inversions))
-        if len(per_image) != len(inversions) or len({len(t) for t in per_image}) != 1:
-            raise BackendError("edit_many needs one target list for all images, or one per image, all of one length")
+        per_image = _targets_per_image(targets, len(inversions))
         first = inversions[0]
         for inv in inversions:
             self._check_inversion(inv)
             if inv.method != first.method or inv.sampler != first.sampler:
-                raise BackendError("edit_many needs inversions made with one method and sampler; edit the others apart")
+                raise SettingsError("edit_many needs inversions made with one method and sampler; edit the others apart")
         plans = [self.plan(inv.source_prompt, t, control, first.sampler.steps) for inv, t in zip(inversions, per_image)]
-        items = 1 + len(plans[0].items)
-        both_halves = first.method in (InversionMethod.DDIM, InversionMethod.NULL_TEXT)
-        per_batch = limits.max_batch // (items + (items if both_halves else items - 1))
-        if per_batch < 2:
-            return [self.edit(inv, t, control, limits, progress) for inv, t in zip(inversions, per_image)]
-        backend, xp = self.backend, self.backend.xp
         schedule = DDIMSchedule.from_config(first.sampler)
-        results = []
-        for start_index in range(0, len(inversions), per_batch):
-            chunk = list(range(start_index, min(start_index + per_batch, len(inversions))))
-            counter, timings = Counter(), {}
+        prepared = [self._prepare(inv, t, plan, control, limits, schedule)
+                    for inv, t, plan in zip(inversions, per_image, plans)]
+        chunks = plan_chunks(first.method, len(inversions), len(plans[0].items), limits.max_batch)
+        runs = [{"source": None, "edits": [], "masks": [], "chunks": 0, "groups": 0, "items": 0} for _ in inversions]
+        bar = Progress(progress, len(chunks) * first.sampler.steps,
+                       "edit" if len(inversions) == 1 else f"edit {len(inversions)} images")
+        for images, items in chunks:
+            counter, start = Counter(), time.perf_counter()
+            subs, inputs = zip(*(prepared[k].inputs(self.backend, items, control) for k in images))
+            outcomes = edit_loop_groups(self.backend, schedule, subs, inputs, counter, bar.update_one)
+            elapsed = time.perf_counter() - start
+            for k, outcome in zip(images, outcomes):
+                run = runs[k]
+                if run["source"] is None:
+                    run["source"] = outcome.latents[:1]
+                    run["masks"].append(outcome.masks[0] if outcome.masks is not None else None)
+                run["edits"].append(outcome.latents[1:])
+                run["masks"].extend(list(outcome.masks[1:]) if outcome.masks is not None else [None] * len(items))
+                run["chunks"] += 1
+                run["groups"], run["items"] = max(run["groups"], len(images)), max(run["items"], len(items))
+                prepared[k].timings["edit_loop_s"] = prepared[k].timings.get("edit_loop_s", 0.0) + elapsed
+                for key, value in counter.to_json().items():
+                    setattr(prepared[k].counter, key, getattr(prepared[k].counter, key) + value)
+        bar.close()
+        return [self._result(p, run, control) for p, run in zip(prepared, runs)]
+
+    def _prepare(self, inversion: Inversion, targets: list, plan, control: ControlConfig, limits: RunLimits,
+                 schedule: DDIMSchedule) -> _Prepared:
+        backend, xp = self.backend, self.backend.xp
+        counter, timings = Counter(), {}
+        start = time.perf_counter()
+        embeddings = encode_prompts(backend, self.tokenizer, [inversion.source_prompt, "", *targets], allow_empty=True)
+        trajectory = [backend.asarray(z) for z in inversion.trajectory]
+        nulls = (xp.stack([backend.asarray(n) for n in inversion.null_embeddings])
+                 if inversion.null_embeddings is not None else None)
+        timings["encode_s"] = time.perf_counter() - start
+        noise_maps = None
+        if control.noise_blend and not control.legacy:
             start = time.perf_counter()
-            inputs = []
-            for k in chunk:
-                inv, image_targets = inversions[k], per_image[k]
-                emb = encode_prompts(backend, self.tokenizer, [inv.source_prompt, "", *image_targets], allow_empty=True)
-                trajectory = [backend.asarray(z) for z in inv.trajectory]
-                nulls = (xp.stack([backend.asarray(n) for n in inv.null_embeddings])
-                         if inv.null_embeddings is not None else None)
-                rows = {t: emb[2 + i: 3 + i] for i, t in enumerate(image_targets)}
-                noise_masks = self._noise_masks(trajectory[0], emb[0:1], emb[1:2], rows, control, limits, schedule,
-                                                first.sampler.guidance, counter)
-                inputs.append(EditInputs(
-                    method=inv.method, latents_T=trajectory[-1], source_embedding=emb[0:1],
-                    target_embeddings=xp.concat([rows[item.target] for item in plans[k].items], axis=0),
-                    null_embedding=emb[1:2], null_embeddings=nulls, trajectory=trajectory,
-                    guidance=first.sampler.guidance, blend_threshold=control.blend_threshold,
-                    blend_start=control.blend_start,
-                    fixed_masks=None if noise_masks is None else self._fixed_masks(noise_masks, plans[k].items)))
-            timings["encode_s"] = time.perf_counter() - start
-            bar = _progress(progress, first.sampler.steps, f"edit {len(chunk)} images")
-            start = time.perf_counter()
-            outcomes = edit_loop_groups(backend, schedule, [plans[k] for k in chunk], inputs, counter, bar.update_one)
-            bar.close()
-            timings["edit_loop_s"] = time.perf_counter() - start
-            for k, x, outcome in zip(chunk, inputs, outcomes):
-                start = time.perf_counter()
-                final, z0 = outcome.latents, x.trajectory[0]
-                recon_error = float(xp.linalg.vector_norm(final[:1] - z0) / xp.linalg.vector_norm(z0))
-                images = np.concatenate([decode_latents(backend, final[i:i + 1]) for i in range(final.shape[0])], axis=0)
-                size = images.shape[-1]
-                masks = ([None] * items if outcome.masks is None else
-                         [backend.to_numpy(nearest_resize(xp, m[0], (size, size))) for m in outcome.masks])
-                results.append(composite_result(EditResult(
-                    items=plans[k].items, reconstruction=images[0], edits=list(images[1:]), masks=masks[1:],
-                    reconstruction_error=recon_error, counts=dict(counter.to_json(), images_in_batch=len(chunk)),
-                    timings=dict(timings, decode_s=time.perf_counter() - start), plan_words=plans[k].edit_words,
-                    settings={"chunks": 1, "images_in_batch": len(chunk), "mode": control.mode,
-                              "blend_downsample": backend.info.blend_downsample, "backend": backend.kind.value}),
-                    () if control.legacy else control.composite))
-        return results
+            stacked = noise_difference_maps(
+                backend, schedule, trajectory[0], embeddings[0:1], embeddings[1:2], embeddings[2:],
+                inversion.sampler.guidance, counter, samples=control.noise_blend_samples,
+                strength=control.noise_blend_strength, max_batch=limits.max_batch)
+            noise_maps = {t: stacked[i:i + 1] for i, t in enumerate(targets)}
+            timings["noise_blend_s"] = time.perf_counter() - start
+        return _Prepared(inversion, plan, embeddings, list(targets), trajectory, nulls, noise_maps, timings, counter)
 
-    def _noise_masks(self, z0, source_embedding, null_embedding, target_rows: dict, control: ControlConfig,
-                     limits: RunLimits, schedule, guidance: float, counter) -> dict | None:
-        """noise_blend's relative prediction difference of each distinct target caption, [1,1,h,w]
-        each (thresholded per item by :meth:`_fixed_masks`); None when the edit has no noise blend
-        (legacy never blends)."""
-        if not control.noise_blend or control.legacy:
-            return None
-        xp = self.backend.xp
-        names = list(target_rows)
-        stacked = noise_difference_maps(
-            self.backend, schedule, z0, source_embedding, null_embedding, xp.concat([target_rows[t] for t in names], axis=0),
-            guidance, counter, samples=control.noise_blend_samples, strength=control.noise_blend_strength,
-            max_batch=limits.max_batch)
-        return {t: stacked[i:i + 1] for i, t in enumerate(names)}
-
-    def _fixed_masks(self, noise_maps: dict, items):
-        """[1+K,1,h,w]: the source row (never blended) then each item's mask: its target's map
-        above the item's threshold."""
-        xp = self.backend.xp
-        rows = [xp.astype(noise_maps[item.target] > item.blend_threshold, noise_maps[item.target].dtype) for item in items]
-        return xp.concat([xp.zeros_like(rows[0]), *rows], axis=0)
-
-    def _items_per_chunk(self, method: InversionMethod, limits: RunLimits) -> int:
-        """Edit items per chunk so that the UNet batch stays ≤ max_batch (each chunk repeats the
-        source: 2 batch items for ddim/null-text, 1 for direct/negative-prompt)."""
-        both_halves = method in (InversionMethod.DDIM, InversionMethod.NULL_TEXT)
-        per = (limits.max_batch // 2 - 1) if both_halves else (limits.max_batch - 1) // 2
-        if per < 1:
-            raise BackendError(f"max_batch {limits.max_batch} is too small for one edit item; use at least 4")
-        return per
+    def _result(self, prepared: _Prepared, run: dict, control: ControlConfig) -> EditResult:
+        backend, xp = self.backend, self.backend.xp
+        start = time.perf_counter()
+        final = xp.concat([run["source"], *run["edits"]], axis=0)
+        z0 = prepared.trajectory[0]
+        recon_error = float(xp.linalg.vector_norm(final[:1] - z0) / xp.linalg.vector_norm(z0))
+        images = np.concatenate([decode_latents(backend, final[i:i + 1]) for i in range(final.shape[0])], axis=0)
+        size = images.shape[-1]
+        masks = [None if m is None else backend.to_numpy(nearest_resize(xp, m[0], (size, size))) for m in run["masks"]]
+        timings = dict(prepared.timings, decode_s=time.perf_counter() - start)
+        result = EditResult(
+            items=prepared.plan.items, reconstruction=images[0], edits=list(images[1:]), masks=masks[1:],
+            reconstruction_error=recon_error, counts=prepared.counter.to_json(), timings=timings,
+            plan_words=prepared.plan.edit_words, inversion=prepared.inversion,
+            settings={"chunks": run["chunks"], "items_per_chunk": run["items"], "images_in_batch": run["groups"],
+                      "mode": control.mode, "blend_downsample": backend.info.blend_downsample,
+                      "backend": backend.kind.value})
+        return composite_result(result, () if control.legacy else control.composite)
 
     def _check_inversion(self, inversion: Inversion):
         latent = self.backend.info.latent_size
@@ -363,6 +343,16 @@ class Engine:
                                      f"{self.backend.info.latent_channels}×{latent}×{latent}: invert the image with this model")
         if inversion.null_embeddings is not None and inversion.null_embeddings.shape[-1] != self.backend.info.text_width:
             raise InversionFileError("the inversion's null embeddings do not fit this model's text encoder: invert the image with this model")
+
+
+def _targets_per_image(targets, images: int) -> list[list[str]]:
+    targets = list(targets)
+    per_image = [list(t) for t in targets] if targets and not isinstance(targets[0], str) else [targets] * images
+    if len(per_image) != images or len({len(t) for t in per_image}) != 1:
+        raise SettingsError("edit_many needs one target list for all images, or one per image, all of one length")
+    if not per_image[0]:
+        raise SettingsError("give at least one edited caption (target)")
+    return per_image
 
 
 def _as_gray01(image: Any) -> np.ndarray:
@@ -384,19 +374,28 @@ def _source_meta(source) -> dict:
     return {"path": source.path, "kind": source.kind, "sha256": source.sha256, "bit_depth": source.bit_depth, **source.meta}
 
 
-class _progress:
-    """A tqdm bar over steps when asked (shown on a terminal only), else nothing."""
+class Progress:
+    """Progress over steps when asked: a tqdm bar on a terminal; elsewhere (a log file, a service)
+    one line on stderr at every tenth of the work, so a long run is never silent."""
 
-    def __init__(self, enabled: bool, total: int, desc: str):
-        self.bar = None
-        if enabled:
+    def __init__(self, enabled: bool, total: int, desc: str, stream=None):
+        self.bar, self.total, self.desc, self.done = None, max(int(total), 1), desc, 0
+        self.stream = stream or sys.stderr
+        self.enabled, self.start, self.next_report = bool(enabled), time.perf_counter(), 0.1
+        if self.enabled and getattr(self.stream, "isatty", lambda: False)():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="step", leave=False, disable=None)  # off when not a terminal
+            self.bar = tqdm(total=total, desc=desc, unit="step", leave=False, file=self.stream)
 
     def update_one(self):
+        self.done += 1
         if self.bar is not None:
             self.bar.update(1)
+        elif self.enabled and self.done / self.total >= self.next_report - 1e-9:
+            elapsed = time.perf_counter() - self.start
+            print(f"{self.desc}: {self.done}/{self.total} steps, {elapsed:.0f} s", file=self.stream, flush=True)
+            while self.next_report <= self.done / self.total + 1e-9:
+                self.next_report += 0.1
 
     def close(self):
         if self.bar is not None:

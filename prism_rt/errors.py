@@ -56,8 +56,8 @@ class MissingExtraError(PrismError):
         )
 
 
-class SettingsError(PrismError):
-    """A setting is out of range or contradicts another."""
+class SettingsError(PrismError, ValueError):
+    """A setting is out of range or contradicts another (a ValueError too, as Python's own checks)."""
 
 
 class BackendError(PrismError):

@@ -2,7 +2,7 @@
 interface and the array API: they never know which backend runs the graphs."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence, Any, Callable
 
 import numpy as np
@@ -11,6 +11,7 @@ from .blend import apply_blend, blend_mask
 from .config import InversionMethod
 from .errors import NonFiniteError, SettingsError
 from .schedule import DDIMSchedule, classifier_free_guidance, ddim_step
+from .unet_batch import StepControls, UNetBatch, empty_controls
 
 
 @dataclass
@@ -57,17 +58,9 @@ def decode_latents(backend, latents) -> np.ndarray:
     return np.clip(backend.to_numpy(out), -1.0, 1.0)
 
 
-def _no_controls(backend, groups: int, tokens: int) -> dict:
-    return dict(
-        cross_alpha=backend.asarray(np.zeros((groups, 0, tokens), np.float32)),
-        token_mapper=backend.asarray(np.zeros((groups, 0, tokens, tokens), np.float32)),
-        refine_alpha=backend.asarray(np.zeros((groups, 0, tokens), np.float32)),
-        equalizer=backend.asarray(np.zeros((groups, 0, tokens), np.float32)),
-        self_replace=backend.asarray(np.zeros((groups, 0), np.float32)),
-    )
-
-
 def unet_noise(backend, counter: Counter, latents, t: int, text, controls: dict, step: int | None = None):
+    """One UNet call laid out as ``prism_rt.unet_batch`` describes: the noise prediction of every
+    item and the conditional items' LocalBlend maps."""
     out = run_graph(backend, "unet", step=step, latents=latents, timestep=backend.asarray(np.array([t], np.float32)),
                     text=text, **controls)
     counter.unet_calls += 1
@@ -100,12 +93,13 @@ def noise_difference_maps(backend, schedule: DDIMSchedule, z0, source_embedding,
     text_one = xp.concat([null_embedding, source_embedding, target_embeddings], axis=0)
     diff_sum = None
     per_call = max(1, max_batch // per_draw)
+    plain = _on_backend(backend, empty_controls(1, int(text_one.shape[1])))
     for start in range(0, samples, per_call):
         count = min(per_call, samples - start)
         noised = alpha ** 0.5 * z0 + (1 - alpha) ** 0.5 * backend.asarray(draws[start:start + count])  # [c,4,h,w]
         latents = xp.concat([noised[j:j + 1] for j in range(count) for _ in range(per_draw)], axis=0)
         text = xp.concat([text_one] * count, axis=0)
-        noise, _ = unet_noise(backend, counter, latents, t, text, _no_controls(backend, 1, int(text.shape[1])))  # K = 0: nothing is controlled
+        noise, _ = unet_noise(backend, counter, latents, t, text, plain)
         for j in range(count):
             e = noise[j * per_draw:(j + 1) * per_draw]
             guided = classifier_free_guidance(e[:1], e[1:], guidance)  # [1+K,4,h,w]
@@ -118,8 +112,7 @@ def noise_difference_maps(backend, schedule: DDIMSchedule, z0, source_embedding,
 def ddim_inversion(backend, schedule: DDIMSchedule, z0, source_embedding, counter: Counter,
                    progress: Callable[[], None] | None = None) -> list:
     """DDIM inversion with ``ε(z, t, c_src)`` (w = 1): the trajectory ``z*_0 … z*_T``."""
-    tokens = int(source_embedding.shape[1])
-    controls = _no_controls(backend, int(z0.shape[0]), tokens)
+    controls = _on_backend(backend, empty_controls(int(z0.shape[0]), int(source_embedding.shape[1])))
     trajectory = [z0]
     z = z0
     for i in range(len(schedule.timesteps)):
@@ -153,7 +146,6 @@ class EditInputs:
     blend_threshold: float = 0.3
     blend_start: float = 0.2
     fixed_masks: Any | None = None  # [1+K,1,h,w] LocalBlend masks known before the loop (noise_blend)
-    extras: dict = field(default_factory=dict)
 
 
 def edit_loop(backend, schedule: DDIMSchedule, plan, inputs: EditInputs, counter: Counter,
@@ -164,91 +156,80 @@ def edit_loop(backend, schedule: DDIMSchedule, plan, inputs: EditInputs, counter
 
 def edit_loop_groups(backend, schedule: DDIMSchedule, plans: Sequence, inputs: Sequence[EditInputs], counter: Counter,
                      progress: Callable[[], None] | None = None) -> list[EditOutcome]:
-    """Prompt-to-prompt editing from ``z*_T`` of G images at once: group g is image g's source
-    item and its K edit items (every group has the same K), all in one UNet batch
-    ``N = U + G·(1+K)`` (the controlled UNet's layout: unconditional halves first, then the
-    groups); each group's control tensors come from its own plan.
-
-    Which items carry an unconditional CFG half depends on the inversion: all of them for ddim
-    and null-text; the edits only for negative-prompt (the source's two halves are equal) and
-    direct (the source's noise is never used: its latent is pinned to ``z*_{t_prev}``).
+    """Prompt-to-prompt editing (Hertz et al. 2022) from ``z*_T`` of G images at once: group g is
+    image g's source item and its K edit items (every group has the same K), all in one UNet call
+    per step (``prism_rt.unet_batch.UNetBatch``); each group's control tensors come from its own
+    plan. Per step i: ``ε = CFG(UNet(z_t, t, c, controls_i))``, ``z_{t_prev} = DDIM(z_t, ε)``;
+    direct inversion pins each source to ``z*_{t_prev}`` (set, not offset-added: immune to
+    rounding); LocalBlend keeps everything outside each item's mask on the source.
     """
     xp = backend.xp
     first = inputs[0]
-    method = first.method
-    groups = len(inputs)
-    edits = len(plans[0].items)
-    if any(len(p.items) != edits for p in plans) or any(i.method != method for i in inputs):
+    if any(len(p.items) != len(plans[0].items) for p in plans) or any(x.method != first.method for x in inputs):
         raise ValueError("every group of one edit batch needs the same number of edit items and inversion method")
-    items = 1 + edits
-    steps = len(schedule.timesteps)
-    source_uncond = method in (InversionMethod.DDIM, InversionMethod.NULL_TEXT)
-    uncond_items = list(range(items)) if source_uncond else list(range(1, items))
-    n_uncond = len(uncond_items)
-    uncond_global = [g * items + j for g in range(groups) for j in uncond_items]
-
-    latents = xp.concat([x.latents_T for x in inputs for _ in range(items)], axis=0)
-    cond_text = xp.concat([t for x in inputs for t in (x.source_embedding, x.target_embeddings)], axis=0)
-    static = dict(
-        token_mapper=backend.asarray(np.stack([p.token_mapper for p in plans])),
-        refine_alpha=backend.asarray(np.stack([p.refine_alpha for p in plans])),
-        equalizer=backend.asarray(np.stack([p.equalizer for p in plans])),
-    )
-    fixed = first.fixed_masks is not None
-    if fixed and any(x.fixed_masks is None for x in inputs):
+    if len({x.fixed_masks is None for x in inputs}) != 1:
         raise ValueError("either every group of one edit batch has a fixed blend mask or none has")
-    blending = plans[0].blend_words is not None and not fixed
-    blend_weights = [backend.asarray(p.blend_words) for p in plans] if blending else None
-    blend_from = int(first.blend_start * steps)
-    maps_sum: list = [None] * groups
-    masks: list = [None] * groups
-    latent_hw = (int(latents.shape[2]), int(latents.shape[3]))
-    uncond_index = xp.asarray(np.array(uncond_global, np.int64))
+    batch = UNetBatch.for_method(first.method, len(inputs), len(plans[0].items))
+    steps = len(schedule.timesteps)
+    controls = StepControls(backend, plans)
+    blend = _LocalBlend(backend, batch, plans, inputs, steps)
+    latents = xp.concat([x.latents_T for x in inputs for _ in range(batch.items)], axis=0)
+    cond_text = xp.concat([t for x in inputs for t in (x.source_embedding, x.target_embeddings)], axis=0)
 
     for i in range(steps):
         t, alpha_t, alpha_prev = schedule.forward_alphas(i)
-        if method == InversionMethod.NULL_TEXT:
-            uncond = [x.null_embeddings[i] for x in inputs]
-        elif method == InversionMethod.NEGATIVE_PROMPT:
-            uncond = [x.source_embedding for x in inputs]
-        else:
-            uncond = [x.null_embedding for x in inputs]
-        batch_latents = xp.concat([xp.take(latents, uncond_index, axis=0), latents], axis=0) if n_uncond else latents
-        text = (xp.concat([u for g in range(groups) for u in [uncond[g]] * n_uncond] + [cond_text], axis=0)
-                if n_uncond else cond_text)
-        controls = dict(static,
-                        cross_alpha=backend.asarray(np.stack([p.cross_alpha[i] for p in plans])),
-                        self_replace=backend.asarray(np.stack([p.self_replace[i] for p in plans])))
-        noise, blend_maps = unet_noise(backend, counter, batch_latents, t, text, controls, step=i)
-        n_uncond_all = n_uncond * groups
-        guided_groups = []
-        for g in range(groups):
-            noise_u = noise[g * n_uncond: (g + 1) * n_uncond]
-            noise_c = noise[n_uncond_all + g * items: n_uncond_all + (g + 1) * items]
-            if n_uncond == items:
-                guided_groups.append(classifier_free_guidance(noise_u, noise_c, first.guidance))
-            else:  # the source has no unconditional half: its CFG is its conditional noise
-                guided_groups.append(xp.concat([noise_c[:1], classifier_free_guidance(noise_u, noise_c[1:], first.guidance)],
-                                               axis=0))
-        guided = guided_groups[0] if groups == 1 else xp.concat(guided_groups, axis=0)
-        latents = ddim_step(latents, guided, alpha_t, alpha_prev)
-        if method == InversionMethod.DIRECT:
-            # pin each source to its inversion path (set, not offset-add: immune to rounding)
-            latents = xp.concat([part for g, x in enumerate(inputs)
-                                 for part in (x.trajectory[steps - i - 1], latents[g * items + 1:(g + 1) * items])], axis=0)
-        if fixed or (blending and blend_maps.shape[-1] > 0):
-            blended = []
-            for g in range(groups):
-                if blending:
-                    maps = blend_maps[g]
-                    maps_sum[g] = maps if maps_sum[g] is None else maps_sum[g] + maps
-                group_latents = latents[g * items:(g + 1) * items]
-                if i >= blend_from:
-                    masks[g] = (inputs[g].fixed_masks if fixed else
-                                blend_mask(xp, maps_sum[g], blend_weights[g], latent_hw, first.blend_threshold))
-                    group_latents = apply_blend(group_latents, masks[g])
-                blended.append(group_latents)
-            latents = blended[0] if groups == 1 else xp.concat(blended, axis=0)
+        call_latents, call_text = batch.assemble(xp, latents, [_uncond_embedding(x, i) for x in inputs], cond_text)
+        noise, blend_maps = unet_noise(backend, counter, call_latents, t, call_text, controls.at(i), step=i)
+        latents = ddim_step(latents, batch.guide(xp, noise, first.guidance), alpha_t, alpha_prev)
+        if first.method == InversionMethod.DIRECT:
+            latents = batch.set_sources(xp, latents, [x.trajectory[steps - i - 1] for x in inputs])
+        latents = blend.step(i, latents, blend_maps)
         if progress:
             progress()
-    return [EditOutcome(latents=latents[g * items:(g + 1) * items], masks=masks[g]) for g in range(groups)]
+    return [EditOutcome(latents=batch.group(latents, g), masks=blend.masks[g]) for g in range(batch.groups)]
+
+
+def _uncond_embedding(inputs: EditInputs, step: int):
+    """The unconditional half's text at a step: null-text's ∅_i, the source caption for
+    negative-prompt, else the embedding of ""."""
+    if inputs.method == InversionMethod.NULL_TEXT:
+        return inputs.null_embeddings[step]
+    if inputs.method == InversionMethod.NEGATIVE_PROMPT:
+        return inputs.source_embedding
+    return inputs.null_embedding
+
+
+def _on_backend(backend, controls: dict) -> dict:
+    return {name: backend.asarray(value) for name, value in controls.items()}
+
+
+class _LocalBlend:
+    """LocalBlend over the steps of one edit run: each group's mask from its accumulated
+    cross-attention maps (or its fixed noise-blend mask), applied from ``blend_start`` on."""
+
+    def __init__(self, backend, batch: UNetBatch, plans: Sequence, inputs: Sequence[EditInputs], steps: int):
+        first = inputs[0]
+        self.xp, self.batch, self.inputs = backend.xp, batch, inputs
+        self.fixed = first.fixed_masks is not None
+        self.from_attention = plans[0].blend_words is not None and not self.fixed
+        self.weights = [backend.asarray(p.blend_words) for p in plans] if self.from_attention else None
+        self.start = int(first.blend_start * steps)
+        self.threshold = first.blend_threshold
+        self.latent_hw = tuple(int(d) for d in first.latents_T.shape[2:])
+        self.maps_sum: list = [None] * batch.groups
+        self.masks: list = [None] * batch.groups
+
+    def step(self, i: int, latents, blend_maps):
+        if not (self.fixed or (self.from_attention and blend_maps.shape[-1] > 0)):
+            return latents
+        xp, blended = self.xp, []
+        for g in range(self.batch.groups):
+            if self.from_attention:
+                self.maps_sum[g] = blend_maps[g] if self.maps_sum[g] is None else self.maps_sum[g] + blend_maps[g]
+            group_latents = self.batch.group(latents, g)
+            if i >= self.start:
+                self.masks[g] = (self.inputs[g].fixed_masks if self.fixed else
+                                 blend_mask(xp, self.maps_sum[g], self.weights[g], self.latent_hw, self.threshold))
+                group_latents = apply_blend(group_latents, self.masks[g])
+            blended.append(group_latents)
+        return blended[0] if self.batch.groups == 1 else xp.concat(blended, axis=0)

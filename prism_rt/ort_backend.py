@@ -3,14 +3,12 @@
 torch-free; arrays are numpy and ``xp`` is ``array_api_compat.numpy``, so the loops of
 ``prism_rt.loop`` run unchanged. ``device`` picks the execution provider: ``cpu`` (CPU EP),
 ``cuda[:N]`` (CUDA EP) or ``tensorrt[:N]`` (TensorRT EP, with the manifest's min/opt/max shapes as
-its optimisation profile). No autograd: null-text inversion needs ``--backend torch``.
+its optimisation profile). No autograd: null-text inversion needs the torch backend.
 
 K = 0 (inversion calls the UNet with no edit items): the exported graph runs it directly (the
 export checks it and records ``edits.min = 0``). Should an engine declare ``edits.min = 1`` (an
 exporter or builder that cannot make empty tensors), :meth:`OrtBackend.run` pads such a call with
-one neutral edit item per group (cross_alpha 0, identity token_mapper, refine 1, equalizer 1,
-self_replace 0; latents and text copied from the group's source) and drops its outputs. A
-neutral item leaves the source untouched: the control only ever rewrites edit items.
+one neutral edit item per group (``prism_rt.unet_batch.pad_empty_edits``) and drops its outputs.
 """
 from __future__ import annotations
 
@@ -24,6 +22,7 @@ import numpy as np
 from .backend import BackendKind
 from .errors import BackendError
 from .manifest import Manifest, load_manifest
+from .unet_batch import pad_empty_edits, unpad_outputs
 
 class OrtDevice(str, enum.Enum):
     """``--device`` of the onnxruntime backend, and the execution provider each one needs."""
@@ -278,24 +277,8 @@ class OrtBackend:
 
     def _run_unet_padded(self, feeds: dict) -> dict[str, np.ndarray]:
         """K = 0 on an engine that needs K ≥ 1: one neutral edit item per group, outputs dropped."""
-        groups = feeds["cross_alpha"].shape[0]
-        tokens = feeds["cross_alpha"].shape[2]
-        n = feeds["latents"].shape[0]
-        uncond = n - groups
-
-        def pad_batch(x):  # [U + G, ...] → [U + 2G, ...]: each group's source, then its copy
-            cond = x[uncond:][:, None]
-            return np.concatenate([x[:uncond], np.concatenate([cond, cond], axis=1).reshape(2 * groups, *x.shape[1:])])
-
-        padded = dict(feeds, latents=pad_batch(feeds["latents"]), text=pad_batch(feeds["text"]),
-                      cross_alpha=np.zeros((groups, 1, tokens), np.float32),
-                      token_mapper=np.broadcast_to(np.eye(tokens, dtype=np.float32), (groups, 1, tokens, tokens)).copy(),
-                      refine_alpha=np.ones((groups, 1, tokens), np.float32),
-                      equalizer=np.ones((groups, 1, tokens), np.float32),
-                      self_replace=np.zeros((groups, 1), np.float32))
-        noise, blend_maps = self.sessions["unet"].run(["noise", "blend_maps"], padded)
-        cond = noise[uncond:].reshape(groups, 2, *noise.shape[1:])[:, 0]
-        return {"noise": np.concatenate([noise[:uncond], cond]), "blend_maps": blend_maps[:, :1]}
+        noise, blend_maps = self.sessions["unet"].run(["noise", "blend_maps"], pad_empty_edits(feeds))
+        return unpad_outputs(feeds, noise, blend_maps)
 
     def describe(self) -> dict:
         import onnxruntime as ort

@@ -50,4 +50,4 @@ def test_too_small_a_batch_falls_back_to_one_image_at_a_time(engine, dicom_path)
     sampler = engine.sampler(steps=3)
     inversions = [engine.invert(pixels, SOURCES[0], method="direct", sampler=sampler)] * 2
     results = engine.edit_many(inversions, [TARGET], ControlConfig(self_replace=(0.5,)), RunLimits(max_batch=4))
-    assert len(results) == 2 and all("images_in_batch" not in r.settings for r in results)
+    assert len(results) == 2 and [r.settings["images_in_batch"] for r in results] == [1, 1]

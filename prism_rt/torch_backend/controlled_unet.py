@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CONTROL_NAMES = ("cross_alpha", "token_mapper", "refine_alpha", "equalizer", "self_replace")
 
 
 @dataclass
@@ -255,11 +254,7 @@ def _stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb):
 
 
 def neutral_controls(groups: int, edits: int, tokens: int = 77, dtype=torch.float32, device="cpu") -> dict:
-    """Controls under which the controlled UNet equals the stock UNet."""
-    return dict(
-        cross_alpha=torch.zeros(groups, edits, tokens, dtype=dtype, device=device),
-        token_mapper=torch.eye(tokens, dtype=dtype, device=device).expand(groups, edits, tokens, tokens).contiguous(),
-        refine_alpha=torch.ones(groups, edits, tokens, dtype=dtype, device=device),
-        equalizer=torch.ones(groups, edits, tokens, dtype=dtype, device=device),
-        self_replace=torch.zeros(groups, edits, dtype=dtype, device=device),
-    )
+    """Controls under which the controlled UNet equals the stock UNet (``prism_rt.unet_batch``'s, as tensors)."""
+    from ..unet_batch import neutral_controls as host
+
+    return {name: torch.from_numpy(value).to(device=device, dtype=dtype) for name, value in host(groups, edits, tokens).items()}
