@@ -136,7 +136,8 @@ def test_sensitive_layers_stay_in_float(engine_dir):
 
 
 def test_int8_float_scopes_match_whole_module_path_components(engine_dir):
-    from prism_export.variants import UNET_FLOAT_SCOPES, VariantError, in_scope, module_paths, unet_nodes_to_quantize
+    from prism_export.quantization import in_scope, module_paths, unet_nodes_to_quantize
+    from prism_export.variant_config import UNET_FLOAT_SCOPES, VariantError
 
     # whole dotted components, by hand: a block's number is not a prefix of another's
     assert in_scope(["unet", "unet.up_blocks.1.resnets.0.conv1"], "up_blocks.1")
@@ -183,13 +184,13 @@ def test_a_misspelt_float_scope_fails_before_the_calibration_run(engine_dir, tmp
 
 def _unet_feeds(engine_dir: Path, calibration_dir: Path) -> list[dict]:
     """UNet inputs recorded from a short direct inversion + edit of the calibration radiograph."""
-    from prism_export import variants
+    from prism_export import calibration, variants
 
     settings = variants.VariantSettings(calibration_images=calibration_dir, calibration_count=1, calibration_steps=4,
                                         self_replace=(0.6,))
     engine = Engine.load(engine_dir, backend="onnxruntime", threads=1)
-    run = variants._invert_and_edit(engine, variants.load_calibration_items(calibration_dir, 1), settings, record=True)
-    return [feeds for feeds, _ in variants._spread(run.unet_calls, 6)]
+    run = calibration.invert_and_edit(engine, calibration.load_calibration_items(calibration_dir, 1), settings, record=True)
+    return [feeds for feeds, _ in calibration.spread(run.unet_calls, 6)]
 
 
 def _session(path: Path, optimized: Path | None = None):
@@ -216,12 +217,12 @@ def test_calibration_ranges_are_the_min_and_max_of_each_quantized_tensor(engine_
     outputs and takes numpy's min / max over every feed."""
     import onnx
 
-    from prism_export import smoothing, variants
+    from prism_export import quantization, smoothing
 
     src = engine_dir / "onnx" / "unet.onnx"
     feeds = _unet_feeds(engine_dir, calibration_dir)
-    nodes, _ = variants.unet_nodes_to_quantize(_onnx(src))
-    ranges = variants.calibrate_ranges(src, feeds, nodes)
+    nodes, _ = quantization.unet_nodes_to_quantize(_onnx(src))
+    ranges = quantization.calibrate_ranges(src, feeds, nodes)
     wanted = set(nodes)
     tensors = sorted({t for n in _onnx(src).graph.node if n.name in wanted for t in (n.input[0], n.output[0])})
     model = _onnx(src)
@@ -243,11 +244,11 @@ def test_rescaling_changes_the_weights_not_the_function_and_folds_exactly(engine
     scales changes nothing but float rounding."""
     from onnx import numpy_helper
 
-    from prism_export import smoothing, variants
+    from prism_export import quantization, smoothing
 
     src = engine_dir / "onnx" / "unet.onnx"
     feeds = _unet_feeds(engine_dir, calibration_dir)
-    nodes, _ = variants.unet_nodes_to_quantize(_onnx(src))
+    nodes, _ = quantization.unet_nodes_to_quantize(_onnx(src))
     rescaled = tmp_path / "rescaled.onnx"
     info = smoothing.rescale_unet(src, rescaled, feeds, nodes, alpha=0.7)
     reference = _noise(_session(src), feeds)
@@ -260,7 +261,7 @@ def test_rescaling_changes_the_weights_not_the_function_and_folds_exactly(engine
     assert info["matmuls_folded_into_norms"] > 0 and info["matmuls_with_mul"] > 0
 
     quantized = tmp_path / "q" / "unet.onnx"
-    variants.quantize_unet(rescaled, quantized, feeds, "int8-cpu", smoothing=None)
+    quantization.quantize_unet(rescaled, quantized, feeds, "int8-cpu", smoothing=None)
     unfolded = _noise(_session(quantized), feeds)
     folded_info = smoothing.fold_rescaling(quantized)
     assert folded_info["smoothing_into_quantize"] == folded_info["equalization_into_dequantize"] == len(convs)
@@ -381,7 +382,8 @@ def test_a_quantized_linear_layer_takes_its_bias_into_the_integer_product(tmp_pa
     import onnx
     import onnxruntime as ort
 
-    from prism_export.cpu_rewrites import fuse_quantized_matmul_bias, rewrite_file
+    from prism_export.cpu_rewrites import fuse_quantized_matmul_bias
+    from prism_export.onnx_graph import rewrite_file
 
     x = {"x": np.random.default_rng(2).standard_normal((2, 5, 16)).astype(np.float32)}
     run = lambda p, feeds=x: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["y"], feeds)[0]  # noqa: E731
@@ -410,7 +412,7 @@ def test_int8_cpu_convolutions_fuse_with_folded_scales_and_matmuls_keep_float_ou
     Mul is left at a convolution."""
     import collections
 
-    from prism_export.cpu_rewrites import graph_maps
+    from prism_export.onnx_graph import graph_maps
 
     manifest = json.loads((engine_dir / "manifest.json").read_text())
     made = manifest["variants"]["int8-cpu"]["quantization"]
@@ -448,7 +450,7 @@ def test_int8_cpu_convolutions_fuse_with_folded_scales_and_matmuls_keep_float_ou
 
 
 def _quantized_nodes(engine_dir: Path) -> list[str]:
-    from prism_export.variants import unet_nodes_to_quantize
+    from prism_export.quantization import unet_nodes_to_quantize
 
     return unet_nodes_to_quantize(_onnx(engine_dir / "onnx" / "unet.onnx"))[0]
 

@@ -14,7 +14,7 @@ linear in the probabilities, so it moves onto the values) and fuse as well, the 
 pair over the K edit items only, empty for K = 0; LocalBlend's explicit maps (the conditional
 half's cross-attention at the blend resolution) feed a mean and stay as they are.
 ``com.microsoft`` operators exist in ONNX Runtime only, so this is for the ``int8-cpu`` variant
-and the fp32 graphs' CPU twins (:func:`prism_export.cpu_rewrites.write_cpu_graph`), never for the
+and the fp32 graphs' CPU twins (:func:`prism_export.cpu_graph.write_cpu_graph`), never for the
 graphs TensorRT builds from.
 
 ``MultiHeadAttention`` takes and gives [batch, sequence, hidden]; the exporter's products take
@@ -28,13 +28,7 @@ without consumers are removed.
 """
 from __future__ import annotations
 
-from .cpu_rewrites import MS_DOMAIN, drop_unused_initializers, graph_maps, remove_dead
-
-
-def _static_dims(value_info) -> list | None:
-    if value_info is None:
-        return None
-    return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
+from .onnx_graph import MS_DOMAIN, drop_unused_initializers, graph_maps, remove_dead, static_dims, use_ms_domain
 
 
 _RELAYOUT = ("Reshape", "Transpose", "Mul", "Squeeze", "Unsqueeze")
@@ -54,7 +48,7 @@ class _Graph:
         self.opsets, self.ir_version = list(model.opset_import), model.ir_version
 
     def dims(self, name):
-        return _static_dims(self.shapes.get(name))
+        return static_dims(self.shapes.get(name))
 
     def small_init(self, name):
         t = self.inits.get(name)
@@ -230,8 +224,7 @@ def fuse_attention(model, direct: bool = True) -> int:
     if fused:
         remove_dead(graph)
         drop_unused_initializers(graph)
-        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        use_ms_domain(model)
     return fused
 
 

@@ -23,10 +23,9 @@ For the ONNX Runtime CPU graphs only (the twins, int8-cpu): TensorRT has no ``Un
 """
 from __future__ import annotations
 
-import heapq
-from collections import Counter, defaultdict
+from collections import Counter
 
-from .cpu_rewrites import drop_unused_initializers, graph_maps, remove_dead
+from .onnx_graph import drop_unused_initializers, graph_maps, remove_dead, set_nodes, topological
 
 LATENTS, TIMESTEP = "latents", "timestep"
 PREFIX = "prism_dedupe"
@@ -48,30 +47,6 @@ def _mixes_rows(node, inits: dict) -> bool:
             axes = numpy_helper.to_array(inits[node.input[1]]).reshape(-1).tolist()
         return axes is None or 0 in axes  # unknown axes or all axes: assume the batch is reduced
     return False
-
-
-def _topological(nodes: list) -> list:
-    """``nodes`` in an order where every node follows the producers of its inputs (stable)."""
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    waiting = [0] * len(nodes)
-    users = defaultdict(list)
-    for i, n in enumerate(nodes):
-        for name in {x for x in n.input if x and x in producer}:
-            waiting[i] += 1
-            users[producer[name]].append(i)
-    ready = [i for i, w in enumerate(waiting) if w == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(nodes[i])
-        for j in users[i]:
-            waiting[j] -= 1
-            if waiting[j] == 0:
-                heapq.heappush(ready, j)
-    if len(order) != len(nodes):
-        raise ValueError("the graph has a cycle")
-    return order
 
 
 def _batch_symbol(model):
@@ -170,9 +145,7 @@ def dedupe_prefix(model) -> dict:
     for name, n in cuts.items():  # the original writer's tensor is now the gathered one
         n.output[list(n.output).index(name)] = f"{PREFIX}/unused/{name}"
         new.append(helper.make_node("Gather", [rename[name], inverse], [name], axis=0, name=f"{PREFIX}/gather/{name}"))
-    nodes = _topological(list(graph.node) + new)
-    del graph.node[:]
-    graph.node.extend(nodes)
+    set_nodes(graph, topological(list(graph.node) + new))
     remove_dead(graph)
     drop_unused_initializers(graph)
     ops = Counter(n.op_type for n in prefix.values())

@@ -1,97 +1,27 @@
-"""Exact rewrites of the UNet graph for the ONNX Runtime CPU variant (int8-cpu).
+"""Exact rewrites of the UNet graph for ONNX Runtime's CPU provider (int8-cpu and the CPU twins).
 
 * :func:`split_geglu`: the feed-forward's GEGLU projection ``MatMul → Add(bias) → Split`` becomes
   two MatMuls (value half, gate half), so the [batch, tokens, 2·4·C] product is never written and
-  copied apart (the ``Split`` alone was ~0.55 s of a 9 s SD v1.5 int8-cpu step at batch 2), and the
-  value half can absorb the next layer's SmoothQuant factors (:mod:`prism_export.smoothing`).
+  copied apart, and the value half can absorb the next layer's SmoothQuant factors
+  (:mod:`prism_export.smoothing`).
 * :func:`fuse_gelu`: ``x · ½ · (1 + erf(x / √2))``, which the dynamo exporter writes as five
   elementwise nodes and ONNX Runtime's own GELU fusion does not match in that order, becomes one
   ``com.microsoft.Gelu`` (the same erf formula, one pass).
-
 * :func:`fuse_quantized_matmul_bias`: a quantized linear layer's ``DQ · DQ → MatMul → Add(bias)``
   becomes one ``com.microsoft.MatMulIntegerToFloat`` with the bias (ONNX Runtime's own fusion
   leaves the ``Add``, and the GEGLU gate's bias with it a ``BiasGelu`` in place of a ``Gelu``):
-  outputs bitwise equal; on an SD v1.5 int8-cpu step at batch 2 (ONNX Runtime profile) the bias
-  Adds 268 → 159 ms and BiasGelu 188 ms → Gelu 85 ms, ~3 % of the step (README).
+  outputs bitwise equal, one pass over the output less.
 
 The first runs before quantization, the others after it; ``com.microsoft`` operators exist in ONNX
-Runtime only, so none touches the graphs TensorRT builds from.
-
-* :func:`write_cpu_graph`: the CPU twin of an fp32 graph, ``onnx/<graph>.cpu.onnx``, written by the
-  export beside ``onnx/<graph>.onnx`` and reading the same weights file: attention fused into
-  ``MultiHeadAttention`` (:mod:`prism_export.cpu_attention`) and GELU into ``Gelu``. ONNX Runtime's
-  CPU provider runs it instead of the portable graph (``prism_rt.ort_backend``); CUDA and TensorRT
-  keep the portable one. The UNet's twin also computes its latent-only prefix once per distinct
-  latent (:mod:`prism_export.cpu_dedupe`: the unconditional and conditional halves of a guided step
-  share their latents). Measured on SD v1.5's fp32 UNet (1 thread, this repo's README): peak
-  memory 9.4 → 4.9 GB at batch 2 and 15.7 → 6.6 GB at batch 4, outputs equal to 1e-6.
+Runtime only, so none touches the graphs TensorRT builds from. :mod:`prism_export.cpu_graph` applies
+them, with the attention fusion and the latent-prefix deduplication, to a graph file. What each is
+worth: benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
-from collections import defaultdict
-from pathlib import Path
-
 import numpy as np
 
-MS_DOMAIN = "com.microsoft"
-
-
-def graph_maps(graph) -> tuple[dict, dict]:
-    """(tensor → producing node, tensor → consuming nodes) of an ONNX graph."""
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = defaultdict(list)
-    for n in graph.node:
-        for i in n.input:
-            consumers[i].append(n)
-    return producer, consumers
-
-
-def drop_unused_initializers(graph) -> None:
-    """Remove the initializers no node reads any more (constants of rewritten-away nodes)."""
-    used = {i for n in graph.node for i in n.input}
-    live = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(live)
-
-
-def remove_dead(graph) -> int:
-    """Remove nodes none of whose outputs is read (repeatedly); returns how many."""
-    removed = 0
-    while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
-        if not dead:
-            return removed
-        for n in dead:
-            graph.node.remove(n)
-        removed += len(dead)
-
-
-def rewrite_file(path: Path, rewrite, out: Path | None = None) -> int:
-    """Apply ``rewrite(model, base_dir)`` (returns a count) to the graph file ``path`` without loading
-    its weights; saved — in place, or to ``out`` in the same folder (it reads the same weights
-    file) — only if it changed something (the weights file is untouched)."""
-    import onnx
-
-    path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    count = rewrite(model, str(path.parent))
-    if count:
-        target = Path(out or path)
-        tmp = target.with_name(target.name + ".tmp")
-        onnx.save_model(model, str(tmp))
-        tmp.replace(target)
-    return count
-
-
-def _attr(node, name, default=None):
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
+from .onnx_graph import MS_DOMAIN, drop_unused_initializers, graph_maps, node_attr, remove_dead, set_nodes, use_ms_domain
 
 def split_geglu(model) -> int:
     """Rewrite every ``MatMul(x, W) → Add(·, b) → Split(axis=-1, 2 equal halves)`` with constant
@@ -116,7 +46,7 @@ def split_geglu(model) -> int:
             continue
         w, b = numpy_helper.to_array(inits[mm.input[1]]), numpy_helper.to_array(inits[bias_name])
         width = w.shape[-1]
-        if w.ndim != 2 or b.shape != (width,) or width % 2 or _attr(split, "axis", 0) not in (-1, 2):
+        if w.ndim != 2 or b.shape != (width,) or width % 2 or node_attr(split, "axis", 0) not in (-1, 2):
             continue  # [batch, tokens, 2·inner] split on its last axis
         sizes = numpy_helper.to_array(inits[split.input[1]]).tolist() if len(split.input) > 1 and split.input[1] in inits \
             else [width // 2] * 2
@@ -141,8 +71,7 @@ def split_geglu(model) -> int:
         for n in graph.node:
             if id(n) not in drop:
                 rewritten.extend(replace.get(id(n), [n]))
-        del graph.node[:]
-        graph.node.extend(rewritten)
+        set_nodes(graph, rewritten)
         graph.initializer.extend(new_inits)
         drop_unused_initializers(graph)
     return count
@@ -198,11 +127,9 @@ def fuse_gelu(model, base_dir: str | None = None) -> int:
         count += 1
     if count:
         rewritten = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
-        del graph.node[:]
-        graph.node.extend(rewritten)
+        set_nodes(graph, rewritten)
         drop_unused_initializers(graph)  # the constants √2, 1, ½ go with their nodes
-        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        use_ms_domain(model)
     return count
 
 
@@ -243,7 +170,7 @@ def fuse_quantized_matmul_bias(model) -> int:
                 or len(a_dq.input) < 3 or dims(a_dq.input[1]) != [] or dims(a_dq.input[2]) != []
                 or dims(w_scale) not in ([], [w_dims[1]])):
             continue
-        if dims(w_scale) == [w_dims[1]] and _attr(w_dq, "axis", 1) not in (1, -1):
+        if dims(w_scale) == [w_dims[1]] and node_attr(w_dq, "axis", 1) not in (1, -1):
             continue
         fused = helper.make_node("MatMulIntegerToFloat",
                                  [a_dq.input[0], w, a_dq.input[1], w_scale, a_dq.input[2],
@@ -255,52 +182,8 @@ def fuse_quantized_matmul_bias(model) -> int:
         count += 1
     if count:
         rewritten = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
-        del graph.node[:]
-        graph.node.extend(rewritten)
+        set_nodes(graph, rewritten)
         remove_dead(graph)  # the dequantized weights (and activations no other node reads)
         drop_unused_initializers(graph)
-        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        use_ms_domain(model)
     return count
-
-
-def fuse_for_cpu_file(path: Path, out: Path | None = None) -> dict:
-    """Attention (:func:`prism_export.cpu_attention.fuse_attention`) and GELU (:func:`fuse_gelu`)
-    fused in the graph file ``path``, then the UNet's latent-only prefix run once per distinct
-    latent (:func:`prism_export.cpu_dedupe.dedupe_prefix`), then — in a quantized graph — each
-    quantized linear layer's bias fused into its integer product (:func:`fuse_quantized_matmul_bias`),
-    in one load and save (:func:`rewrite_file`: in place, or to ``out``); returns how many of each
-    were fused, how many attention inputs / outputs need no relayout, and the deduplicated prefix
-    (``latent_prefix``)."""
-    from .cpu_attention import direct_io, fuse_attention
-    from .cpu_dedupe import dedupe_prefix
-
-    counts: dict = {}
-
-    def rewrite(model, base_dir):
-        counts.update(fused_attentions=fuse_attention(model), fused_gelu=fuse_gelu(model, base_dir))
-        counts["attention_direct_io"] = direct_io(model)
-        counts["latent_prefix"] = dedupe_prefix(model)
-        counts["fused_matmul_bias"] = fuse_quantized_matmul_bias(model)  # after: the prefix's own stay row-wise
-        return (counts["fused_attentions"] + counts["fused_gelu"] + counts["latent_prefix"]["nodes"]
-                + counts["fused_matmul_bias"])
-
-    rewrite_file(path, rewrite, out)
-    return counts
-
-
-def write_cpu_graph(path: Path, staging: bool = False) -> dict | None:
-    """Write the CPU twin of the graph file ``path`` beside it, ``<graph>.cpu.onnx`` (see the module
-    docstring): the same graph with its attention products fused into ``MultiHeadAttention`` and
-    its GELUs into ``Gelu``, its weights still read from ``path``'s data file (only the small
-    reshape constants the fusion adds are stored in the graph). Returns where it went and what was
-    fused, or None (and no file) when the graph has nothing to fuse. ``staging``: written as
-    ``<graph>.cpu.onnx.next`` (``path``), to be moved to ``final`` once checked."""
-    path = Path(path)
-    final = path.with_name(path.name.removesuffix(".onnx") + ".cpu.onnx")
-    out = final.with_name(final.name + ".next") if staging else final
-    counts = fuse_for_cpu_file(path, out)
-    if not (counts["fused_attentions"] or counts["fused_gelu"] or counts["latent_prefix"]["nodes"]):
-        return None  # rewrite_file saved nothing
-    return {"path": out, "final": final, **counts, "ops": [f"{MS_DOMAIN}.MultiHeadAttention", f"{MS_DOMAIN}.Gelu"]
-            + (["Unique"] if counts["latent_prefix"]["nodes"] else [])}

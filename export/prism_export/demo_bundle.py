@@ -12,9 +12,11 @@ import shutil
 from pathlib import Path
 
 from prism_rt.config import COMPOSITE_THRESHOLDS
+from prism_rt.precision import Precision
 
 from .onnx_export import ExportError, export_engine
-from .variants import CALIBRATION_SEED0, VariantSettings
+from .calibration import CALIBRATION_SEED0
+from .variant_config import VariantSettings
 
 DEMO_IMAGES = 3
 
@@ -79,7 +81,7 @@ def bundle_demo(model: Path, out: Path, precisions=("int8-cpu",), calibration_co
         settings = VariantSettings(calibration_images=calibration, calibration_count=calibration_count,
                                    calibration_steps=calibration_steps, calibration_samples=64)
         view = _compact_tokenizer_view(model, staging.parent / f".{out.name}.model-{os.getpid()}")
-        export_engine(view, staging, progress=progress, precisions=tuple(p for p in precisions if p != "fp32"),
+        export_engine(view, staging, progress=progress, precisions=tuple(p for p in map(Precision.parse, precisions) if not p.is_reference),
                       variant_settings=settings)
         shutil.copy2(classifier, staging / "classifier.onnx")
         seeds = _demo_seeds(DEMO_IMAGES)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from prism_rt import __version__ as PRISM_RT_VERSION
 from prism_rt.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
+from prism_rt.precision import Precision
 
 from .specs import GraphSpec, ModelDims, UNetSpec
 
-PRECISION = "fp32"
+PRECISION = Precision.FP32.value  # what the export writes; variants are derived from it
 UNET_FIXED_SPATIAL = ("the UNet's spatial dims are fixed at the model's latent size: the graph bakes in which "
                       "self-attention layers are controlled (self_max_queries) and which layers feed the blend maps, "
                       "both decided by layer resolution")

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from prism_rt.precision import CHOICES, Precision
+
 
 def add_export_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a checkpoint to an ONNX engine folder (graphs, tokenizer, manifest)")
@@ -25,14 +27,12 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _precisions(text: str) -> tuple[str, ...]:
-    from prism_rt.manifest import PRECISIONS
-
+def _precisions(text: str) -> tuple[Precision, ...]:
     values = tuple(v.strip() for v in text.split(",") if v.strip())
-    bad = [v for v in values if v not in PRECISIONS]
+    bad = [v for v in values if v not in CHOICES]
     if bad or not values:
-        raise argparse.ArgumentTypeError(f"precisions are a comma-separated subset of {','.join(PRECISIONS)}; got {text!r}")
-    return values
+        raise argparse.ArgumentTypeError(f"precisions are a comma-separated subset of {','.join(CHOICES)}; got {text!r}")
+    return tuple(Precision(v) for v in values)
 
 
 def _graphs(text: str) -> tuple[str, ...]:
@@ -40,7 +40,7 @@ def _graphs(text: str) -> tuple[str, ...]:
 
 
 def add_variant_options(p: argparse.ArgumentParser, default_precision: str = "fp32") -> None:
-    from .variants import FP16_GRAPHS_DEFAULT, VariantSettings
+    from .variant_config import FP16_GRAPHS_DEFAULT, VariantSettings
 
     d = VariantSettings()
     p.add_argument("--precision", type=_precisions, default=_precisions(default_precision),
@@ -80,7 +80,7 @@ def _alpha(text: str) -> float | None:
 
 
 def variant_settings(args):
-    from .variants import VariantSettings
+    from .variant_config import VariantSettings
 
     return VariantSettings(fp16_graphs=tuple(args.fp16_graphs), calibration_images=args.calibration_images,
                            calibration_count=args.calibration_count, calibration_steps=args.calibration_steps,
@@ -131,7 +131,7 @@ def run_variants(args) -> int:
 
 
 def run_export(args) -> int:
-    variants = [p for p in args.precision if p != "fp32"]
+    variants = [p for p in args.precision if not p.is_reference]
     message = _needs("torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime",
                      *(("skimage",) if variants else ()))
     if message:

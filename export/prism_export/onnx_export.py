@@ -33,7 +33,8 @@ import numpy as np
 from prism_rt.backend import GRAPHS
 from prism_rt.errors import PrismError
 
-from .cpu_rewrites import write_cpu_graph
+from .cpu_graph import write_cpu_graph
+from .onnx_graph import one_data_file
 from .specs import GraphSpec, ModelDims, UNetSpec, graph_specs
 
 OPSET = 18
@@ -101,7 +102,7 @@ def export_engine(model, out, *, unet_weights=None, config=None, allow_pickle: b
             if cpu and parity["cpu_graph"]["max_rel"] > parity_tolerance:
                 raise ExportError(f"the CPU twin of the {name} graph (onnx/{cpu['path'].name}) differs from torch by "
                                   f"{parity['cpu_graph']['max_rel']:.2e} (relative), more than the tolerance "
-                                  f"{parity_tolerance:g}: a fusion in prism_export.cpu_rewrites is wrong for this model")
+                                  f"{parity_tolerance:g}: a fusion in prism_export.cpu_graph is wrong for this model")
         copy_tokenizer(components.tokenizer_dir, staging / "tokenizer")
         manifest = build_manifest(staging, components, graphs["unet"], dims, specs, records, opset)
         write_manifest(staging, manifest)
@@ -142,7 +143,7 @@ def export_graph(module, spec: GraphSpec, path: Path, opset: int = OPSET) -> Non
         registry_log.setLevel(level)
     onnx_program.save(str(path), external_data=True)
     _name_dims(path, spec)
-    _one_data_file(path)
+    one_data_file(path)
 
 
 def _name_dims(path: Path, spec: GraphSpec) -> None:
@@ -196,26 +197,6 @@ def _name_dims(path: Path, spec: GraphSpec) -> None:
             else:
                 dim.dim_value = expected
     onnx.save_model(model, str(path))
-
-
-def _one_data_file(path: Path) -> None:
-    """Make every external tensor live in ``<graph>.onnx.data`` (and that file exist)."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
-    data_name = path.name + ".data"
-    model = onnx.load(str(path), load_external_data=False)
-    locations = set()
-    for tensor in model.graph.initializer:
-        if uses_external_data(tensor):
-            locations |= {e.value for e in tensor.external_data if e.key == "location"}
-    if locations == {data_name}:
-        return
-    model = onnx.load(str(path), load_external_data=True)
-    for stale in locations:
-        (path.parent / stale).unlink(missing_ok=True)
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=0 if not locations else 1024)
 
 
 def _relative_error(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:

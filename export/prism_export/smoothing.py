@@ -20,9 +20,7 @@ convolution's ``Mul`` into the neighbouring QuantizeLinear / DequantizeLinear as
 (axis 1, NCHW) scale, so the rescaling costs no extra pass over those activations; only the MatMul
 inputs nothing linear produces (attention outputs, the text embeddings) keep a ``Mul``.
 
-Measured on the trained phantom UNet (rms noise error, 48 calls held apart from the 64 calibration
-calls / 96 calls of 4 other held-out patients): 2.18 / 2.59 % without, 1.54 / 1.98 % with α = 0.7
-(README, "Measured")."""
+What the rescaling is worth on the trained phantom UNet: benchmarks/RESULTS.md."""
 from __future__ import annotations
 
 import os
@@ -32,7 +30,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .cpu_rewrites import drop_unused_initializers, graph_maps
+from .cpu_attention import fuse_attention
+from .onnx_graph import drop_unused_initializers, graph_maps, set_nodes
 
 SMOOTH_SUFFIX = "/prism_smooth"
 EQUALIZE_SUFFIX = "/prism_equalize"
@@ -91,13 +90,10 @@ def run_beside(src: Path, model, names: Sequence[str], feeds: Sequence[dict], ta
     refuses external data outside the model's folder, links included) and removed afterwards.
 
     ``model``'s attention is fused first (:func:`prism_export.cpu_attention.fuse_attention`, exact;
-    products whose tensors are asked for stay as they are): at SD v1.5 size and batch 4 the
-    unfused 64×64 attention's probability matrices took the run from 7.6 to 11.1 GB peak RSS and
-    from 22 to 48 s."""
+    products whose tensors are asked for stay as they are): at SD v1.5 size the unfused 64×64
+    attention's probability matrices would add gigabytes to the run and double its time."""
     import onnx
     import onnxruntime as ort
-
-    from .cpu_attention import fuse_attention
 
     fuse_attention(model)
     path = src.with_name(f".{src.stem}.{tag}-{os.getpid()}.onnx")
@@ -240,8 +236,7 @@ def rescale_model(model, stats_src: Path, feeds: Sequence[dict], nodes: Sequence
     rewritten = []
     for n in graph.node:
         rewritten.extend(before.get(n.name, []) + [n] + after.get(n.name, []))
-    del graph.node[:]
-    graph.node.extend(rewritten)
+    set_nodes(graph, rewritten)
     graph.initializer.extend(new_inits)
     return {"alpha": alpha, "equalization_cap": cap, **summary}
 
@@ -301,8 +296,7 @@ def fold_rescaling(path: Path) -> dict:
                 dropped.add(m.name)
                 folded["equalization_into_dequantize"] += 1
     kept = [n for n in graph.node if n.name not in dropped]
-    del graph.node[:]
-    graph.node.extend(kept)
+    set_nodes(graph, kept)
     drop_unused_initializers(graph)  # the folded Muls' factors go with them
     folded["muls_left"] = sum(1 for n in kept if n.name.endswith((SMOOTH_SUFFIX, EQUALIZE_SUFFIX)))
     onnx.save_model(model, str(path))  # external data untouched: the tensors still point at path's .data
