@@ -9,12 +9,15 @@ import platform
 import shutil
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .engine import EditResult
-from .inversion import Inversion
 from .publish import LOCK_WAIT_S, staged_dir
+
+if TYPE_CHECKING:  # the engine (and its backends) is not needed to write files
+    from .engine import EditResult
+    from .inversion import Inversion
 
 
 def library_versions() -> dict:

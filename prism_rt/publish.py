@@ -240,7 +240,7 @@ def sweep_stale(parent, *, stale_after_s: float = STALE_AFTER_S) -> list[Path]:
                     lock.__exit__()
                 continue
             young = now - entry.stat(follow_symlinks=False).st_mtime < stale_after_s
-            if young and _pid_alive(int(match["pid"])) and int(match["pid"]) != os.getpid():
+            if young and _pid_alive(int(match["pid"])):  # (our own pid too: a sibling thread's stage)
                 continue
             fd = _try_flock(path)
             if fd is None:
