@@ -16,181 +16,20 @@ Everything is trained here, on a CPU, seeded and reproducible (for a given threa
    plus ``classifier.onnx``, ``training.json`` and a few held-out ``examples/``.
 
 The models are built by :func:`prism_export.tiny.build_tiny_components`, so they have exactly the
-layout the rest of prism_rt loads and exports.
+layout the rest of prism_rt loads and exports. The settings, schedule and training-set rendering are
+in :mod:`prism_export.phantom_training`, the classifier in :mod:`prism_export.phantom_classifier`.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-LABEL_NAMES: tuple[str, ...] = ("Support Devices", "Pleural Effusion", "Cardiomegaly")
-"""Classifier outputs, in order."""
-
-
-@dataclass
-class TrainConfig:
-    out: Path
-    seed: int = 0
-    threads: int = 1
-    size: int = 128
-    n_train: int = 5000
-    n_heldout: int = 256
-    prevalence: float = 0.45
-    # VAE
-    vae_channels: tuple[int, ...] = (16, 32, 64, 64)
-    vae_steps: int = 6000
-    vae_batch: int = 4  # small batches, many steps: converges faster per CPU second
-    vae_crop: int = 64
-    vae_full_fraction: float = 0.25  # last part of the VAE steps on full images (batch / 4)
-    vae_lr: float = 2e-3
-    vae_kl: float = 1e-6
-    vae_edge: float = 0.5
-    vae_detail: float = 8.0
-    # text encoder + UNet
-    unet_channels: tuple[int, ...] = (32, 64, 64, 64)
-    unet_heads: int = 4
-    text_width: int = 64
-    text_layers: int = 2
-    text_heads: int = 2
-    unet_steps: int = 1600
-    unet_batch: int = 32
-    unet_lr: float = 6e-4
-    caption_dropout: float = 0.1
-    ema: float = 0.995
-    # classifier
-    cls_steps: int = 400
-    cls_batch: int = 32
-    cls_lr: float = 2e-3
-    n_examples: int = 4
-    log_every: int = 50
-
-
-# --------------------------------------------------------------------------------------------
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _lr(step: int, total: int, base: float, warmup: int = 50, floor: float = 0.1) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(total - warmup, 1)
-    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
-
-def render_set(seeds, size: int, prevalence: float, with_masks: bool = False):
-    """(images float32 N×size×size in [0,1], label matrix N×3 in :data:`LABEL_NAMES` order,
-    captions, optional device masks)."""
-    import numpy as np
-
-    from .phantom import render, render_image, sample_attributes, sample_patient
-
-    images, labels, captions, masks = [], [], [], []
-    for s in seeds:
-        p = sample_patient(int(s))
-        at = sample_attributes(int(s), prevalence)
-        if with_masks:
-            ph = render(p, at, size)
-            img, lab, cap = ph.image, ph.labels, ph.caption
-            masks.append(ph.masks["devices"] if at.devices else np.zeros_like(ph.masks["devices"]))
-        else:
-            img = render_image(p, at, size)
-            lab = at.labels()
-            cap = at.caption()
-        images.append(img)
-        labels.append([lab[n] for n in LABEL_NAMES])
-        captions.append(cap)
-    return (np.stack(images), np.asarray(labels, dtype=np.float32), captions,
-            np.stack(masks) if with_masks else None)
-
-
-# --------------------------------------------------------------------------------------------
-def _classifier():
-    import torch
-    from torch import nn
-
-    def block(cin, cout):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                             nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-    class AttributeClassifier(nn.Module):
-        """gray [0,1] 128 → logits of (Support Devices, Pleural Effusion, Cardiomegaly)."""
-
-        def __init__(self):
-            super().__init__()
-            self.features = nn.Sequential(block(1, 16), block(16, 32), block(32, 48), block(48, 64))
-            self.head = nn.Linear(128, len(LABEL_NAMES))
-
-        def forward(self, image):
-            f = self.features(image * 2.0 - 1.0)
-            pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
-            return self.head(pooled)
-
-    return AttributeClassifier()
-
-
-def train_classifier(cfg: TrainConfig, images, labels, held_images, held_labels, log=_log):
-    import numpy as np
-    import torch
-
-    torch.manual_seed(cfg.seed + 3)
-    model = _classifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.cls_lr, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(cfg.seed + 3)
-    x_all = torch.from_numpy(images)[:, None]
-    y_all = torch.from_numpy(labels)
-    losses, t0 = [], time.perf_counter()
-    model.train()
-    for step in range(cfg.cls_steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg.cls_steps, cfg.cls_lr, warmup=20)
-        idx = torch.randint(0, len(x_all), (cfg.cls_batch,), generator=g)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x_all[idx].float()), y_all[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.cls_steps:
-            dt = (time.perf_counter() - t0) / (step + 1)
-            log(f"classifier step {step + 1}/{cfg.cls_steps} loss {np.mean(losses[-cfg.log_every:]):.4f} {dt:.3f} s/step")
-    model.eval()
-    with torch.no_grad():
-        logits = torch.cat([model(torch.from_numpy(held_images[i:i + 64])[:, None]) for i in range(0, len(held_images), 64)])
-    pred = (logits > 0).numpy().astype(np.float32)
-    acc = {name: float((pred[:, k] == held_labels[:, k]).mean()) for k, name in enumerate(LABEL_NAMES)}
-    return model, acc, losses
-
-
-def export_classifier(model, path: Path, size: int = 128) -> None:
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-    import torch
-
-    model.eval()
-    example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
-    batch = torch.export.Dim("batch", min=1, max=63)
-    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=18, input_names=["image"],
-                                output_names=["logits"], dynamic_shapes={"image": {0: batch}}, verbose=False)
-    program.save(str(path))
-    proto = onnx.load(str(path))
-    for key, value in (("prism.labels", json.dumps(list(LABEL_NAMES))), ("prism.input", f"gray [0,1] {size}")):
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
-    # parity check at two batch sizes
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for b in (1, 5):
-        x = torch.rand(b, 1, size, size, generator=torch.Generator().manual_seed(b))
-        with torch.no_grad():
-            ref = model(x).numpy()
-        got = sess.run(["logits"], {"image": x.numpy()})[0]
-        if got.shape != (b, len(LABEL_NAMES)) or not np.allclose(got, ref, atol=1e-4, rtol=1e-4):
-            raise RuntimeError(f"classifier.onnx differs from torch at batch {b}: max err {np.abs(got - ref).max()}")
+from .phantom_classifier import export_classifier, train_classifier
+from .phantom_training import LABEL_NAMES, TrainConfig, log_line, lr_at, render_set
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,7 +64,7 @@ def _psnr(vae, images, masks=None, batch: int = 16):
     return float(np.mean(psnrs)), (dev_err / dev_n if dev_n else None)
 
 
-def train_vae(cfg: TrainConfig, vae, images, held_images, held_masks, log=_log):
+def train_vae(cfg: TrainConfig, vae, images, held_images, held_masks, log=log_line):
     import numpy as np
     import torch
 
@@ -239,7 +78,7 @@ def train_vae(cfg: TrainConfig, vae, images, held_images, held_masks, log=_log):
     size = images.shape[-1]
     for step in range(cfg.vae_steps):
         for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr)
+            group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr)
         full = step >= cfg.vae_steps - n_full or cfg.vae_crop >= size
         b = max(cfg.vae_batch // 4, 1) if full else cfg.vae_batch
         idx = torch.randint(0, len(images), (b,), generator=g).numpy()
@@ -286,7 +125,7 @@ def encode_latents(vae, images, batch: int = 32):
     return torch.cat(out)
 
 
-def train_unet(cfg: TrainConfig, unet, text_encoder, tokenizer, latents, captions, held_latents, held_captions, log=_log):
+def train_unet(cfg: TrainConfig, unet, text_encoder, tokenizer, latents, captions, held_latents, held_captions, log=log_line):
     import copy
 
     import numpy as np
@@ -321,7 +160,7 @@ def train_unet(cfg: TrainConfig, unet, text_encoder, tokenizer, latents, caption
 
     losses, t0 = [], time.perf_counter()
     for step in range(cfg.unet_steps):
-        lr = _lr(step, cfg.unet_steps, cfg.unet_lr, warmup=100)
+        lr = lr_at(step, cfg.unet_steps, cfg.unet_lr, warmup=100)
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(0, len(latents), (cfg.unet_batch,), generator=g)
@@ -378,7 +217,7 @@ def _mb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2 ** 20, 2)
 
 
-def run(cfg: TrainConfig, log=_log) -> Path:
+def run(cfg: TrainConfig, log=log_line) -> Path:
     import tempfile
     import numpy as np
     import torch
@@ -386,7 +225,8 @@ def run(cfg: TrainConfig, log=_log) -> Path:
     from transformers import CLIPTokenizer
 
     from .clip_vocab import write_clip_tokenizer_files
-    from .phantom import HELDOUT_SEED0, write_phantom_set
+    from .phantom import write_phantom_set
+    from .phantom_patient import HELDOUT_SEED0
     from .tiny import TinySpec, build_tiny_components
 
     torch.set_num_threads(cfg.threads)
