@@ -374,3 +374,111 @@ def test_heatmap_limit_explicit_and_default_percentile():
 def test_heatmap_shape_mismatch_rejected():
     with pytest.raises(ValueError, match="one shape"):
         diff_heatmap(np.zeros((4, 4)), np.zeros((4, 5)))
+
+
+# ---------------------------------------------------------------- hostile input (issue 29)
+
+
+def test_a_huge_png_is_refused_from_its_header_fast(tmp_path):
+    import time
+
+    from prism_rt.imageio import probe_image
+
+    path = tmp_path / "huge.png"
+    Image.new("L", (12000, 12000)).save(path)  # ~140 KB on disk, 144 M pixels
+    start = time.perf_counter()
+    for check in (load_image, probe_image):
+        with pytest.raises(InputImageError, match=r"12000×12000 pixels = 144,000,000 exceeds the limit of "
+                                                  r"50,000,000 pixels.*--max-pixels") as err:
+            check(path)
+        assert str(path) in str(err.value)
+    assert time.perf_counter() - start < 2.0
+    with pytest.raises(InputImageError, match="limit of 1,000"):
+        load_image(_write_small_png(tmp_path), max_pixels=1000)
+    assert load_image(_write_small_png(tmp_path), max_pixels=W * H).pixels.shape == (H, W)
+
+
+def _write_small_png(tmp_path):
+    path = tmp_path / "small.png"
+    Image.fromarray((smooth_image() * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_probe_image_reads_the_header_only(tmp_path, dicom_path):
+    from prism_rt.imageio import probe_image
+
+    header = probe_image(_write_small_png(tmp_path))
+    assert (header.kind, header.height, header.width, header.frames) == ("png", H, W, 1)
+    header = probe_image(dicom_path)
+    assert (header.kind, header.height, header.width) == ("dicom", 1955, 1841)
+    with pytest.raises(InputImageError, match="exceeds the limit"):
+        probe_image(dicom_path, max_pixels=1_000_000)
+
+
+def _patch_syntax(path, uid: str):
+    """Rewrite the transfer syntax UID in the file's bytes (pydicom will not write a bogus one)."""
+    import struct
+
+    data = path.read_bytes()
+    at = data.find(b"\x02\x00\x10\x00UI", 132)
+    old = struct.unpack("<H", data[at + 6:at + 8])[0]
+    value = uid.encode() + b"\0" * (len(uid) % 2)
+    data = data[:at + 6] + struct.pack("<H", len(value)) + value + data[at + 8 + old:]
+    group = data.find(b"\x02\x00\x00\x00UL", 132)
+    length = struct.unpack("<I", data[group + 8:group + 12])[0] + len(value) - old
+    path.write_bytes(data[:group + 8] + struct.pack("<I", length) + data[group + 12:])
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not-a-syntax", r"transfer syntax UID '1\.2\.840\.10008\.5\.1\.4\.1\.1\.1' is not a DICOM transfer syntax"),
+    ("unknown-vr", r"Unknown Value Representation 'QQ'"),
+    ("8-bit-header", r"pixel data holds 2,400 bytes but the header \(40×30, BitsAllocated 8\) needs 1,200"),
+    ("too-large", r"30×40 pixels = 1,200 exceeds the limit of 1,000 pixels"),
+    ("bits-stored", r"BitsStored 17 does not fit BitsAllocated 16"),
+])
+def test_hostile_dicom_headers_are_one_typed_line(tmp_path, case, message):
+    stored = np.arange(1200, dtype=np.uint16).reshape(40, 30)
+    path = tmp_path / f"{case}.dcm"
+    if case == "8-bit-header":  # 16-bit pixels under an 8-bit header
+        _write_dicom(path, stored, BitsAllocated=8, BitsStored=8, HighBit=7)
+    elif case == "bits-stored":
+        _write_dicom(path, stored, BitsStored=17, HighBit=16)
+    else:
+        _write_dicom(path, stored)
+    if case == "not-a-syntax":
+        _patch_syntax(path, "1.2.840.10008.5.1.4.1.1.1")  # a SOP class UID, not a transfer syntax
+    elif case == "unknown-vr":
+        data = path.read_bytes()
+        at = data.find(b"\x28\x00\x02\x00US")  # SamplesPerPixel
+        path.write_bytes(data[:at + 4] + b"QQ" + data[at + 6:])
+    with pytest.raises(InputImageError, match=message) as err:
+        load_image(path, max_pixels=1000 if case == "too-large" else 50_000_000)
+    text = str(err.value)
+    assert text.startswith(f"{path}: ") and "\n" not in text
+
+
+def test_no_warning_or_stray_output_escapes_a_bad_dicom(tmp_path, capfd):
+    import warnings
+
+    path = _patch_syntax(_write_dicom(tmp_path / "j.dcm", np.zeros((4, 4), np.uint16)), "1.2.840.10008.1.2.4.50")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InputImageError, match=r"j\.dcm: .*(decode|pixel data)"):
+            load_image(path)
+    out, err = capfd.readouterr()
+    assert out == err == ""
+
+
+def test_large_image_is_converted_without_float64_copies(tmp_path):
+    """16-bit pixels go straight to float32: no full-size 8-byte copy (the old path held two)."""
+    import tracemalloc
+
+    path = tmp_path / "big16.png"
+    Image.fromarray(np.full((2000, 2500), 1234, np.uint16)).save(path)
+    tracemalloc.start()
+    src = load_image(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert src.pixels.dtype == np.float32 and src.pixels[0, 0] == np.float32(1234 / 65535)
+    assert peak < 2000 * 2500 * 9, f"peak {peak / 1e6:.0f} MB"  # uint16 + float32 + slack, no 8-byte copy
