@@ -311,3 +311,40 @@ def test_inversion_load_refuses_implausible_files(tmp_path, case, message):
     with pytest.raises(InversionFileError, match=message) as err:
         Inversion.load(path)
     assert str(path) in str(err.value)
+
+
+# ---------------------------------------------------------------- write_edit_outputs
+
+
+def _edit_result(n: int = 2):
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    items = [SimpleNamespace(name=f"edit-1-s0.{k}0") for k in range(n)]
+    edits = [rng.uniform(-1, 1, (3, 16, 16)).astype(np.float32) for _ in items]
+    return SimpleNamespace(items=items, edits=edits, reconstruction=np.zeros((3, 16, 16), np.float32),
+                           reconstruction_error=0.0, plan_words=[["a"]], timings={}, counts={}, settings={},
+                           item_stats=lambda: [{"name": i.name} for i in items])
+
+
+@pytest.mark.parametrize("extras", [False, True])
+def test_outputs_are_lean_by_default_and_list_exactly_what_was_written(tmp_path, extras):
+    from prism_rt.outputs import write_edit_outputs
+
+    out, result = tmp_path / "out", _edit_result()
+    inversion = _inversion()
+    inversion.meta["source_image"] = {"bit_depth": 16}
+    selection = [{"selected_item": "edit-1-s0.10"}]
+    write_edit_outputs(tmp_path / "out", _edit_result(3), inversion, {}, extras=True)  # an earlier, larger run
+    write_edit_outputs(out, result, inversion, {"run": 2}, selection=selection, figure=True, extras=extras)
+    record = json.loads((out / "result.json").read_text())
+    expected = {"edit-1-s0.00.png", "edit-1-s0.10.png", "selected-0.png", "figure.png", "result.json"}
+    if extras:
+        expected |= {"reconstruction.png", "diff-1-s0.00.png", "diff-1-s0.10.png"}
+    assert {p.name for p in out.iterdir()} == set(record["files"]) == expected
+    assert record["parameters"] == {"run": 2} and leftovers(tmp_path) == []
+    assert ("diff" in record["items"][0]["files"]) == extras
+    from PIL import Image
+
+    with Image.open(out / "edit-1-s0.00.png") as im:
+        assert (im.size, im.mode) == ((200, 300), "I;16")
