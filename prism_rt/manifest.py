@@ -273,3 +273,27 @@ def _runtime_version() -> str:
     from . import __version__
 
     return __version__
+
+
+def summary_text(summary: dict) -> str:
+    """``prism-rt info ENGINE``: what a user picks an engine and a precision by, in a few lines."""
+    model, control = summary.get("model", {}), summary.get("control", {})
+    lines = [f"engine     {summary['engine']} (format {summary['format_version']}, made {summary.get('created_utc')} "
+             f"by prism-rt {summary.get('prism_rt_version')}, opset {summary.get('opset')})",
+             f"model      {model.get('image_size')} px images, {model.get('latent_size')}² latents, text width "
+             f"{model.get('text_width')}; self-attention controlled up to {control.get('self_max_queries')} queries",
+             "precisions (quality against fp32 on the export's images):"]
+    for name in summary.get("precisions", []):
+        variant = summary.get("variants", {}).get(name, {})
+        quality = ((variant.get("quality") or {}).get("images") or {}).get("counterfactuals")
+        graphs = ", ".join(f"{g} {p}" for g, p in (variant.get("graphs") or {}).items())
+        figure = (f"PSNR ≥ {quality['psnr_db_min']:.1f} dB (mean {quality['psnr_db_mean']:.1f}), SSIM ≥ "
+                  f"{quality['ssim_min']:.4f}" if quality else "the reference")
+        lines.append(f"  {name:<9} {figure}" + (f"  [{graphs}]" if graphs else ""))
+    lines.append("graphs:")
+    for name, g in summary.get("graphs", {}).items():
+        parity = g.get("parity_max_abs")
+        lines.append(f"  {name:<13} {g['file']:<28} {g['precision']:<8}" +
+                     (f" parity {parity:.1e} vs torch" if isinstance(parity, (int, float)) else ""))
+    lines.append("(--json for the whole manifest summary)")
+    return "\n".join(lines)

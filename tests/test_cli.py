@@ -117,7 +117,8 @@ def images(tmp_path_factory) -> dict:
 
 # -- the one-shot edit runs ------------------------------------------------------------------------
 
-# name: (image, inversion, targets, blend words)
+# name: (image, inversion, targets, blend words); every run but the first asks for --extras
+LEAN_RUN = "png8-direct"
 RUNS = {
     "png8-direct": ("png8", "direct", (TARGET,), None),
     "png8-ddim-blend": ("png8", "ddim", (TARGET,), "Devices,Effusion"),
@@ -129,6 +130,8 @@ RUNS = {
 def _edit_args(model, image, inversion, targets, blend, out) -> list:
     args = ["edit", "--model", model, "--image", image, "--prompt", SOURCE, "--inversion", inversion,
             "--steps", STEPS, "--self-replace", SELF, "--no-progress", "--out", out]
+    if Path(out).name != LEAN_RUN:
+        args.append("--extras")
     for target in targets:
         args += ["--target", target]
     if blend:
@@ -159,11 +162,13 @@ def _finished(run: dict) -> dict:
     return dict(run, result=json.loads((run["out"] / "result.json").read_text()))
 
 
-def _expected_names(n_targets: int) -> set[str]:
-    names = {"reconstruction.png", "result.json"}
+def _expected_names(n_targets: int, extras: bool = True) -> set[str]:
+    """By default what a user looks at (counterfactuals, result.json, figure.png); --extras adds
+    the reconstruction and one difference map per counterfactual."""
+    names = {"result.json", "figure.png"} | ({"reconstruction.png"} if extras else set())
     for k in range(1, n_targets + 1):
         for s in SELF_VALUES:
-            names |= {f"edit-{k}-s{s:.2f}.png", f"diff-{k}-s{s:.2f}.png"}
+            names |= {f"edit-{k}-s{s:.2f}.png"} | ({f"diff-{k}-s{s:.2f}.png"} if extras else set())
     return names
 
 
@@ -188,18 +193,20 @@ def test_edit_writes_the_promised_outputs(edit_runs, name):
     out, result, targets = run["out"], run["result"], run["targets"]
     n_items = len(targets) * len(SELF_VALUES)
 
-    # files: a reconstruction, one edit and one diff per target × self value, result.json
-    assert {p.name for p in out.iterdir()} == _expected_names(len(targets))
+    # files: one edit per target × self value, result.json, figure.png (+ reconstruction and diffs)
+    extras = name != LEAN_RUN
+    assert {p.name for p in out.iterdir()} == _expected_names(len(targets), extras)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "staging folder left behind"
     assert f"wrote {n_items} counterfactual(s) to {out}" in run["proc"].stdout
 
     # the outputs are mapped back to the input's geometry, at the input's bit depth
     width, height = _input_size(run["image"], run["kind"])
     mode = "L" if run["kind"] == "png8" else "I;16"
-    for png in ["reconstruction.png", *(f"edit-{k}-s{s:.2f}.png" for k in range(1, len(targets) + 1) for s in SELF_VALUES)]:
+    pngs = [f"edit-{k}-s{s:.2f}.png" for k in range(1, len(targets) + 1) for s in SELF_VALUES]
+    for png in (["reconstruction.png"] if extras else []) + pngs:
         with Image.open(out / png) as im:
             assert (im.size, im.mode) == ((width, height), mode), png
-    for k in range(1, len(targets) + 1):
+    for k in range(1, len(targets) + 1 if extras else 1):
         for s in SELF_VALUES:
             with Image.open(out / f"diff-{k}-s{s:.2f}.png") as im:
                 assert im.mode == "RGB"
@@ -218,7 +225,7 @@ def test_edit_writes_the_promised_outputs(edit_runs, name):
     assert [i["self_replace"] for i in items] == [s for _ in targets for s in SELF_VALUES]
     for item in items:
         assert item["files"] == {"name": item["name"], "edit": f"{item['name']}.png",
-                                 "diff": "diff-" + item["name"].removeprefix("edit-") + ".png"}
+                                 **({"diff": "diff-" + item["name"].removeprefix("edit-") + ".png"} if extras else {})}
         assert 0 < item["mean_abs_diff"] <= 1  # a different caption changes the image
         blend_keys = {"mask_fraction", "mean_abs_diff_inside_mask", "mean_abs_diff_outside_mask"}
         if run["blend"]:
