@@ -15,13 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from prism_rt.errors import InputImageError, MissingExtraError
+from prism_rt.errors import MissingExtraError
+from prism_rt.image_limits import check_size, fail as _fail, one_line
 
 _CONVERT = "convert it to an uncompressed single-frame grayscale DICOM (explicit VR little endian)"
-
-
-def _fail(path: str, what: str, todo: str) -> InputImageError:
-    return InputImageError(f"{path}: {what}; {todo}")
 
 
 def _pydicom():
@@ -55,8 +52,6 @@ def _syntax(name: str, ds):
 
 
 def _check_image(name: str, ds, max_pixels: int) -> tuple[int, int, int]:
-    from .imageio import check_size
-
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     rows, columns, frames = _geometry(name, ds)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -128,11 +123,9 @@ def read_dicom(name: str, data: bytes, max_pixels: int) -> tuple[np.ndarray, int
     try:
         stored = ds.pixel_array
     except Exception as e:  # noqa: BLE001 - missing codec, bad length, ...
-        from .imageio import _one_line
-
         todo = ("install a decoder (pip install pylibjpeg pylibjpeg-libjpeg) or convert the file"
                 if encapsulated else "the file may be truncated or corrupt")
-        raise _fail(name, f"cannot decode the DICOM pixel data (transfer syntax {syntax}): {_one_line(e)}",
+        raise _fail(name, f"cannot decode the DICOM pixel data (transfer syntax {syntax}): {one_line(e)}",
                     todo) from e
     values = apply_modality_lut(stored, ds)
     values = values.astype(np.float32 if values.dtype.itemsize <= 2 else np.float64, copy=False)

@@ -23,16 +23,12 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from prism_rt.config import Fit
 from prism_rt.errors import InputImageError, PrismError
+from prism_rt.image_limits import DEFAULT_MAX_PIXELS, check_size, fail as _fail, one_line as _one_line
 
 __all__ = ["SourceImage", "ImageHeader", "DEFAULT_MAX_PIXELS", "probe_image", "load_image", "FitInfo",
            "fit_to_model", "unfit", "to_uint", "save_png", "diff_heatmap"]
 
 _EXPECTED = "PNG, JPEG or DICOM expected"
-
-DEFAULT_MAX_PIXELS = 50_000_000
-"""The largest image read by default: above the largest CR/DR chest detectors (43×43 cm at
-100 µm ≈ 18.5 M pixels; 4300×4300 at 0.1 mm pitch), far below what a forged header can declare."""
-
 
 @dataclass(frozen=True)
 class SourceImage:
@@ -59,26 +55,6 @@ class ImageHeader:
     height: int
     width: int
     frames: int
-
-
-def _fail(path: str, what: str, todo: str) -> InputImageError:
-    return InputImageError(f"{path}: {what}; {todo}")
-
-
-def _one_line(exc: BaseException, limit: int = 240) -> str:
-    """A library's message on one line (pydicom's run over several), trimmed."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def check_size(name: str, height: int, width: int, frames: int, max_pixels: int) -> None:
-    """Refuse, from the header, an image with no pixels or more than ``max_pixels``."""
-    if height < 1 or width < 1:
-        raise _fail(name, f"the image has zero size ({height}×{width})", "pass a non-empty image")
-    if height * width * max(frames, 1) > max_pixels:
-        raise _fail(name, f"{width}×{height} pixels" + (f" × {frames} frames" if frames > 1 else "")
-                    + f" = {height * width * max(frames, 1):,} exceeds the limit of {max_pixels:,} pixels",
-                    "downscale the image, or raise the limit (--max-pixels / max_pixels=) if it is genuine")
 
 
 @contextmanager
