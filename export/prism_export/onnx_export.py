@@ -7,9 +7,9 @@ the behaviour's definition. Why the export goes the way it does:
 * ``torch.export`` first, with every dynamic axis ``Dim.DYNAMIC`` and deferred runtime asserts,
   then ``torch.onnx.export`` of the ExportedProgram. Handing ``torch.onnx.export`` a module with
   named, ranged ``Dim``s made it trace the controlled UNet twice (a constraint violation on
-  N ≥ G·(1+K), then a retry) under ``backed_size_oblivious``: ~130 s for the tiny model against
-  ~40 s this way. The ranges the engine supports live in :mod:`prism_export.specs` and the parity
-  cases run at their edges, including K = 0 and N = 1 which the trace (at N=11, G=2, K=3) never saw.
+  N ≥ G·(1+K), then a retry) under ``backed_size_oblivious``, about three times slower. The ranges
+  the engine supports live in :mod:`prism_export.specs` and the parity cases run at their edges,
+  including K = 0 and N = 1 which the trace (at N=11, G=2, K=3) never saw.
 * The exporter names dims ``s48``…; they are renamed to the spec's names afterwards, on the graph
   proto only (weights are not reloaded).
 * One ``<graph>.onnx.data`` per graph; re-saved into one file if the exporter wrote another layout.
