@@ -81,6 +81,11 @@ def markdown(results: dict) -> str:
                 out.append(f"| {backend} | {precision} | " + " | ".join(cells) + f" | "
                            f"{_opt(last.get('speedup_vs_torch_fp32') if last else None, '{:.2f}×')} | {_opt(rss, '{:.0f}')} |")
             out.append("")
+    shared = [r for r in rows if r.get("peak_rss_note") and r["kind"] != "graph_paired"]
+    if shared:
+        peaks = [r["process_peak_rss_mb"] for r in shared if r.get("process_peak_rss_mb") is not None]
+        out += [f"Peak RSS: –, {shared[0]['peak_rss_note']}"
+                + (f" ({min(peaks):.0f}–{max(peaks):.0f} MB)." if peaks else "."), ""]
     paired = [r for r in rows if r["kind"] == "graph_paired"]
     if paired:
         own = paired[0].get("process", "shared") == "own"
@@ -90,7 +95,8 @@ def markdown(results: dict) -> str:
                 "torch fp32's time over the configuration's in the same round, median (p10–p90) over "
                 f"{paired[0]['repeats']} rounds. "
                 + ("Peak RSS is each configuration's own process's." if own else
-                   f"Peak RSS is of all of them together: {_opt(paired[0].get('peak_rss_mb'), '{:.0f}')} MB."), "",
+                   "A configuration's own peak RSS is not measurable there; the process's, all of them "
+                   f"together: {_opt(paired[0].get('process_peak_rss_mb'), '{:.0f}')} MB."), "",
                 "| graph | batch | backend | precision | median | ratio to torch fp32 | rms rel. diff. of output "
                 "| page faults / call | kernel time / call | peak RSS MB |",
                 "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
