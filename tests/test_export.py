@@ -78,6 +78,7 @@ def _copy_engine(engine_dir: Path, tmp_path: Path) -> Path:
 
 # -- the export ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_export_writes_one_progress_line_per_graph_and_a_complete_folder(export_run):
     engine_dir, lines = export_run
     assert [line.split(":")[0] for line in lines] == list(GRAPHS)
@@ -91,6 +92,7 @@ def test_export_writes_one_progress_line_per_graph_and_a_complete_folder(export_
     assert not list(engine_dir.parent.glob(".*partial*")), "the staging folder was left behind"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("graph", GRAPHS)
 def test_onnx_graph_matches_torch_at_several_batch_sizes(engine_dir, reference, graph):
     import onnxruntime as ort
@@ -119,6 +121,7 @@ def test_onnx_graph_matches_torch_at_several_batch_sizes(engine_dir, reference, 
             assert rel <= 1e-4, f"{graph}.{name} at {case}: relative error {rel:.2e}"
 
 
+@pytest.mark.slow
 def test_manifest_records_what_the_runtime_and_the_builder_need(engine_dir, reference, tiny_model_dir):
     components, modules, specs = reference
     raw = json.loads((engine_dir / "manifest.json").read_text())
@@ -150,6 +153,7 @@ def test_manifest_records_what_the_runtime_and_the_builder_need(engine_dir, refe
     assert raw["graphs"]["vae_decoder"]["inputs"][0]["shape"] == ["batch", 4, "latent_height", "latent_width"]
 
 
+@pytest.mark.slow
 def test_each_graph_keeps_its_weights_in_one_data_file(engine_dir):
     import onnx
     from onnx.external_data_helper import uses_external_data
@@ -161,6 +165,7 @@ def test_each_graph_keeps_its_weights_in_one_data_file(engine_dir):
         assert locations == {f"{name}.onnx.data"}, (name, locations)
 
 
+@pytest.mark.slow
 def test_every_op_of_every_graph_is_supported_by_tensorrt(engine_dir):
     import onnx
 
@@ -175,6 +180,7 @@ def test_every_op_of_every_graph_is_supported_by_tensorrt(engine_dir):
         assert OPSET_RANGE[0] <= opsets["ai.onnx"] <= OPSET_RANGE[1]
 
 
+@pytest.mark.slow
 def test_cpu_twin_fuses_every_attention_product_exactly_and_leaves_blend_maps(engine_dir):
     """The export's CPU twin of the UNet (onnx/unet.cpu.onnx, the graph onnxruntime's CPU provider
     runs): every attention product becomes MultiHeadAttention — the uncontrolled layers (the 16×16
@@ -228,6 +234,7 @@ def test_cpu_twin_fuses_every_attention_product_exactly_and_leaves_blend_maps(en
         np.testing.assert_allclose(maps_b, maps_a, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cpu_twin_runs_the_latent_prefix_once_per_distinct_latent(engine_dir):
     """The UNet twin computes what comes before text enters (conv_in, the first ResNet, the first
     transformer's self-attention) on the distinct latents only and gathers it back: a direct edit
@@ -299,6 +306,7 @@ def test_the_latent_prefix_ends_where_batch_rows_mix():
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_graph_of_latents_alone_has_no_prefix_to_share(engine_dir):
     """The VAE decoder reads nothing but latents: nothing in it is shared by rows that differ
     elsewhere, so its twin gets no Unique (the UNet's does)."""
@@ -312,6 +320,7 @@ def test_a_graph_of_latents_alone_has_no_prefix_to_share(engine_dir):
     assert "Unique" not in {n.op_type for n in decoder.graph.node}
 
 
+@pytest.mark.slow
 def test_the_cpu_provider_runs_the_cpu_twins_and_portable_graphs_on_request(engine_dir, image):
     """Which file each session loaded, and that both give the same inversion."""
     raw = json.loads((engine_dir / "manifest.json").read_text())
@@ -327,6 +336,7 @@ def test_the_cpu_provider_runs_the_cpu_twins_and_portable_graphs_on_request(engi
     np.testing.assert_allclose(a.trajectory, b.trajectory, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_changed_or_missing_cpu_twin_is_refused(engine_dir, tmp_path):
     engine = _copy_engine(engine_dir, tmp_path)
     twin = engine / "onnx" / "unet.cpu.onnx"
@@ -338,6 +348,7 @@ def test_a_changed_or_missing_cpu_twin_is_refused(engine_dir, tmp_path):
         load_manifest(engine)
 
 
+@pytest.mark.slow
 def test_cpu_graphs_adds_the_twins_to_an_older_engine(engine_dir, tmp_path):
     """`prism-export cpu-graphs` on a folder without twins (as exported before they existed) writes
     the same files the export writes, checked against the portable graphs; a failed check leaves
@@ -397,6 +408,7 @@ def test_a_failed_export_leaves_no_engine_folder(tiny_model_dir, tmp_path, monke
 
 # -- the onnxruntime backend -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_onnxruntime_edit_equals_torch_edit(engines, image):
     """50-step direct inversion, then refine + reweight + LocalBlend with a 3-value self sweep."""
     config = ControlConfig(self_replace=(0.4, 0.6, 0.8), blend_words=("Devices", "Finding"))
@@ -414,6 +426,7 @@ def test_onnxruntime_edit_equals_torch_edit(engines, image):
     assert ort_result.counts == torch_result.counts
 
 
+@pytest.mark.slow
 def test_onnxruntime_noise_blend_equals_torch(engines, image):
     """The noise-prediction blend masks (30-item UNet batches, one group; two thresholds) on both backends."""
     config = ControlConfig(self_replace=(0.5,), noise_blend=True, noise_blend_threshold=(0.8, 1.0))
@@ -430,6 +443,7 @@ def test_onnxruntime_noise_blend_equals_torch(engines, image):
     assert ort_result.counts == torch_result.counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["negative-prompt", "ddim"])
 def test_onnxruntime_runs_the_other_inversions(engines, image, method):
     sampler = engines["onnxruntime"].sampler(steps=10)
@@ -442,6 +456,7 @@ def test_onnxruntime_runs_the_other_inversions(engines, image, method):
     assert outs[0].reconstruction_error == pytest.approx(outs[1].reconstruction_error, rel=1e-2, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_cpu_arena_on_or_off_gives_the_same_noise(engine_dir):
     rng = np.random.default_rng(3)
     feeds = dict(latents=rng.standard_normal((3, 4, 16, 16), dtype=np.float32), timestep=np.array([301.0], np.float32),
@@ -464,11 +479,13 @@ def test_cpu_arena_on_or_off_gives_the_same_noise(engine_dir):
         Engine.load(engine_dir, backend="torch", session_config={"session.intra_op.allow_spinning": "0"})
 
 
+@pytest.mark.slow
 def test_null_text_on_onnxruntime_points_to_the_torch_backend(engines, image):
     with pytest.raises(BackendError, match="--backend torch"):
         engines["onnxruntime"].invert(image, SOURCE, method="null-text")
 
 
+@pytest.mark.slow
 def test_evaluate_edits_null_text_inversions_from_torch_on_onnxruntime(engines, tmp_path):
     """`prism-rt evaluate --invert-model`: null-text inversions made on torch from the checkpoint the
     engine was exported from, edited on ONNX Runtime, score as the evaluation all on torch; a
@@ -495,6 +512,7 @@ def test_evaluate_edits_null_text_inversions_from_torch_on_onnxruntime(engines, 
         evaluate(engines["onnxruntime"], classifier, cases, ["null-text"], inverter=other, **settings)
 
 
+@pytest.mark.slow
 def test_padding_empty_edit_calls_equals_running_them(engines):
     backend = engines["onnxruntime"].backend
     rng = np.random.default_rng(3)
@@ -514,17 +532,20 @@ def test_padding_empty_edit_calls_equals_running_them(engines):
         np.testing.assert_allclose(padded[name], direct[name], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_batch_beyond_the_engine_range_is_refused_with_the_fix(engines):
     backend = engines["onnxruntime"].backend
     with pytest.raises(BackendError, match="at most 63.*--max-batch"):
         backend.run("text_encoder", input_ids=np.zeros((64, 77), np.int32))
 
 
+@pytest.mark.slow
 def test_unavailable_provider_names_what_to_install(engine_dir):
     with pytest.raises(BackendError, match="CUDAExecutionProvider.*CPUExecutionProvider.*onnxruntime-gpu"):
         Engine.load(engine_dir, backend="onnxruntime", device="cuda", self_max_queries=SELF_MAX_QUERIES)
 
 
+@pytest.mark.slow
 def test_self_max_queries_is_fixed_at_export(engine_dir):
     with pytest.raises(BackendError, match=f"self_max_queries {SELF_MAX_QUERIES}.*--self-max-queries"):
         Engine.load(engine_dir, backend="onnxruntime", self_max_queries=1024)
@@ -532,6 +553,7 @@ def test_self_max_queries_is_fixed_at_export(engine_dir):
 
 # -- the manifest check ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_changed_byte_of_the_unet_weights_is_refused(engine_dir, tmp_path):
     engine = _copy_engine(engine_dir, tmp_path)
     data = engine / "onnx" / "unet.onnx.data"
@@ -544,6 +566,7 @@ def test_a_changed_byte_of_the_unet_weights_is_refused(engine_dir, tmp_path):
         Engine.load(engine, backend="onnxruntime", self_max_queries=SELF_MAX_QUERIES)
 
 
+@pytest.mark.slow
 def test_a_missing_graph_is_refused(engine_dir, tmp_path):
     engine = _copy_engine(engine_dir, tmp_path)
     (engine / "onnx" / "vae_decoder.onnx").unlink()
@@ -556,6 +579,7 @@ def test_a_missing_graph_is_refused(engine_dir, tmp_path):
         load_manifest(engine)
 
 
+@pytest.mark.slow
 def test_graph_io_and_format_version_are_checked(engine_dir, tmp_path):
     engine = _copy_engine(engine_dir, tmp_path)
     path = engine / "manifest.json"
@@ -582,6 +606,7 @@ def _run_without_torch(*args) -> subprocess.CompletedProcess:
                           timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_cli_edit_on_onnxruntime_runs_without_torch(engine_dir, dicom_path, tmp_path):
     out = tmp_path / "out"
     proc = _run_without_torch("edit", "--model", engine_dir, "--backend", "onnxruntime", "--image", dicom_path,
@@ -594,6 +619,7 @@ def test_cli_edit_on_onnxruntime_runs_without_torch(engine_dir, dicom_path, tmp_
     assert "reconstruction.png" in names and len([n for n in names if n.startswith("diff-")]) == 2, names
 
 
+@pytest.mark.slow
 def test_cli_info_summarises_the_engine(engine_dir):
     proc = _run_without_torch("info", engine_dir)
     assert proc.returncode == 0, proc.stderr
@@ -614,6 +640,7 @@ def test_runtime_modules_import_without_torch():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
 
 
+@pytest.mark.slow
 def test_export_cli_reports_a_bad_model_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "prism_export.cli", "export", "--model", tmp_path / "missing",
                            "--out", tmp_path / "engine"], capture_output=True, text=True, timeout=300)

@@ -55,6 +55,7 @@ def _reference_masks(tiny_model_dir, z0, embeddings, guidance, samples, strength
     return total, (total > threshold * mean[:, None, None, None]).float()
 
 
+@pytest.mark.slow
 def test_noise_masks_follow_their_definition(engine, inversion, tiny_model_dir):
     backend = engine.backend
     embeddings = encode_prompts(backend, engine.tokenizer, [SOURCE, "", *TARGETS], allow_empty=True)
@@ -76,6 +77,7 @@ def test_noise_masks_follow_their_definition(engine, inversion, tiny_model_dir):
     assert 0.05 < expected.mean() < 0.95  # a real partition, not an empty or a full mask
 
 
+@pytest.mark.slow
 def test_an_empty_mask_keeps_the_reconstruction_and_a_full_one_changes_nothing(engine, inversion):
     plain = engine.edit(inversion, TARGETS[:1], ControlConfig(self_replace=(0.5,)))
     full = engine.edit(inversion, TARGETS[:1], ControlConfig(self_replace=(0.5,), noise_blend=True, noise_blend_threshold=0.0))
@@ -87,6 +89,7 @@ def test_an_empty_mask_keeps_the_reconstruction_and_a_full_one_changes_nothing(e
     assert np.abs(plain.edits[0] - plain.reconstruction).max() > 0.05  # the edit itself does change the image
 
 
+@pytest.mark.slow
 def test_noise_blend_confines_the_change_to_its_mask(engine, inversion):
     result = engine.edit(inversion, TARGETS, ControlConfig(self_replace=(0.5,), noise_blend=True, noise_blend_threshold=1.0),
                          RunLimits(max_batch=63))
@@ -98,6 +101,7 @@ def test_noise_blend_confines_the_change_to_its_mask(engine, inversion):
     assert np.mean(result.masks[0] != result.masks[1]) > 0.01
 
 
+@pytest.mark.slow
 def test_grouped_noise_blend_equals_one_image_at_a_time(engine, inversion):
     flipped = (np.ascontiguousarray(inversion.fitted_pixels[0, :, ::-1]) + 1) / 2  # [-1, 1] → gray [0, 1]
     other = engine.invert(flipped, SOURCE, method="direct", sampler=inversion.sampler)
@@ -112,6 +116,7 @@ def test_grouped_noise_blend_equals_one_image_at_a_time(engine, inversion):
             np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_several_thresholds_are_items_of_one_batch(engine, inversion):
     """Thresholds are a sweep like the self window: one edit call, one set of noise draws, each item
     thresholding the same map; equal to running each threshold alone."""

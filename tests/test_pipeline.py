@@ -38,6 +38,7 @@ def test_direct_inversion_reconstructs_exactly(engine, inversions):
     assert _recon_error(engine, inversions[InversionMethod.DIRECT]) <= 1e-4
 
 
+@pytest.mark.slow
 def test_null_text_and_negative_prompt_beat_plain_ddim(engine, inversions):
     errors = {m: _recon_error(engine, inversions[m]) for m in InversionMethod}
     assert errors[InversionMethod.DDIM] > 1e-3  # CFG at 7.5 makes plain DDIM drift
@@ -56,6 +57,7 @@ def test_null_text_follows_prism_schedule(inversions):
     assert np.abs(inv.null_embeddings[-1] - inv.null_embeddings[0]).max() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [InversionMethod.DDIM, InversionMethod.NULL_TEXT])
 def test_editing_the_source_into_itself_reproduces_the_reconstruction(engine, inversions, method):
     result = engine.edit(inversions[method], [SOURCE], ControlConfig(self_replace=(0.4, 0.8)))
@@ -65,6 +67,7 @@ def test_editing_the_source_into_itself_reproduces_the_reconstruction(engine, in
         np.testing.assert_allclose(edited, result.reconstruction, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_batched_sweep_equals_separate_runs(engine, inversions):
     inv = inversions[InversionMethod.NULL_TEXT]
     values = (0.4, 0.5, 0.6, 0.7, 0.8)
@@ -80,6 +83,7 @@ def test_batched_sweep_equals_separate_runs(engine, inversions):
     assert np.abs(batched.edits[0] - batched.edits[4]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_chunked_batch_equals_one_batch(engine, inversions):
     inv = inversions[InversionMethod.DIRECT]
     targets = [TARGET, "Chest X-ray showing Finding of Pleural Effusion"]
@@ -92,6 +96,7 @@ def test_chunked_batch_equals_one_batch(engine, inversions):
     assert [i.name for i in whole.items] == [i.name for i in chunked.items]
 
 
+@pytest.mark.slow
 def test_direct_edit_batch_skips_the_source_unconditional_half(engine, inversions):
     inv = inversions[InversionMethod.DIRECT]
     result = engine.edit(inv, [TARGET], ControlConfig(self_replace=(0.4, 0.6)))
@@ -100,6 +105,7 @@ def test_direct_edit_batch_skips_the_source_unconditional_half(engine, inversion
     assert result.counts["unet_items"] == 50 * 2 * (1 + 2)
 
 
+@pytest.mark.slow
 def test_legacy_equals_plain_prompt_swap(engine, inversions):
     """Legacy: no attention control, so the self window has no effect at all."""
     inv = inversions[InversionMethod.NULL_TEXT]
@@ -118,6 +124,7 @@ def test_localblend_keeps_the_background_of_direct_inversion(engine, inversions)
     assert stats["mean_abs_diff_outside_mask"] < stats["mean_abs_diff_inside_mask"]
 
 
+@pytest.mark.slow
 def test_inversion_file_round_trip(engine, inversions, tmp_path):
     inv = inversions[InversionMethod.NULL_TEXT]
     loaded = Inversion.load(inv.save(tmp_path / "inv.npz"))

@@ -65,6 +65,7 @@ def _counterfactuals(engine_dir: Path, precision: str, dicom_path: Path) -> np.n
     return np.clip((np.stack(result.edits).mean(1) + 1) / 2, 0, 1)
 
 
+@pytest.mark.slow
 def test_export_writes_the_variants_side_by_side_with_progress(variant_engine):
     engine_dir, lines = variant_engine
     assert {p.name for p in engine_dir.iterdir()} >= {"onnx", "onnx-fp16", "onnx-int8", "onnx-int8-cpu", "manifest.json"}
@@ -80,6 +81,7 @@ def test_export_writes_the_variants_side_by_side_with_progress(variant_engine):
         assert loaded.precision == expected
 
 
+@pytest.mark.slow
 def test_fp16_graphs_hold_half_weights_and_take_float32_io(engine_dir):
     from onnx import TensorProto
 
@@ -92,6 +94,7 @@ def test_fp16_graphs_hold_half_weights_and_take_float32_io(engine_dir):
         assert {v.type.tensor_type.elem_type for v in model.graph.output} == {TensorProto.FLOAT}
 
 
+@pytest.mark.slow
 def test_int8_unet_is_symmetric_qdq_and_int8_cpu_has_uint8_activations(engine_dir):
     from onnx import TensorProto, numpy_helper
 
@@ -110,6 +113,7 @@ def test_int8_unet_is_symmetric_qdq_and_int8_cpu_has_uint8_activations(engine_di
         assert weights and all(len(inits[n.input[1]].dims) == 1 for n in weights), "weights are per-channel"
 
 
+@pytest.mark.slow
 def test_sensitive_layers_stay_in_float(engine_dir):
     """Time embedding, conv_in/out and the attention-probability products are never quantized."""
     fp32 = _onnx(engine_dir / "onnx" / "unet.onnx")
@@ -135,6 +139,7 @@ def test_sensitive_layers_stay_in_float(engine_dir):
     assert kept["sensitive_scope"] >= 4 and kept["activation_product"] >= 4
 
 
+@pytest.mark.slow
 def test_int8_float_scopes_match_whole_module_path_components(engine_dir):
     from prism_export.quantization import in_scope, module_paths, unet_nodes_to_quantize
     from prism_export.variant_config import UNET_FLOAT_SCOPES, VariantError
@@ -171,6 +176,7 @@ def test_int8_float_scopes_match_whole_module_path_components(engine_dir):
         unet_nodes_to_quantize(fp32, ("proj_inn",))
 
 
+@pytest.mark.slow
 def test_a_misspelt_float_scope_fails_before_the_calibration_run(engine_dir, tmp_path, capsys):
     from prism_export.cli import main
 
@@ -212,6 +218,7 @@ def _rel(got: list[np.ndarray], ref: list[np.ndarray]) -> float:
     return float(np.sqrt(sum(((g - r) ** 2).sum() for g, r in zip(got, ref)) / sum((r ** 2).sum() for r in ref)))
 
 
+@pytest.mark.slow
 def test_calibration_ranges_are_the_min_and_max_of_each_quantized_tensor(engine_dir, calibration_dir):
     """calibrate_ranges reduces inside the graph; the reference makes the tensors themselves
     outputs and takes numpy's min / max over every feed."""
@@ -238,6 +245,7 @@ def test_calibration_ranges_are_the_min_and_max_of_each_quantized_tensor(engine_
         assert ranges[t] == pytest.approx((min(lo[t], 0.0), max(hi[t], 0.0)), rel=1e-5, abs=1e-6), t
 
 
+@pytest.mark.slow
 def test_rescaling_changes_the_weights_not_the_function_and_folds_exactly(engine_dir, calibration_dir, tmp_path):
     """SmoothQuant smoothing + output equalization rewrite the float UNet into an equivalent graph
     with other weights; after quantization, folding the convolutions' Muls into per-channel Q/DQ
@@ -271,6 +279,7 @@ def test_rescaling_changes_the_weights_not_the_function_and_folds_exactly(engine
     assert _rel(_noise(_session(quantized), feeds), reference) < 1.2 * _rel(unfolded, reference) < 0.3
 
 
+@pytest.mark.slow
 def test_cpu_rewrites_split_geglu_and_fuse_gelu_exactly(engine_dir, calibration_dir, tmp_path):
     """The GEGLU projection split into value / gate MatMuls and the erf GELU fused into one
     com.microsoft.Gelu compute what the exported graph computes."""
@@ -405,6 +414,7 @@ def test_a_quantized_linear_layer_takes_its_bias_into_the_integer_product(tmp_pa
         assert fuse_quantized_matmul_bias(onnx.load(str(kept))) == 0
 
 
+@pytest.mark.slow
 def test_int8_cpu_convolutions_fuse_with_folded_scales_and_matmuls_keep_float_outputs(engine_dir, tmp_path):
     """What makes int8-cpu fast survives the rescaling: onnxruntime still fuses every quantized
     convolution into QLinearConv (per-channel scales sit on the Q before / DQ after it) and runs
@@ -455,6 +465,7 @@ def _quantized_nodes(engine_dir: Path) -> list[str]:
     return unet_nodes_to_quantize(_onnx(engine_dir / "onnx" / "unet.onnx"))[0]
 
 
+@pytest.mark.slow
 def test_int8_cpu_smoothing_option(engine_dir, calibration_dir, tmp_path, capsys):
     from prism_export.cli import main
     from prism_export.variants import VariantError, VariantSettings
@@ -479,6 +490,7 @@ def test_int8_cpu_smoothing_option(engine_dir, calibration_dir, tmp_path, capsys
                 and n.op_type == "QuantizeLinear"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int8-cpu"])
 def test_variant_counterfactuals_match_the_manifest_quality(engine_dir, dicom_path, precision):
     """Running the variant reproduces the PSNR/SSIM the export measured, against fp32 run now."""
@@ -499,6 +511,7 @@ def test_variant_counterfactuals_match_the_manifest_quality(engine_dir, dicom_pa
     assert noise["calls"] > 0 and 0 < noise["rms_rel"] <= (0.01 if precision == "fp16" else 0.3)
 
 
+@pytest.mark.slow
 def test_cli_edit_runs_each_precision_and_records_it(engine_dir, dicom_path, tmp_path):
     from prism_rt.cli import main
 
@@ -513,6 +526,7 @@ def test_cli_edit_runs_each_precision_and_records_it(engine_dir, dicom_path, tmp
         assert precision in json.dumps(result)
 
 
+@pytest.mark.slow
 def test_a_precision_the_engine_lacks_names_the_command_that_adds_it(engine_dir, tmp_path, dicom_path, capsys):
     from prism_rt.cli import main
 
@@ -533,6 +547,7 @@ def _profile(text: str) -> dict[str, list[int]]:
     return {name: [int(d) for d in dims.split("x")] for name, dims in (item.split(":") for item in text.split(","))}
 
 
+@pytest.mark.slow
 def test_tensorrt_options_carry_the_manifest_profile_and_precision_flags(engine_dir):
     """What the TensorRT EP is given per graph (built without a GPU: a pure function of the manifest)."""
     from prism_rt.ort_backend import tensorrt_options
@@ -555,6 +570,7 @@ def test_tensorrt_options_carry_the_manifest_profile_and_precision_flags(engine_
     assert unet["latents"]["min"][0] == 1 and unet["latents"]["max"][0] == 63  # the exported batch range
 
 
+@pytest.mark.slow
 def test_tensorrt_engine_cache_is_one_folder_per_graph_file_setting_and_version(engine_dir, tmp_path, monkeypatch):
     """onnxruntime names a cached engine by the graph's path and the GPU only: the folder must change
     whenever the graph file, its precision / build settings, onnxruntime or TensorRT change."""
@@ -596,6 +612,7 @@ def test_trt_cache_option_is_parsed_and_refused_by_the_torch_backend(tiny_model_
         Engine.load(tiny_model_dir, backend="torch", trt_cache="/x/y")
 
 
+@pytest.mark.slow
 def test_a_changed_variant_file_is_refused_only_when_that_variant_is_loaded(engine_dir, tmp_path):
     copy = Path(shutil.copytree(engine_dir, tmp_path / "engine"))
     data = copy / "onnx-int8-cpu" / "unet.onnx.data"
@@ -607,6 +624,7 @@ def test_a_changed_variant_file_is_refused_only_when_that_variant_is_loaded(engi
         load_manifest(copy, precision="int8-cpu")
 
 
+@pytest.mark.slow
 def test_a_failed_variant_build_leaves_the_engine_as_it_was(engine_dir, tmp_path, calibration_dir, monkeypatch):
     from prism_export import variants
 
@@ -650,6 +668,7 @@ def test_unet_layout_of_bench_batches():
     assert [unet_layout(n) for n in (1, 2, 4, 12)] == [(0, 0), (1, 0), (2, 1), (6, 5)]
 
 
+@pytest.mark.slow
 def test_bench_writes_results_tables_plots_and_compares(engine_dir, tmp_path, capsys):
     from prism_rt.cli import main
 
@@ -690,6 +709,7 @@ def test_bench_writes_results_tables_plots_and_compares(engine_dir, tmp_path, ca
     assert "change against" in printed and "onnxruntime int8-cpu unet 12" in printed
 
 
+@pytest.mark.slow
 def test_bench_paired_times_each_precision_in_turn_against_torch_fp32(engine_dir, tmp_path, capsys):
     from prism_rt.cli import main
 
@@ -722,6 +742,7 @@ def test_bench_paired_times_each_precision_in_turn_against_torch_fp32(engine_dir
     assert {(r["backend"], r["precision"]) for r in rows if r["kind"] == "graph"} >= set(paired)
 
 
+@pytest.mark.slow
 def test_bench_paired_no_isolate_shares_this_process(engine_dir, tmp_path):
     from prism_rt.cli import main
 
@@ -736,6 +757,7 @@ def test_bench_paired_no_isolate_shares_this_process(engine_dir, tmp_path):
     assert 1e-3 < rows[1]["rms_rel_diff_vs_torch_fp32"] < 0.5
 
 
+@pytest.mark.slow
 def test_bench_paired_names_the_configuration_whose_process_failed(engine_dir, tiny_model_dir):
     """A configuration that cannot load raises a typed error naming it; the others' processes end."""
     import multiprocessing
@@ -775,6 +797,7 @@ def test_bench_paired_is_refused_without_an_engine(tiny_model_dir, tmp_path, cap
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_bench_refuses_a_missing_compare_file(engine_dir, tmp_path, capsys):
     from prism_rt.cli import main
 
@@ -783,6 +806,7 @@ def test_bench_refuses_a_missing_compare_file(engine_dir, tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_a_nan_from_a_graph_is_a_typed_error_and_no_output(engine_dir, dicom_path, tmp_path, monkeypatch, capsys):
     """A variant that overflows (fp16 is the usual suspect) must never write a black image."""
     import prism_rt.ort_backend as ort_backend
