@@ -17,4 +17,4 @@ from .precision import Precision
 
 __all__ = ["ControlConfig", "EditResult", "Engine", "Fit", "Inversion", "InversionConfig", "InversionMethod",
            "OrtOptions", "Precision", "PrismError", "RunLimits", "SamplerConfig"]
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402

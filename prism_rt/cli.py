@@ -289,7 +289,7 @@ def cmd_edit(args) -> int:
     RunLimits(max_batch=args.max_batch)
     if args.inversion_file is None and (args.image is None or args.prompt is None):
         raise PromptError("give --image and --prompt (or --inversion-file from `prism-rt invert --save`)")
-    saved = Inversion.load(args.inversion_file) if args.inversion_file else None
+    saved = Inversion.load(args.inversion_file, max_pixels=args.max_pixels) if args.inversion_file else None
     if saved is None:
         probe_image(args.image, max_pixels=args.max_pixels)
     classifier = None
@@ -333,12 +333,11 @@ def cmd_edit(args) -> int:
 
 
 def cmd_invert(args) -> int:
-    from .errors import InversionFileError
     from .imageio import load_image, probe_image
+    from .inversion import Inversion
     from .publish import check_writable
 
-    if args.save.suffix != ".npz":
-        raise InversionFileError(f"inversion files are .npz; got {args.save.name!r}, name it e.g. {args.save.stem}.npz")
+    Inversion.check_path(args.save)
     check_writable(args.save, folder=False, marker=None, flag="--save")
     SamplerConfig(steps=args.steps, guidance=args.guidance)
     probe_image(args.image, max_pixels=args.max_pixels)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import math
+from numbers import Integral
 from dataclasses import dataclass
 
 from .errors import SettingsError
@@ -70,7 +71,15 @@ class SamplerConfig:
     set_alpha_to_one: bool = False
 
     def __post_init__(self):
-        if not 1 <= self.steps <= self.num_train_timesteps:
+        if not isinstance(self.num_train_timesteps, Integral) or self.num_train_timesteps < 1:
+            raise SettingsError(f"num_train_timesteps must be a whole number ≥ 1, got {self.num_train_timesteps!r}")
+        _finite_in("beta_start", self.beta_start, 0.0, 1.0, open_low=True)
+        _finite_in("beta_end", self.beta_end, self.beta_start, 1.0)
+        if self.beta_schedule not in ("scaled_linear", "linear"):
+            raise SettingsError(f"beta_schedule must be scaled_linear or linear, got {self.beta_schedule!r}")
+        if not isinstance(self.steps_offset, Integral) or not 0 <= self.steps_offset < self.num_train_timesteps:
+            raise SettingsError(f"steps_offset must be a whole number in [0, num_train_timesteps), got {self.steps_offset!r}")
+        if not isinstance(self.steps, Integral) or not 1 <= self.steps <= self.num_train_timesteps:
             raise SettingsError(f"steps must be in 1..{self.num_train_timesteps}, got {self.steps}")
         if not GUIDANCE_RANGE[0] <= self.guidance <= GUIDANCE_RANGE[1]:  # also refuses NaN
             raise SettingsError(f"guidance must be in [{GUIDANCE_RANGE[0]:g}, {GUIDANCE_RANGE[1]:g}], got {self.guidance}; "
@@ -96,6 +105,9 @@ class InversionConfig:
         _finite_in("null_epsilon", self.null_epsilon, 0.0, 1.0)
         _finite_in("null_lr", self.null_lr, 0.0, 1.0, open_low=True, hint="PRISM uses 0.01")
 
+
+SELF_REPLACE_SWEEP = (0.4, 0.5, 0.6, 0.7, 0.8)
+"""PRISM's self-attention windows: each edit is made with each, and the filter keeps one."""
 
 NOISE_BLEND_THRESHOLDS = (0.85, 1.0, 1.7)
 """noise_blend's default thresholds: chosen on validation phantom patients (README, "Edit precision
@@ -151,7 +163,7 @@ class ControlConfig:
     """
 
     cross_replace: float = 0.8
-    self_replace: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
+    self_replace: tuple[float, ...] = SELF_REPLACE_SWEEP
     edit_weight: float | None = 2.0
     edit_words: tuple[str, ...] | None = None
     blend_words: tuple[str, str] | None = None

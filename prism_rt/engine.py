@@ -24,12 +24,12 @@ from .backend import BackendKind
 from .blend import nearest_resize
 from .composite import composite_result
 from .config import ControlConfig, Fit, InversionConfig, InversionMethod, OrtOptions, RunLimits, SamplerConfig
-from .errors import BackendError, InputImageError, InversionFileError, MissingExtraError, SettingsError
+from .errors import BackendError, InputImageError, InversionFileError, MissingExtraError, ModelError, SettingsError
 from .inversion import Inversion
 from .loop import (Counter, EditInputs, ddim_inversion, decode_latents, edit_loop_groups, encode_image, encode_prompts,
                    noise_difference_maps)
 from .manifest import MANIFEST_NAME
-from .precision import TORCH_PRECISIONS, Precision
+from .precision import Precision
 from .result import EditResult
 from .schedule import DDIMSchedule
 from .unet_batch import plan_chunks
@@ -119,10 +119,6 @@ class Engine:
                 __import__(module)
             except ImportError:
                 raise MissingExtraError("torch", module, "The PyTorch backend") from None
-        if precision not in TORCH_PRECISIONS:
-            raise BackendError(f"the torch backend runs fp32 or fp16, not {precision.value!r}; int8 variants live in "
-                               "engine folders: export one with `prism-export export … --precision fp32,int8-cpu` "
-                               "and pass that folder as --model")
         if is_engine_dir(path):
             raise BackendError(f"{path} is an engine folder (it has {MANIFEST_NAME}); load it with Engine.from_dir")
         if threads is not None:
@@ -175,7 +171,13 @@ class Engine:
         """DDIM with the model's own beta schedule (SD v1.x: scaled_linear 0.00085…0.012)."""
         cfg = self.backend.info.scheduler_config
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset")
-        return SamplerConfig(steps=steps, guidance=guidance, **{k: cfg[k] for k in keys if k in cfg})
+        model = {k: cfg[k] for k in keys if k in cfg}
+        try:
+            SamplerConfig(**model)
+        except (SettingsError, TypeError) as exc:
+            raise ModelError(f"the model {self.model_path} has an unusable noise schedule ({exc}); re-export the engine "
+                             "from a checkpoint whose scheduler config is SD v1.x's") from None
+        return SamplerConfig(steps=steps, guidance=guidance, **model)
 
     def check_inversion_method(self, method: InversionMethod | str | None) -> InversionMethod:
         """The inversion method to run (None: :attr:`default_inversion`), refused early where the

@@ -54,15 +54,21 @@ class Inversion:
     def steps(self) -> int:
         return self.trajectory.shape[0] - 1
 
+    @staticmethod
+    def check_path(path) -> Path:
+        """Where an inversion may be saved: a ``.npz`` file name (checked before any work)."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            raise InversionFileError(f"inversion files are .npz; got {path.name!r}, name it e.g. {path.stem}.npz")
+        return path
+
     def save(self, path) -> Path:
         """Write atomically (``prism_rt.publish.staged_file``): a partial file never appears under
         ``path``, a kill leaves at most a hidden staging file that the next run removes, and a
         read-only folder or a full disk is an :class:`OutputError` naming ``path``."""
         from .publish import staged_file
 
-        path = Path(path)
-        if path.suffix != ".npz":
-            raise InversionFileError(f"inversion files are .npz; got {path.name!r}, name it e.g. {path.stem}.npz")
+        path = self.check_path(path)
         meta = dict(self.meta, format_version=FORMAT_VERSION, method=self.method.value,
                     source_prompt=self.source_prompt, sampler=self.sampler.__dict__,
                     inversion={k: (v.value if hasattr(v, "value") else v) for k, v in self.config.__dict__.items()})

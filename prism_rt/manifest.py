@@ -270,7 +270,7 @@ def load_manifest(engine_dir, *, precision: str = REFERENCE_PRECISION, verify_ha
 
 
 def _runtime_version() -> str:
-    from . import __version__
+    from .version import __version__
 
     return __version__
 

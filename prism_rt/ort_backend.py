@@ -22,6 +22,7 @@ import numpy as np
 from .backend import BackendKind
 from .errors import BackendError
 from .manifest import Manifest, load_manifest
+from .precision import Precision
 from .unet_batch import pad_empty_edits, unpad_outputs
 
 class OrtDevice(str, enum.Enum):
@@ -93,8 +94,8 @@ def _trt_build_options(manifest: Manifest, graph: str, index: int) -> dict:
     # fp16 graphs already hold half weights; the int8 UNet is explicitly quantized (Q/DQ), which
     # TensorRT builds without a calibration table once int8 is enabled (a Q/DQ network with int8
     # off fails to build: "Int8 precision has been set ... but int8 is not configured")
-    precision = manifest.graphs[graph].precision
-    options = {"device_id": index, "trt_fp16_enable": precision == "fp16", "trt_int8_enable": precision == "int8"}
+    precision = Precision.parse(manifest.graphs[graph].precision)
+    options = {"device_id": index, "trt_fp16_enable": precision.half, "trt_int8_enable": precision is Precision.INT8}
     if profile:
         options.update(trt_profile_min_shapes=shapes("min"), trt_profile_opt_shapes=shapes("opt"),
                        trt_profile_max_shapes=shapes("max"))
@@ -293,7 +294,7 @@ class OrtBackend:
 
 
 def load_ort_backend(path, device: str = "cpu", self_max_queries: int | None = None,
-                     verify_hashes: bool = True, precision: str = "fp32", threads: int | None = None,
+                     verify_hashes: bool = True, precision: Precision | str = Precision.FP32, threads: int | None = None,
                      cpu_arena: bool = True, cpu_graphs: bool = True,
                      session_config: dict[str, str] | None = None,
                      trt_cache: str | Path | bool | None = None) -> OrtBackend:
@@ -302,7 +303,7 @@ def load_ort_backend(path, device: str = "cpu", self_max_queries: int | None = N
         import onnxruntime  # noqa: F401
     except ImportError:
         raise BackendError("the onnxruntime backend needs the onnxruntime package: pip install onnxruntime") from None
-    manifest = load_manifest(Path(path), precision=precision, verify_hashes=verify_hashes)
+    manifest = load_manifest(Path(path), precision=Precision.parse(precision).value, verify_hashes=verify_hashes)
     exported = int(manifest.control["self_max_queries"])
     if self_max_queries is not None and int(self_max_queries) != exported:
         raise BackendError(f"the engine {path} was exported with self_max_queries {exported}, not {self_max_queries}: "

@@ -16,7 +16,7 @@ import numpy as np
 from .publish import LOCK_WAIT_S, staged_dir
 
 if TYPE_CHECKING:  # the engine (and its backends) is not needed to write files
-    from .engine import EditResult
+    from .result import EditResult
     from .inversion import Inversion
 
 

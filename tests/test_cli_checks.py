@@ -107,3 +107,20 @@ def test_progress_goes_to_a_log_as_lines():
     bar = Progress(False, 50, "edit", stream=quiet)
     bar.update_one()
     assert quiet.getvalue() == ""
+
+
+def test_a_manifest_with_an_impossible_schedule_is_a_typed_error(tmp_path, capsys):
+    import shutil
+
+    engine = tmp_path / "engine"
+    shutil.copytree(ENGINE, engine, ignore=shutil.ignore_patterns("images", "classifier.onnx", "onnx-int8-cpu"))
+    manifest = json.loads((engine / "manifest.json").read_text())
+    manifest["model"]["scheduler_config"]["num_train_timesteps"] = 0
+    manifest.pop("variants", None)
+    (engine / "manifest.json").write_text(json.dumps(manifest))
+    image = ENGINE / "images" / "phantom-1000003.png"
+    code = main(["edit", "--model", str(engine), "--image", str(image), "--prompt", SOURCE, "--target", TARGET,
+                 "--out", str(tmp_path / "out"), "--no-progress", "--steps", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "noise schedule" in err and "num_train_timesteps" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from prism_rt.config import COMPOSITE_THRESHOLDS, NOISE_BLEND_THRESHOLDS, ControlConfig, RunLimits
+from prism_rt.config import COMPOSITE_THRESHOLDS, NOISE_BLEND_THRESHOLDS, SELF_REPLACE_SWEEP, ControlConfig, RunLimits
 from prism_rt.errors import MissingExtraError, SettingsError
+from prism_rt.precision import CHOICES as PRECISIONS
 
 EDITS = ("devices-remove", "devices-add", "effusion-remove", "effusion-add")
 BASE_CONFIGS = ("null-text", "null-text+blend", "null-text+noise-blend", "direct", "direct+blend", "direct+noise-blend",
@@ -205,8 +206,8 @@ def markdown(table: list[dict], meta: dict) -> str:
 def add_evaluate_parser(sub):
     p = sub.add_parser("evaluate", help="edit held-out phantom patients with known true counterfactuals and score them")
     p.add_argument("--model", type=Path, required=True, help="a phantom model (checkpoint folder or engine folder)")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int8-cpu"])
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], help="default: what --model is (engine folder: onnxruntime)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--classifier", type=Path, required=True, help="ONNX attribute classifier (e.g. the model's classifier.onnx)")
     p.add_argument("--patients", type=int, default=50)
     p.add_argument("--seed0", type=int, help="first patient seed (default: the held-out range)")
@@ -215,7 +216,7 @@ def add_evaluate_parser(sub):
                    help=f"comma-separated subset of {','.join(CONFIGS)} (null-text needs --backend torch "
                         "or --invert-model)")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--self-replace", default="0.4,0.5,0.6,0.7,0.8")
+    p.add_argument("--self-replace", default=",".join(map(str, SELF_REPLACE_SWEEP)))
     p.add_argument("--noise-blend-threshold", default=",".join(map(str, NOISE_BLEND_THRESHOLDS)),
                    help="the +noise-blend configurations' mask threshold(s) (× the mean prediction difference), "
                         "comma-separated; several are candidates of the filter like the self-window values")
@@ -260,14 +261,10 @@ def run_evaluate(args) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise SettingsError(f"--out {args.out} is a file; give a folder")
     classifier = Classifier.load(args.classifier)
-    if args.threads and (args.backend == "torch" or args.invert_model is not None):
-        import torch
-
-        torch.set_num_threads(args.threads)
     engine = Engine.load(args.model, backend=args.backend, precision=args.precision, threads=args.threads)
     inverter = None
-    if args.invert_model is not None:
-        inverter = Engine.load(args.invert_model, backend="torch")  # its weights are checked by evaluate()
+    if args.invert_model is not None:  # its weights are checked by evaluate()
+        inverter = Engine.from_checkpoint(args.invert_model, threads=args.threads)
     cases = phantom_cases(args.patients, edits, engine.backend.info.image_size, args.seed0)
     print(f"evaluating {len(cases)} edits × {len(configs)} configurations …", flush=True)
     start = time.perf_counter()
@@ -275,7 +272,7 @@ def run_evaluate(args) -> int:
                     inverter=inverter)
     table = summarize(rows)
     meta = {"patients": args.patients, "steps": args.steps, "sweep": list(sweep), "model": str(args.model),
-            "backend": args.backend, "precision": args.precision, "classifier": str(args.classifier),
+            "backend": engine.backend.kind.value, "precision": args.precision, "classifier": str(args.classifier),
             "seed0": args.seed0, "invert_model": str(args.invert_model) if inverter else None,
             "noise_blend_threshold": list(thresholds), "composite": list(composite),
             "seconds": time.perf_counter() - start, "libraries": library_versions()}

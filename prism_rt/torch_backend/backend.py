@@ -9,6 +9,7 @@ import torch
 
 from ..backend import BackendKind, ModelInfo
 from ..errors import BackendError
+from ..precision import TORCH_PRECISIONS, Precision
 from .graphs import build_graphs
 
 
@@ -102,10 +103,16 @@ class TorchBackend:
 
 
 def load_torch_backend(model, *, unet_weights=None, allow_pickle=False, config=None, device="cpu",
-                       self_max_queries: int = 32 * 32, precision: str = "fp32") -> TorchBackend:
+                       self_max_queries: int = 32 * 32, precision: Precision | str = Precision.FP32) -> TorchBackend:
     from .checkpoint import load_checkpoint
+
+    precision = Precision.parse(precision)
+    if precision not in TORCH_PRECISIONS:
+        raise BackendError(f"the torch backend runs fp32 or fp16, not {precision.value!r}; int8 variants live in engine "
+                           "folders: export one with `prism-export export … --precision fp32,int8-cpu` and pass that "
+                           "folder as --model")
 
     components = load_checkpoint(model, unet_weights=unet_weights, allow_pickle=allow_pickle, config=config,
                                  device="cpu", dtype=torch.float32)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
+    dtype = torch.float16 if precision.half else torch.float32
     return TorchBackend(components, device=device, dtype=dtype, self_max_queries=self_max_queries)
