@@ -100,12 +100,19 @@ def _time_stats(times: list[float], usage: list | None = None) -> dict:
 
 
 def unet_layout(batch: int) -> tuple[int, int]:
-    """(U, K) of a UNet batch N = U + (1 + K) with one group: 1 → a direct-inversion call; 2 → one
-    guided step; 2·(1+K) → an edit step with K items, every item with its unconditional half."""
+    """(U, K) of a one-image UNet call of ``batch`` items (``prism_rt.unet_batch.UNetBatch``): 1 → a
+    direct-inversion call; an even N → an edit step with every item guided (ddim / null-text),
+    K = N/2 − 1 (2: one guided step); an odd N → a direct-inversion edit step, K = (N − 1)/2."""
+    from prism_rt.unet_batch import UNetBatch
+
     if batch == 1:
-        return 0, 0
-    k = batch // 2 - 1
-    return batch - (1 + k), k
+        layout = UNetBatch(1, 0, source_uncond=False)
+    elif batch % 2 == 0:
+        layout = UNetBatch.for_method("ddim", 1, batch // 2 - 1)
+    else:
+        layout = UNetBatch.for_method("direct", 1, (batch - 1) // 2)
+    assert layout.size == batch
+    return layout.uncond, layout.edits
 
 
 def graph_inputs(backend, tokenizer, graph: str, batch: int, rng: np.random.Generator) -> dict:
