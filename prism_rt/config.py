@@ -199,8 +199,8 @@ class ControlConfig:
         if self.noise_blend_samples < 1:
             raise SettingsError(f"noise_blend_samples must be ≥ 1, got {self.noise_blend_samples}")
         object.__setattr__(self, "noise_blend_threshold", _floats(self.noise_blend_threshold))
-        if not self.noise_blend_threshold or not all(math.isfinite(v) and 0 <= v <= 100 for v in self.noise_blend_threshold):
-            raise SettingsError(f"noise_blend_threshold needs one or more values in [0, 100] (× the mean prediction "
+        if not self.noise_blend_threshold or not all(math.isfinite(v) and v >= 0 for v in self.noise_blend_threshold):
+            raise SettingsError(f"noise_blend_threshold needs one or more finite values ≥ 0 (× the mean prediction "
                                 f"difference, 0 = the whole image; default {NOISE_BLEND_THRESHOLDS}), got {self.noise_blend_threshold}")
         object.__setattr__(self, "composite", _floats(self.composite))
         if any(not 0.0 <= v < 1.0 for v in self.composite) or len({f"{v:g}" for v in self.composite}) != len(self.composite):
