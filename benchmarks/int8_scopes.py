@@ -54,7 +54,7 @@ class _Session:
 
 def main(argv=None) -> int:
     from prism_export import variants as V
-    from prism_export.cpu_rewrites import fuse_for_cpu_file
+    from prism_export.cpu_graph import fuse_for_cpu_file
     from prism_rt.engine import Engine
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

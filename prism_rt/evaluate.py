@@ -110,9 +110,9 @@ def edit_direction(source_prompt: str, target_prompt: str, labels) -> tuple[str,
 def _masked_quality(reference: np.ndarray, image: np.ndarray, *regions: np.ndarray | None) -> list[dict]:
     """L1 / PSNR / SSIM of ``image`` against ``reference`` within each region (None = the whole
     image); the SSIM map is computed once for all regions."""
-    from skimage.metrics import structural_similarity
+    from .metrics import psnr_from_mse, ssim_map as structural_similarity_map
 
-    _, ssim_map = structural_similarity(reference, image, data_range=1.0, full=True)
+    ssim_map = structural_similarity_map(reference, image, data_range=1.0)
     out = []
     for region in regions:
         region = np.ones(reference.shape, bool) if region is None else region
@@ -121,7 +121,7 @@ def _masked_quality(reference: np.ndarray, image: np.ndarray, *regions: np.ndarr
             continue
         diff = (image - reference)[region]
         mse = float(np.mean(diff ** 2))
-        out.append({"l1": float(np.abs(diff).mean()), "psnr_db": 99.0 if mse == 0 else float(min(99.0, 10 * np.log10(1 / mse))),
+        out.append({"l1": float(np.abs(diff).mean()), "psnr_db": psnr_from_mse(mse),
                     "ssim": float(ssim_map[region].mean()), "fraction": float(region.mean())})
     return out
 

@@ -38,13 +38,23 @@ def _is_package(module: str) -> bool:
     return MODULES[module].name == "__init__.py"
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def _imports(module: str) -> list[tuple[str, int]]:
     """Every module name ``module`` imports (absolute, resolved), with its line, at any depth."""
     path = MODULES[module]
     tree = ast.parse(path.read_text(), str(path))
     package = module if _is_package(module) else module.rpartition(".")[0]
+    # imports under ``if TYPE_CHECKING:`` never run: annotations only, not edges
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+                   for stmt in block.body for n in ast.walk(stmt)}
     names = []
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             names += [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

@@ -125,13 +125,16 @@ def main(argv=None) -> int:
             save()
         pairs = list(zip(images["fp32"], images["fp16"]))
         row = {"what": "counterfactual fp16 vs fp32", "max_abs": max(float(np.abs(a - b).max()) for a, b in pairs)}
-        try:
-            from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+        from prism_rt.errors import MissingExtraError
+        from prism_rt.metrics import psnr
 
-            row["psnr_db_min"] = min(float(peak_signal_noise_ratio(a, b, data_range=1)) for a, b in pairs)
-            row["ssim_min"] = min(float(structural_similarity(a, b, data_range=1)) for a, b in pairs)
-        except ImportError:  # scikit-image is not carried to the GPU machine (size)
-            row["note"] = "scikit-image absent: PSNR/SSIM not computed"
+        row["psnr_db_min"] = min(psnr(a, b) for a, b in pairs)
+        try:
+            from prism_rt.metrics import ssim
+
+            row["ssim_min"] = min(ssim(a, b) for a, b in pairs)
+        except MissingExtraError:  # scikit-image is not carried to the GPU machine (size)
+            row["note"] = "scikit-image absent: SSIM not computed"
         report["rows"].append(row)
     save()
     print(json.dumps(report["rows"], indent=1))
