@@ -188,6 +188,14 @@ def _edit_args(edit: argparse.ArgumentParser):
                    help="no figure.png (source | reconstruction | counterfactual | change)")
     o.add_argument("--figure", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     o.add_argument("--extras", action="store_true", help="also the reconstruction and the difference maps")
+    o.add_argument("--dicom-out", default="on", choices=["on", "off"],
+                   help="a DICOM input: a marked-synthetic Secondary Capture twin (.dcm) of each counterfactual PNG, "
+                        "in a new series of the input's study")
+    o.add_argument("--dicom-label", default="on", choices=["on", "off"],
+                   help="burn a SYNTHETIC label into the DICOM twins' top-left corner (off: pixels untouched)")
+    o.add_argument("--anonymize", action="store_true",
+                   help="DICOM twins without patient/study identity (PS3.15 basic profile, new study UID): for "
+                        "research exports; they then no longer file beside the original")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,8 +327,11 @@ def cmd_edit(args) -> int:
         from .evaluate import select_edits
 
         selection = select_edits(classifier, inversion.source_prompt, result, inversion.fitted_pixels)
+    from .dicom_out import DicomOptions
+
     write_edit_outputs(args.out, result, inversion, parameters, selection=selection, figure=args.figure,
-                       extras=args.extras)
+                       extras=args.extras, dicom=DicomOptions(label=args.dicom_label == "on", anonymize=args.anonymize)
+                       if args.dicom_out == "on" else None)
     _warn(result.warnings)
     print(f"wrote {len(result.edits)} counterfactual(s) to {args.out} ({inversion.method.value} inversion, "
           f"reconstruction error {result.reconstruction_error:.2e}, {result.counts['unet_items']} UNet items)")

@@ -310,13 +310,21 @@ def to_uint(pixels01: np.ndarray, bits: int = 8) -> np.ndarray:
     return np.clip(np.rint(x * top), 0, top).astype(np.uint8 if bits == 8 else np.uint16)
 
 
-def save_png(path: str | os.PathLike, pixels01: np.ndarray, bits: int = 8) -> None:
-    """Grayscale PNG; 16 bits keeps the precision of a DICOM source for a radiologist's viewer."""
+def save_png(path: str | os.PathLike, pixels01: np.ndarray, bits: int = 8, text: dict | None = None) -> None:
+    """Grayscale PNG; 16 bits keeps the precision of a DICOM source for a radiologist's viewer.
+    ``text``: keyword → value text chunks (iTXt where a value is not Latin-1), e.g. provenance."""
+    from PIL.PngImagePlugin import PngInfo
+
     arr = to_uint(pixels01, bits)
     if arr.ndim != 2:
         raise ValueError(f"save_png expects an [H, W] grayscale image, got shape {arr.shape}")
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, str(value))
     # compress_level 1: a 1841×1955 16-bit PNG in ~0.3 s instead of ~0.5 s (level 6) for ~2 % more bytes
-    Image.fromarray(arr).save(Path(path), format="PNG", compress_level=1)
+    Image.fromarray(arr).save(Path(path), format="PNG", compress_level=1, pnginfo=info)
 
 
 # Diverging blue-white-red (ColorBrewer RdBu, centre made pure white): white means "unchanged".

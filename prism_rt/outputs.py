@@ -1,9 +1,11 @@
-"""Writing an edit's outputs: PNGs mapped back to the input's geometry, optionally the
+"""Writing an edit's outputs: PNGs mapped back to the input's geometry (with provenance text
+chunks), their DICOM twins when the input is DICOM (``prism_rt.dicom_out``), optionally the
 reconstruction and signed difference maps, and ``result.json``. Written to a staging folder and
 published whole (``prism_rt.publish``), so a failure or a kill never leaves a half-written or
 mixed output folder behind."""
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import shutil
@@ -13,7 +15,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .dicom_out import SYNTHETIC, DicomOptions, derivation_description
 from .publish import LOCK_WAIT_S, staged_dir
+from .version import __version__
 
 if TYPE_CHECKING:  # the engine (and its backends) is not needed to write files
     from .result import EditResult
@@ -32,7 +36,7 @@ def library_versions() -> dict:
 
 def write_edit_outputs(out_dir, result: EditResult, inversion: Inversion, parameters: dict,
                        selection: list[dict] | None = None, figure: bool = False, *, extras: bool = False,
-                       wait_s: float = LOCK_WAIT_S) -> Path:
+                       wait_s: float = LOCK_WAIT_S, dicom: DicomOptions | None = DicomOptions()) -> Path:
     """Write the result and publish it onto ``out_dir`` in one step (``prism_rt.publish``): an
     existing result there is replaced whole, never merged into.
 
@@ -43,33 +47,47 @@ def write_edit_outputs(out_dir, result: EditResult, inversion: Inversion, parame
     ``figure``: source | reconstruction | chosen counterfactual | signed change. ``wait_s``: how
     long to wait for another process publishing to the same folder. ``result.json``'s ``files``
     lists exactly the files written (itself included).
+
+    ``dicom``: when the input was a DICOM, each counterfactual PNG (``edit-*``, ``selected-*``)
+    gets a marked-synthetic DICOM twin of the same stem (``prism_rt.dicom_out``); None: none.
+    With ``dicom.anonymize`` result.json leaves out the source's path and SOP Instance UID too.
     """
     from .imageio import FitInfo
 
     fit = FitInfo(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in inversion.meta["fit"].items()})
     bits = 16 if int(inversion.meta.get("source_image", {}).get("bit_depth", 8) or 8) > 8 else 8
     with staged_dir(out_dir, wait_s=wait_s) as stage:
-        _write(stage, result, inversion, parameters, selection, figure, extras, fit, bits)
+        _write(stage, result, inversion, parameters, selection, figure, extras, fit, bits, dicom)
     return Path(out_dir)
 
 
 def _write(stage: Path, result: EditResult, inversion: Inversion, parameters: dict, selection, figure: bool,
-           extras: bool, fit, bits: int) -> None:
+           extras: bool, fit, bits: int, dicom: DicomOptions | None) -> None:
     from PIL import Image
 
     from .imageio import diff_heatmap, save_png, unfit
 
     written = []
+    source_meta = inversion.meta.get("source_image", {})
+    series = None
+    if dicom is not None and source_meta.get("kind") == "dicom":
+        from .dicom_out import DicomSeries
+
+        series = DicomSeries(source_meta.get("path"), dicom, sha256=source_meta.get("sha256"))
     recon = unfit(result.reconstruction, fit)
     if extras:
         save_png(stage / "reconstruction.png", recon, bits=bits)
         written.append("reconstruction.png")
     items = []
-    for item, image in zip(result.items, result.edits):
+    for number, (item, image) in enumerate(zip(result.items, result.edits), start=1):
         edited = unfit(image, fit)
-        save_png(stage / f"{item.name}.png", edited, bits=bits)
+        provenance = _provenance(inversion, item, result.settings)
+        save_png(stage / f"{item.name}.png", edited, bits=bits, text=_png_text(provenance))
         files = {"name": item.name, "edit": f"{item.name}.png"}
         written.append(files["edit"])
+        if series is not None:
+            files["dicom"] = series.write(stage / f"{item.name}.dcm", edited, provenance, number).name
+            written.append(files["dicom"])
         if extras:
             files["diff"] = "diff-" + item.name.removeprefix("edit-") + ".png"
             Image.fromarray(diff_heatmap(edited, recon)).save(stage / files["diff"], compress_level=1)
@@ -81,6 +99,10 @@ def _write(stage: Path, result: EditResult, inversion: Inversion, parameters: di
                 shutil.copyfile(stage / f"{choice['selected_item']}.png", stage / f"selected-{k}.png")
                 choice["file"] = f"selected-{k}.png"
                 written.append(choice["file"])
+                if series is not None:  # the same image: the same SOP instance, so a PACS keeps one copy
+                    shutil.copyfile(stage / f"{choice['selected_item']}.dcm", stage / f"selected-{k}.dcm")
+                    choice["dicom"] = f"selected-{k}.dcm"
+                    written.append(choice["dicom"])
     if figure:
         shown = None
         if selection and selection[0]["selected_item"] is not None:
@@ -107,7 +129,7 @@ def _write(stage: Path, result: EditResult, inversion: Inversion, parameters: di
         "counts": result.counts,
         "settings": result.settings,
         "provenance": {
-            "source_image": inversion.meta.get("source_image", {}),
+            "source_image": _identity_free(source_meta) if dicom is not None and dicom.anonymize else source_meta,
             "fit": inversion.meta.get("fit", {}),
             "model": inversion.meta.get("model", {}),
             "backend": inversion.meta.get("backend", {}),
@@ -121,9 +143,33 @@ def _write(stage: Path, result: EditResult, inversion: Inversion, parameters: di
                   "composite": "the item's difference-composite threshold (prism_rt.composite; 0 = plain): the "
                   "counterfactual is the reconstruction except where its blurred change exceeds it; "
                   "composite_fraction = the mean of that soft mask",
-                  "files": "every file written; reconstruction.png and diff-*.png only with extras"},
+                  "files": "every file written; reconstruction.png and diff-*.png only with extras",
+                  "dicom": f"*.dcm: {SYNTHETIC}; a Secondary Capture twin of the PNG of the same stem, in a new "
+                  "series of the source's study (a new study with --anonymize)"},
     }
     (stage / "result.json").write_text(json.dumps(record, indent=2, default=_jsonable))
+
+
+def _provenance(inversion: Inversion, item, settings: dict) -> dict:
+    """What made one counterfactual: written into its PNG's text chunks and its DICOM twin."""
+    model = inversion.meta.get("model", {})
+    graphs = (model.get("provenance") or {}).get("engine_sha256")
+    engine_hash = hashlib.sha256(json.dumps(graphs, sort_keys=True).encode()).hexdigest() if graphs else None
+    return {"warning": SYNTHETIC, "software": f"prism_rt {__version__}",
+            "source_sha256": inversion.meta.get("source_image", {}).get("sha256"),
+            "source_prompt": inversion.source_prompt, "target": item.target, "inversion": inversion.method.value,
+            "self_replace": item.self_replace, "blend_threshold": item.blend_threshold, "composite": item.composite,
+            "model_path": str(model.get("path")), "engine_hash": engine_hash, "settings": settings}
+
+
+def _png_text(provenance: dict) -> dict:
+    return {"Warning": SYNTHETIC, "Software": provenance["software"],
+            "Source": f"sha256:{provenance['source_sha256']}", "Description": derivation_description(provenance),
+            "prism_rt:provenance": json.dumps(provenance, default=_jsonable)}
+
+
+def _identity_free(source_meta: dict) -> dict:
+    return {k: v for k, v in source_meta.items() if k not in ("path", "sop_instance_uid")}
 
 
 def _side_by_side(path: Path, panels: list, heatmap: np.ndarray) -> None:
