@@ -87,7 +87,9 @@ def _label_tile(rows: int) -> np.ndarray:
     left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), LABEL, font=font)
     pad = max(1, (bottom - top) // 3)
     tile = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad), 255)
-    ImageDraw.Draw(tile).text((pad - left, pad - top), LABEL, fill=0, font=font)
+    draw = ImageDraw.Draw(tile)
+    draw.fontmode = "1"  # no antialiasing: pure black on white, legible at any window
+    draw.text((pad - left, pad - top), LABEL, fill=0, font=font)
     if scale > 1:
         tile = tile.resize((tile.width * scale, tile.height * scale), Image.Resampling.NEAREST)
     return np.asarray(tile, dtype=np.float64) / 255.0
