@@ -207,7 +207,7 @@ class DicomSeries:
                       instance_number=instance_number, manufacturer="prism_rt",
                       # highdicom requires an orientation for PATIENT; an unknown one is emptied below
                       patient_orientation=tuple(orientation) if known_orientation else ("L", "F"),
-                      laterality=None if anonymize else (src.get("Laterality") or None),
+                      laterality=src.get("Laterality") or None,  # not identity (PS3.15 keeps it)
                       transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian, contributing_equipment=[equipment],
                       series_description=f"{SYNTHETIC} (prism_rt)", manufacturer_model_name="prism_rt",
                       software_versions=__version__,
@@ -227,11 +227,13 @@ class DicomSeries:
         image.BurnedInAnnotation = "YES" if self.options.label else "NO"
         image.LossyImageCompression = "00"
         image.DerivationDescription = derivation_description(provenance)
-        for keyword in ("PixelSpacing", "ImagerPixelSpacing", "PixelSpacingCalibrationType"):
-            if keyword in src:
+        for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+            if _positive_pair(src.get(keyword)):  # a zero spacing (RG1_UNCR has one) is invalid: unknown
                 setattr(image, keyword, src[keyword].value)
-        if not anonymize and src.get("BodyPartExamined"):
+        if src.get("BodyPartExamined"):  # not identity, and a viewer's hanging protocols use it
             image.BodyPartExamined = src.BodyPartExamined
+        elif "Laterality" not in image:
+            image.Laterality = ""  # type 2C when the body part may be paired: unknown, never guessed
         purpose = Dataset()
         purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = _SOURCE_PURPOSE
         reference = Dataset()
@@ -267,6 +269,13 @@ class DicomSeries:
         method = Dataset()
         method.CodeValue, method.CodingSchemeDesignator, method.CodeMeaning = _BASIC_PROFILE
         image.DeidentificationMethodCodeSequence = [method]
+
+
+def _positive_pair(value) -> bool:
+    try:
+        return value is not None and len(value) == 2 and all(float(v) > 0 for v in value)
+    except (TypeError, ValueError):
+        return False
 
 
 def _read_source(path, sha256: str | None):
