@@ -255,14 +255,19 @@ class BatchJob:
                 continue
             files = [f"{it.name}.png" for it in result.items if it.target == planned.target]
             values = {"output": task.image_id, "files": ";".join(files),
-                      "selected_file": files[0] if len(files) == 1 else "",
+                      "selected_file": files[0] if len(files) == 1 and selection is None else "",
                       "reconstruction_error": f"{result.reconstruction_error:.4g}", "invert_s": f"{invert_s:.3f}",
                       "edit_s": f"{edit_s:.3f}", "inversion": inversion.method.value}
             for k, choice in enumerate(selection or []):
-                if choice["target"] == planned.target and choice["selected_item"] is not None:
-                    best = next(c for c in choice["candidates"] if c["item"] == choice["selected_item"])
-                    values.update(selected_file=f"selected-{k}.png",
-                                  p_source=f"{best['classifier']['p_source']:.4f}",
+                if choice["target"] != planned.target:
+                    continue
+                chosen = choice["selected_item"]  # none flips: the scores of a sole candidate still tell how far
+                best = next((c for c in choice["candidates"] if c["item"] == chosen), None) if chosen else (
+                    choice["candidates"][0] if len(choice["candidates"]) == 1 else None)
+                if chosen is not None:
+                    values["selected_file"] = f"selected-{k}.png"
+                if best is not None:
+                    values.update(p_source=f"{best['classifier']['p_source']:.4f}",
                                   p_counterfactual=f"{best['classifier']['p_counterfactual']:.4f}")
             rows.append(_row(task, planned, "ok", "; ".join(result.warnings), **values))
         parameters = {"batch": {"image_id": task.image_id, "path": str(task.path), "rows": rows},
