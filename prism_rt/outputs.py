@@ -157,8 +157,9 @@ def _provenance(inversion: Inversion, item, settings: dict) -> dict:
     engine_hash = hashlib.sha256(json.dumps(graphs, sort_keys=True).encode()).hexdigest() if graphs else None
     return {"warning": SYNTHETIC, "software": f"prism_rt {__version__}",
             "source_sha256": inversion.meta.get("source_image", {}).get("sha256"),
-            "source_prompt": inversion.source_prompt, "target": item.target, "inversion": inversion.method.value,
-            "self_replace": item.self_replace, "blend_threshold": item.blend_threshold, "composite": item.composite,
+            "source_prompt": inversion.source_prompt, "inversion": inversion.method.value,
+            # what the edit item knows of itself (a caller's duck-typed result may know only its name)
+            **{key: getattr(item, key, None) for key in ("target", "self_replace", "blend_threshold", "composite")},
             "model_path": str(model.get("path")), "engine_hash": engine_hash, "settings": settings}
 
 

@@ -254,3 +254,47 @@ def test_cli_edit_writes_dicom_twins_and_png_provenance(dicom_path, tmp_path):
     assert main(argv + ["--out", str(tmp_path / "off"), "--dicom-out", "off"]) == 0
     assert not list((tmp_path / "off").glob("*.dcm")) and (tmp_path / "off" / "edit-1-s0.50.png").is_file()
     assert _sha(dicom_path) == before
+
+
+def test_write_edit_outputs_twins_each_png_and_its_selected_copy(dicom_path, tmp_path):
+    """write_edit_outputs on a fabricated result: a twin per edit PNG, selected-K.dcm the chosen
+    twin (the same SOP instance), --anonymize keeps the source's path and UID out of result.json."""
+    from types import SimpleNamespace
+
+    from prism_rt.config import InversionConfig, InversionMethod, SamplerConfig
+    from prism_rt.imageio import FitInfo
+    from prism_rt.inversion import Inversion
+    from prism_rt.outputs import write_edit_outputs
+
+    source = load_image(dicom_path)
+    rows, columns = source.pixels.shape
+    fit = FitInfo("resize", rows, columns, 16, (0, 0, rows, columns), 0.0).to_json()
+    meta = {"fit": fit, "source_image": {"path": str(dicom_path), "kind": "dicom", "sha256": source.sha256,
+                                          "bit_depth": source.bit_depth, **source.meta},
+            "model": {"path": "engines/phantom-demo", "provenance": {"engine_sha256": {"unet": "00" * 32}}}}
+    inversion = Inversion(method=InversionMethod.DIRECT, source_prompt="a chest x-ray", sampler=SamplerConfig(steps=2),
+                          config=InversionConfig(method=InversionMethod.DIRECT), meta=meta,
+                          trajectory=np.zeros((3, 1, 4, 2, 2), np.float32),
+                          fitted_pixels=np.zeros((3, 16, 16), np.float32))
+    rng = np.random.default_rng(0)
+    items = [SimpleNamespace(name=f"edit-1-s0.{k}0", target="a clear chest x-ray", self_replace=k / 10,
+                             blend_threshold=None, composite=None) for k in (4, 6)]
+    result = SimpleNamespace(items=items, edits=[rng.uniform(-1, 1, (3, 16, 16)).astype(np.float32) for _ in items],
+                             reconstruction=np.zeros((3, 16, 16), np.float32), reconstruction_error=0.0,
+                             plan_words=[["clear"]], timings={}, counts={}, settings={},
+                             item_stats=lambda: [{"name": i.name} for i in items])
+    out = tmp_path / "out"
+    write_edit_outputs(out, result, inversion, {}, selection=[{"selected_item": "edit-1-s0.60"}],
+                       dicom=DicomOptions(anonymize=True))
+    record = json.loads((out / "result.json").read_text())
+    assert {p.name for p in out.iterdir()} == set(record["files"]) == {
+        "edit-1-s0.40.png", "edit-1-s0.40.dcm", "edit-1-s0.60.png", "edit-1-s0.60.dcm", "selected-0.png",
+        "selected-0.dcm", "result.json"}
+    assert (out / "selected-0.dcm").read_bytes() == (out / "edit-1-s0.60.dcm").read_bytes()
+    a, b = (pydicom.dcmread(out / f"edit-1-s0.{k}0.dcm", stop_before_pixels=True) for k in (4, 6))
+    assert a.SeriesInstanceUID == b.SeriesInstanceUID and a.SOPInstanceUID != b.SOPInstanceUID
+    assert a.PatientIdentityRemoved == "YES" and "self-window 0.6" in b.DerivationDescription
+    assert "path" not in record["provenance"]["source_image"]
+    assert "sop_instance_uid" not in record["provenance"]["source_image"]
+    write_edit_outputs(out, result, inversion, {}, dicom=None)
+    assert not list(out.glob("*.dcm"))
