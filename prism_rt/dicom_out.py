@@ -146,7 +146,10 @@ class DicomSeries:
         self.study_uid = generate_uid() if options.anonymize else str(self.source.StudyInstanceUID)
         # Basic profile: a UID is replaced by one consistent within the export, not linkable to the original.
         self.source_uid = generate_uid() if options.anonymize else str(self.source.SOPInstanceUID)
-        self.series_number = int(self.source.get("SeriesNumber", 0) or 0) + 1000
+        try:
+            self.series_number = int(self.source.get("SeriesNumber", 0) or 0) + 1000
+        except (TypeError, ValueError):  # a malformed IS: any positive number will do
+            self.series_number = 1000
 
     def write(self, path, pixels01: np.ndarray, provenance: dict, instance_number: int = 1) -> Path:
         """Write one twin of ``pixels01`` (float [H, W] in [0, 1], bright = dense, the input's
@@ -196,7 +199,9 @@ class DicomSeries:
         src, anonymize = self.source, self.options.anonymize
         stored, bits, photometric = self._stored(pixels01)
         orientation = [str(v) for v in (src.get("PatientOrientation") or [])]
-        known_orientation = len(orientation) == 2 and all(orientation)
+        biped = {v.value for v in hd.enum.PatientOrientationValuesBiped}
+        known_orientation = len(orientation) == 2 and all(v in biped for v in orientation)
+        laterality = str(src.get("Laterality") or "")
         equipment = hd.ContributingEquipment(
             manufacturer="prism_rt", purpose_of_reference=codes.DCM.SynthesizingEquipment,
             manufacturer_model_name="prism_rt", software_versions=__version__,
@@ -205,9 +210,9 @@ class DicomSeries:
                       coordinate_system="PATIENT", series_instance_uid=self.series_uid,
                       series_number=self.series_number, sop_instance_uid=generate_uid(),
                       instance_number=instance_number, manufacturer="prism_rt",
-                      # highdicom requires an orientation for PATIENT; an unknown one is emptied below
+                      # highdicom requires an orientation for PATIENT; an unknown (or composite) one is emptied below
                       patient_orientation=tuple(orientation) if known_orientation else ("L", "F"),
-                      laterality=src.get("Laterality") or None,  # not identity (PS3.15 keeps it)
+                      laterality=laterality if laterality in ("L", "R") else None,  # PS3.15 keeps it
                       transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian, contributing_equipment=[equipment],
                       series_description=f"{SYNTHETIC} (prism_rt)", manufacturer_model_name="prism_rt",
                       software_versions=__version__,
