@@ -311,7 +311,14 @@ def cmd_batch(args) -> int:
     tasks = _tasks(args)
     store = JobStore(args.out, args.cache)
     store.check_out()
-    job = BatchJob(args, tasks, store)
+    store.lock()
+    try:
+        return _run(args, tasks, store, BatchJob(args, tasks, store))
+    finally:
+        store.unlock()
+
+
+def _run(args, tasks: list[ImageTask], store: JobStore, job: BatchJob) -> int:
     resumed = store.claim(job.settings())
     todo = [t for t in tasks if store.done_rows(t.image_id) is None]
     earlier = len(tasks) - len(todo)

@@ -99,6 +99,30 @@ class JobStore:
             tmp.write_text(json.dumps(record, indent=2, default=str))
         return False
 
+    def lock(self) -> None:
+        """Hold ``OUT/.batch-lock`` (flock) for the process's life: a second job on the same ``OUT``
+        at the same time is refused; the kernel frees it whenever the holder dies, even by SIGKILL."""
+        import fcntl
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / ".batch-lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputError(f"--out {self.out} is in use by another prism-rt batch job (pid {holder}); wait for it "
+                              "or give another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd  # kept open: closing it would release the lock
+
+    def unlock(self) -> None:
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
     # -- per-image state ---------------------------------------------------------------------------
     def folder(self, image_id: str) -> Path:
         return self.out / image_id

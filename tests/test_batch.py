@@ -223,6 +223,15 @@ def test_refusals_before_any_work(tmp_path, capsys, dataset):
     (tmp_path / "notajob" / "thesis.tex").write_text("x")
     code, _, err = _run(capsys, "--csv", labels, "--edit", "Cardiomegaly=remove", "--out", tmp_path / "notajob", *FAST)
     assert code == 2 and "not a prism-rt batch folder" in err
+    from prism_rt.batch_store import JobStore
+
+    other = JobStore(tmp_path / "busy")  # another job holds this OUT
+    other.lock()
+    try:
+        code, _, err = _run(capsys, "--csv", labels, "--edit", "Cardiomegaly=remove", "--out", tmp_path / "busy", *FAST)
+        assert code == 2 and "in use by another prism-rt batch job" in err
+    finally:
+        other.unlock()
 
 
 def test_failing_image_is_recorded_and_exit_1(tmp_path, capsys):
