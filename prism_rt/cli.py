@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--inversion", default="direct", choices=["direct", "negative-prompt"],
                       help="onnxruntime has no autograd, so no null-text here")
     demo.add_argument("--threads", type=_positive, help="CPU threads (default: every core)")
+    demo.add_argument("--extras", action="store_true", help="also the reconstruction and the difference maps")
     _common(demo)
 
     info = sub.add_parser("info", help="summarise an engine folder (or a checkpoint)", formatter_class=Formatter)
@@ -408,6 +409,8 @@ def cmd_demo(args) -> int:
         argv += ["--threads", str(args.threads)]
     if args.no_progress:
         argv.append("--no-progress")
+    if args.extras:
+        argv.append("--extras")
     edit_args = build_parser().parse_args(argv)
     print(f"demo: {spec['prompt']!r} → {spec['targets'][0]!r} on {edit_args.image.name} "
           f"({args.inversion} inversion, onnxruntime {args.precision})")

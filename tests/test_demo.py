@@ -39,7 +39,7 @@ def demo_run(tmp_path_factory):
     from prism_rt.cli import main
 
     out = tmp_path_factory.mktemp("demo") / "out"
-    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--out", str(out), "--no-progress", "--extras"]) == 0  # the reconstruction too
     return out
 
 
