@@ -323,7 +323,7 @@ def save_png(path: str | os.PathLike, pixels01: np.ndarray, bits: int = 8, text:
         info = PngInfo()
         for key, value in text.items():
             info.add_text(key, str(value))
-    # compress_level 1: a 1841×1955 16-bit PNG in ~0.3 s instead of ~0.5 s (level 6) for ~2 % more bytes
+    # compress_level 1: faster than Pillow's default 6 for a few per cent more bytes
     Image.fromarray(arr).save(Path(path), format="PNG", compress_level=1, pnginfo=info)
 
 

@@ -195,8 +195,7 @@ class OrtBackend:
             if self.cpu_arena:
                 # one arena for all graphs (they never run at once), grown by exactly what is asked: the
                 # per-session default doubles its chunks and keeps each graph's peak apart. Without any
-                # arena every large tensor is a fresh mmap + page faults: measured 7.3 s vs 8.2 s per
-                # int8-cpu SD v1.5 UNet step at batch 2 (1 thread)
+                # arena every large tensor is a fresh mmap and its page faults (benchmarks/RESULTS.md)
                 _register_shared_cpu_arena(ort)
                 options.add_session_config_entry("session.use_env_allocators", "1")
             else:  # nothing kept between calls: the lowest resident memory, for long-lived services
@@ -214,8 +213,8 @@ class OrtBackend:
             if self.trt_cache is not None:  # made before onnxruntime writes into it
                 for folder in (providers[0][1]["trt_engine_cache_path"], providers[0][1]["trt_timing_cache_path"]):
                     _make_folder(Path(folder))
-            # the CPU twin: attention fused into MultiHeadAttention (flash attention), same weights;
-            # SD v1.5 fp32 UNet at batch 4: 15.7 -> 6.6 GB peak
+            # the CPU twin: attention fused into MultiHeadAttention (flash attention), same weights,
+            # a fraction of the portable graph's memory (benchmarks/RESULTS.md)
             file = entry.cpu_file if kind is OrtDevice.CPU and cpu_graphs and entry.cpu_file else entry.file
             try:
                 session = ort.InferenceSession(str(file), sess_options=options, providers=providers)
