@@ -335,7 +335,7 @@ def _run(args, tasks: list[ImageTask], store: JobStore, job: BatchJob) -> int:
             elapsed = time.perf_counter() - start
             rate = finished / elapsed if elapsed > 0 else 0.0
             eta = (len(todo) - finished) / rate if rate > 0 else 0.0
-            print(f"batch: {earlier + finished}/{len(tasks)} images, {rate:.2f} images/s, ETA {eta:.0f} s "
+            print(f"batch: {earlier + finished}/{len(tasks)} images, {rate:.3g} images/s, ETA {eta:.0f} s "
                   f"(inverted {job.counts.inverted}, reused {job.counts.reused})", file=sys.stderr, flush=True)
     path, rows = store.write_table(ids)
     elapsed = time.perf_counter() - start
@@ -345,5 +345,5 @@ def _run(args, tasks: list[ImageTask], store: JobStore, job: BatchJob) -> int:
     print(f"batch: {len(tasks)} images: {c.images} done now ({c.skipped_images} with every edit skipped), "
           f"{earlier} done earlier, {c.failed} failed; rows: {status['ok']} ok, {status['skipped']} skipped, "
           f"{status['failed']} failed; inverted {c.inverted}, reused {c.reused}; "
-          f"{(c.images + c.failed) / elapsed if elapsed > 0 else 0.0:.2f} images/s; {path}")
+          f"{(c.images + c.failed) / elapsed if elapsed > 0 else 0.0:.3g} images/s; {path}")
     return 1 if status["failed"] else 0
