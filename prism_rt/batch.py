@@ -1,4 +1,4 @@
-"""``prism-rt batch``: counterfactuals of a whole data set, resumable and crash-safe.
+"""``prism-rt batch`` (command line: ``prism_rt.batch_cli``): counterfactuals of a data set, resumable.
 
     prism-rt batch --csv train.csv --root CheXpert-v1.0 --out runs/devices --model ENGINE \\
         --edit "Support Devices=remove" --edit "Pleural Effusion=add" --group 4
@@ -12,14 +12,13 @@ on disk and why a ``kill -9`` at any moment is harmless: ``prism_rt.batch_store`
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass, field
 
-from .batch_csv import BatchInputError, EditSpec, ImageTask, read_chexpert_csv, read_image_folder
+from .batch_csv import EditSpec, ImageTask
 from .batch_store import JobStore, inversion_key, model_identity
-from .config import Fit, InversionConfig, InversionMethod, RunLimits, SamplerConfig
+from .config import InversionConfig, InversionMethod, RunLimits
 from .errors import OutputError
 
 SETTING_KEYS = ("inversion", "steps", "guidance", "fit", "null_inner_steps", "max_pixels", "mode", "cross_replace",
@@ -27,66 +26,6 @@ SETTING_KEYS = ("inversion", "steps", "guidance", "fit", "null_inner_steps", "ma
                 "noise_blend_threshold", "composite", "legacy", "seed", "select", "figure", "extras")
 """The arguments that change a job's outputs, recorded in ``job.json`` (speed-only ones are not:
 --group, --threads, --max-batch, --cache, --no-progress)."""
-
-
-def add_batch_parser(sub) -> argparse.ArgumentParser:
-    """Register ``prism-rt batch`` on the CLI's sub-parsers (argument helpers from ``prism_rt.cli``,
-    imported here: cli imports this module lazily, so there is no import cycle)."""
-    from . import cli
-    from .imageio import DEFAULT_MAX_PIXELS
-
-    p = sub.add_parser("batch", help="counterfactuals of a data set (CheXpert CSV or a folder), resumable",
-                       formatter_class=cli.Formatter)
-    cli._model_args(p)
-    w = p.add_argument_group("work list (a CheXpert CSV, or a folder with one caption)")
-    w.add_argument("--csv", type=cli._path, help="CheXpert-style CSV: Path + label columns (1 / 0 / -1 / blank)")
-    w.add_argument("--root", type=cli._path, help="the folder the CSV's Path column is relative to (default: the CSV's)")
-    w.add_argument("--edit", action="append", default=[], metavar="ATTR=remove|add",
-                   help="with --csv: flip one label, e.g. 'Support Devices=remove'; repeat for several edits")
-    w.add_argument("--images", type=cli._path, help="a folder of images (PNG, JPEG, DICOM), all with --prompt")
-    w.add_argument("--prompt", help="with --images: the source caption of every image")
-    w.add_argument("--target", action="append", default=[], help="with --images: an edited caption; repeat")
-    g = p.add_argument_group("inversion")
-    g.add_argument("--inversion", choices=[m.value for m in InversionMethod],
-                   help="default: the engine's (null-text on torch, direct on onnxruntime)")
-    g.add_argument("--steps", type=int, default=cli.default(SamplerConfig, "steps"), help="DDIM steps")
-    g.add_argument("--guidance", type=float, default=cli.default(SamplerConfig, "guidance"),
-                   help="classifier-free guidance scale, in [1, 30]")
-    g.add_argument("--fit", default=Fit.RESIZE.value, choices=[f.value for f in Fit])
-    g.add_argument("--null-inner-steps", type=int, default=cli.default(InversionConfig, "null_inner_steps"))
-    g.add_argument("--max-pixels", type=cli._positive, default=DEFAULT_MAX_PIXELS,
-                   help="larger images fail (checked from the header)")
-    e = p.add_argument_group("edit (as prism-rt edit; defaults are PRISM's)")
-    from .config import NOISE_BLEND_THRESHOLDS, ControlConfig
-
-    e.add_argument("--mode", default=cli.default(ControlConfig, "mode"), choices=["refine", "replace"])
-    e.add_argument("--cross-replace", type=float, default=cli.default(ControlConfig, "cross_replace"))
-    e.add_argument("--self-replace", type=cli._floats, default=cli.default(ControlConfig, "self_replace"),
-                   help="self-attention window(s), comma-separated: each value is one candidate")
-    e.add_argument("--edit-weight", type=float, default=cli.default(ControlConfig, "edit_weight"))
-    e.add_argument("--edit-words", type=cli._csv, help="words to reweight (default: the new words of each target)")
-    e.add_argument("--blend-words", type=cli._pair, help="SRC_WORD,EDIT_WORD: LocalBlend from the attention maps")
-    e.add_argument("--blend-threshold", type=float, default=cli.default(ControlConfig, "blend_threshold"))
-    e.add_argument("--noise-blend", action="store_true", help="LocalBlend from the noise predictions (DiffEdit)")
-    e.add_argument("--noise-blend-threshold", type=cli._floats, default=NOISE_BLEND_THRESHOLDS)
-    e.add_argument("--composite", type=cli._floats, default=(), metavar="T[,T…]", help="difference composite(s)")
-    e.add_argument("--legacy", action="store_true", help="no attention control, no blend (the published code)")
-    e.add_argument("--seed", type=int, default=0, help="recorded; every step is deterministic (η = 0)")
-    e.add_argument("--select", type=cli._path, metavar="CLASSIFIER.onnx",
-                   help="per edit, the candidate that flips the attribute with the best identity (PRISM's filter)")
-    o = p.add_argument_group("job")
-    o.add_argument("--out", type=cli._path, required=True,
-                   help="the job folder: one folder per image, results.csv, job.json; rerun to resume")
-    o.add_argument("--group", type=cli._positive, default=4, help="images edited together in one UNet batch")
-    o.add_argument("--max-batch", type=cli._positive, default=cli.default(RunLimits, "max_batch"),
-                   help="largest UNet batch; a group that does not fit is split")
-    o.add_argument("--cache", type=cli._path, help="inversion cache folder (default OUT/.cache/inversions); "
-                                                    "another job's reuses its inversions")
-    o.add_argument("--no-figure", dest="figure", action="store_false", help="no figure.png per image")
-    o.add_argument("--extras", action="store_true", help="also the reconstruction and the difference maps")
-    cli._common(p)
-    p.set_defaults(func=cmd_batch)
-    return p
 
 
 @dataclass
@@ -99,23 +38,7 @@ class _Counts:
     rows: dict = field(default_factory=lambda: {"ok": 0, "skipped": 0, "failed": 0})
 
 
-def _tasks(args) -> list[ImageTask]:
-    if (args.csv is None) == (args.images is None):
-        raise BatchInputError("give either --csv FILE (with --edit) or --images DIR (with --prompt and --target)")
-    if args.csv is not None:
-        if args.prompt or args.target:
-            raise BatchInputError("--prompt and --target go with --images; with --csv the captions come from the "
-                                  "labels and the edits from --edit")
-        edits = [EditSpec.parse(text) for text in args.edit]
-        if len({e.attribute for e in edits}) != len(edits):
-            raise BatchInputError(f"--edit names one label twice ({args.edit}); give each label once")
-        return read_chexpert_csv(args.csv, args.root or args.csv.parent, edits)
-    if args.edit or args.root:
-        raise BatchInputError("--edit and --root go with --csv; with --images give --prompt and --target")
-    return read_image_folder(args.images, args.prompt or "", list(args.target))
-
-
-def _groups(tasks: list[ImageTask], size: int) -> list[list[ImageTask]]:
+def groups(tasks: list[ImageTask], size: int) -> list[list[ImageTask]]:
     """Images with as many applicable edits, ``size`` at a time (edit_many needs one count), in
     the order of each group's first image."""
     buckets: dict[int, list[list[ImageTask]]] = {}
@@ -148,11 +71,11 @@ def _error_text(exc: BaseException) -> str:
 class BatchJob:
     """One job: its work list, engine, settings and store."""
 
-    def __init__(self, args, tasks: list[ImageTask], store: JobStore):
-        from . import cli
-
+    def __init__(self, args, tasks: list[ImageTask], store: JobStore, load, control):
+        """``load`` / ``control``: the CLI's engine loader and ControlConfig builder (args → object),
+        passed in so that this module does not import the CLI that registers it."""
         self.args, self.tasks, self.store = args, tasks, store
-        self.control = cli._control(args)
+        self.control = control(args)
         self.limits = RunLimits(max_batch=args.max_batch)
         self.classifier = None
         if args.select is not None:
@@ -162,7 +85,7 @@ class BatchJob:
             for source, target in {(t.source, x) for t in tasks for x in t.targets}:
                 edit_direction(source, target, self.classifier.labels)
         start = time.perf_counter()
-        self.engine = cli._load(args)
+        self.engine = load(args)
         self.load_s = time.perf_counter() - start
         self.method = self.engine.check_inversion_method(args.inversion)
         self.sampler = self.engine.sampler(steps=args.steps, guidance=args.guidance)
@@ -305,45 +228,3 @@ class BatchJob:
                 edited = []
             for item in edited:
                 self._publish(*item)
-
-
-def cmd_batch(args) -> int:
-    tasks = _tasks(args)
-    store = JobStore(args.out, args.cache)
-    store.check_out()
-    store.lock()
-    try:
-        return _run(args, tasks, store, BatchJob(args, tasks, store))
-    finally:
-        store.unlock()
-
-
-def _run(args, tasks: list[ImageTask], store: JobStore, job: BatchJob) -> int:
-    resumed = store.claim(job.settings())
-    todo = [t for t in tasks if store.done_rows(t.image_id) is None]
-    earlier = len(tasks) - len(todo)
-    if resumed:
-        print(f"batch: resuming {args.out}: {earlier} of {len(tasks)} images already done, skipped as done",
-              file=sys.stderr, flush=True)
-    ids = [t.image_id for t in tasks]
-    start, finished = time.perf_counter(), 0
-    for group in _groups(todo, args.group):
-        job.run_group(group)
-        finished += len(group)
-        store.write_table(ids)
-        if not args.no_progress:
-            elapsed = time.perf_counter() - start
-            rate = finished / elapsed if elapsed > 0 else 0.0
-            eta = (len(todo) - finished) / rate if rate > 0 else 0.0
-            print(f"batch: {earlier + finished}/{len(tasks)} images, {rate:.3g} images/s, ETA {eta:.0f} s "
-                  f"(inverted {job.counts.inverted}, reused {job.counts.reused})", file=sys.stderr, flush=True)
-    path, rows = store.write_table(ids)
-    elapsed = time.perf_counter() - start
-    status = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "skipped", "failed")}
-    c = job.counts
-    print(f"inverted {c.inverted}, reused {c.reused}")
-    print(f"batch: {len(tasks)} images: {c.images} done now ({c.skipped_images} with every edit skipped), "
-          f"{earlier} done earlier, {c.failed} failed; rows: {status['ok']} ok, {status['skipped']} skipped, "
-          f"{status['failed']} failed; inverted {c.inverted}, reused {c.reused}; "
-          f"{(c.images + c.failed) / elapsed if elapsed > 0 else 0.0:.3g} images/s; {path}")
-    return 1 if status["failed"] else 0

@@ -232,9 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="the whole manifest summary as JSON")
     _model_args(info, model_required=False)
     _common(info)
-    from .batch import add_batch_parser
+    from .batch_cli import add_batch_parser
 
-    add_batch_parser(sub)
+    add_batch_parser(sub, model_args=_model_args, common=_common, load=_load, control=_control, formatter=Formatter)
     _add_plugin_commands(sub)
     return parser
 
