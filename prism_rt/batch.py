@@ -197,7 +197,7 @@ class BatchJob:
                       "job": self.settings()}
         write_edit_outputs(self.store.folder(task.image_id), result, inversion, parameters, selection=selection,
                            figure=self.args.figure, extras=self.args.extras)
-        self.store.clear_failure(task.image_id)
+        self.store.finished(task.image_id, rows)
         self.counts.images += 1
 
     def run_group(self, group: list[ImageTask]) -> None:
@@ -206,7 +206,6 @@ class BatchJob:
             if not task.targets:
                 self.store.publish_skipped(task.image_id, {"image_id": task.image_id, "path": str(task.path),
                                                            "rows": _skipped_rows(task)})
-                self.store.clear_failure(task.image_id)
                 self.counts.images += 1
                 self.counts.skipped_images += 1
                 continue

@@ -13,6 +13,11 @@ from .batch_store import JobStore
 from .config import Fit, InversionConfig, InversionMethod, RunLimits, SamplerConfig
 
 
+TABLE_EVERY_S = 10.0
+"""results.csv is rebuilt after the first group, then after a group once this long has passed since
+the last rebuild, and at the end: a job of 10⁵ images must not rewrite its whole table per group."""
+
+
 # argument types as prism_rt.cli's (small copies: the CLI imports this module, so it cannot import the CLI)
 def _default(cls, name: str):
     return next(f for f in dataclasses.fields(cls) if f.name == name).default
@@ -148,17 +153,20 @@ def cmd_batch(args, load, control) -> int:
 
 def _run(args, tasks: list[ImageTask], store: JobStore, job: BatchJob) -> int:
     resumed = store.claim(job.settings())
-    todo = [t for t in tasks if store.done_rows(t.image_id) is None]
+    ids = [t.image_id for t in tasks]
+    done = store.scan(ids)
+    todo = [t for t in tasks if t.image_id not in done]
     earlier = len(tasks) - len(todo)
     if resumed:
         print(f"batch: resuming {args.out}: {earlier} of {len(tasks)} images already done, skipped as done",
               file=sys.stderr, flush=True)
-    ids = [t.image_id for t in tasks]
-    start, finished = time.perf_counter(), 0
+    start, finished, written = time.perf_counter(), 0, None
     for group in groups(todo, args.group):
         job.run_group(group)
         finished += len(group)
-        store.write_table(ids)
+        if written is None or time.monotonic() - written >= TABLE_EVERY_S:
+            store.write_table(ids)
+            written = time.monotonic()
         if not args.no_progress:
             elapsed = time.perf_counter() - start
             rate = finished / elapsed if elapsed > 0 else 0.0

@@ -64,6 +64,7 @@ class JobStore:
     def __init__(self, out, cache=None):
         self.out = Path(os.path.abspath(out))
         self.cache = Path(os.path.abspath(cache)) if cache else self.out / ".cache" / "inversions"
+        self.rows: dict[str, list[dict]] = {}  # image id → its rows as on disk: what the table shows
 
     # -- the job manifest --------------------------------------------------------------------------
     def check_out(self) -> None:
@@ -127,6 +128,27 @@ class JobStore:
     def folder(self, image_id: str) -> Path:
         return self.out / image_id
 
+    def scan(self, image_ids: list[str]) -> set[str]:
+        """Read what earlier runs left (once, at the start); returns the ids already done."""
+        done = set()
+        for image_id in image_ids:
+            rows = self.done_rows(image_id)
+            if rows is not None:
+                done.add(image_id)
+            else:
+                rows = self.failed_rows(image_id)
+            if rows is not None:
+                self.rows[image_id] = rows
+        return done
+
+    def finished(self, image_id: str, rows: list[dict]) -> None:
+        """An image's folder was published with these rows; an earlier failure of it is void."""
+        self.rows[image_id] = rows
+        try:
+            os.unlink(self.out / FAILED_DIR / f"{image_id}.json")
+        except FileNotFoundError:
+            pass
+
     def done_rows(self, image_id: str) -> list[dict] | None:
         """The rows of a finished (published) image, or None."""
         try:
@@ -144,12 +166,7 @@ class JobStore:
     def record_failure(self, image_id: str, rows: list[dict]) -> None:
         with staged_file(self.out / FAILED_DIR / f"{image_id}.json", flag="--out") as tmp:
             tmp.write_text(json.dumps({"rows": rows}, indent=2, default=str))
-
-    def clear_failure(self, image_id: str) -> None:
-        try:
-            os.unlink(self.out / FAILED_DIR / f"{image_id}.json")
-        except FileNotFoundError:
-            pass
+        self.rows[image_id] = rows
 
     def publish_skipped(self, image_id: str, batch: dict) -> None:
         """An image none of whose edits apply: a folder with its ``result.json`` (rows) only."""
@@ -157,19 +174,16 @@ class JobStore:
             record = {"parameters": {"batch": batch}, "files": ["result.json"],
                       "notes": {"batch": "no requested edit applies to this image; see the rows' errors"}}
             (stage / "result.json").write_text(json.dumps(record, indent=2, default=str))
+        self.finished(image_id, batch["rows"])
 
     def cache_path(self, key: str) -> Path:
         return self.cache / f"{key}.npz"
 
     # -- the table -------------------------------------------------------------------------------
     def write_table(self, image_ids: list[str]) -> tuple[Path, list[dict]]:
-        """Rebuild ``results.csv`` from every finished or failed image, in the job's order."""
-        rows = []
-        for image_id in image_ids:
-            found = self.done_rows(image_id)
-            if found is None:
-                found = self.failed_rows(image_id) or []
-            rows.extend(found)
+        """Rebuild ``results.csv`` from every finished or failed image (as :meth:`scan` read them
+        and this run wrote them), in the job's order."""
+        rows = [row for image_id in image_ids for row in self.rows.get(image_id, [])]
         path = self.out / RESULTS_FILE
         with staged_file(path, flag="--out") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")

@@ -183,12 +183,15 @@ def test_second_job_reuses_every_inversion(first_job, dataset, capsys, tmp_path)
     root, labels = dataset
     code, out, err = _run(capsys, "--csv", labels, "--out", tmp_path / "effusion", *FAST, "--no-figure",
                           "--cache", first / ".cache" / "inversions", "--edit", "Pleural Effusion=add",
-                          "--edit", "Support Devices=remove")
+                          "--edit", "Support Devices=remove", "--select", ENGINE / "classifier.onnx")
     assert code == 0, err
     # every image the first job inverted is reused; syn-a had no applicable edit there, so it is inverted now
     assert "inverted 1, reused 4" in out
     rows = _table(tmp_path / "effusion")
     assert len(rows) == 10 and sum(r["status"] == "ok" for r in rows) == 8  # all but "add" to 1000006's effusion
+    for row in rows:  # --select: the classifier's scores of each edit (the sole candidate's, if none flips)
+        assert (row["p_source"] != "" and row["p_counterfactual"] != "") == (row["status"] == "ok")
+        assert not row["selected_file"] or row["selected_file"].startswith("selected-")
 
 
 def test_rerun_resumes_and_other_settings_are_refused(first_job, dataset, capsys):
