@@ -12,7 +12,9 @@ import shutil
 from pathlib import Path
 
 from prism_rt.config import COMPOSITE_THRESHOLDS
+from prism_rt.manifest import MANIFEST_NAME
 from prism_rt.precision import Precision
+from prism_rt.publish import staged_dir
 
 from .onnx_export import ExportError, export_engine
 from .calibration import CALIBRATION_SEED0
@@ -65,42 +67,49 @@ def _compact_tokenizer_view(model: Path, folder: Path) -> Path:
 
 def bundle_demo(model: Path, out: Path, precisions=("int8-cpu",), calibration_count: int = 4,
                 calibration_steps: int = 50, progress=print) -> Path:
-    from . import phantom
-
     model, out = Path(model), Path(out)
     classifier = model / "classifier.onnx"
     if not classifier.is_file():
         raise ExportError(f"{model} has no classifier.onnx; train the model with `prism-export train-phantom`")
     if out.exists():
         raise ExportError(f"{out} exists; remove it first (the bundle is rebuilt whole)")
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    calibration = out.parent / f".{out.name}.calibration-{os.getpid()}"
+    view_folder = out.parent / f".{out.name}.model-{os.getpid()}"
+    # staged and renamed onto out whole (prism_rt.publish), a killed build's staging folder swept
     try:
-        size = json.loads((model / "unet" / "config.json").read_text())["sample_size"] * 8
-        calibration = _calibration_folder(staging.parent / f".{out.name}.calibration-{os.getpid()}", calibration_count, size)
-        settings = VariantSettings(calibration_images=calibration, calibration_count=calibration_count,
-                                   calibration_steps=calibration_steps, calibration_samples=64)
-        view = _compact_tokenizer_view(model, staging.parent / f".{out.name}.model-{os.getpid()}")
-        export_engine(view, staging, progress=progress, precisions=tuple(p for p in map(Precision.parse, precisions) if not p.is_reference),
-                      variant_settings=settings)
-        shutil.copy2(classifier, staging / "classifier.onnx")
-        seeds = _demo_seeds(DEMO_IMAGES)
-        phantom.write_phantom_set(staging / "images", seeds, size)
-        first = json.loads((staging / "images" / "phantoms.json").read_text())["phantoms"][0]
-        (staging / "demo.json").write_text(json.dumps({
-            "image": f"images/{first['file']}", "prompt": first["caption"], "targets": [first["cf_devices_caption"]],
-            "classifier": "classifier.onnx", "truth": f"images/{first['cf_devices']}",
-            "mask": f"images/{first['mask_devices']}",
-            "about": "held-out phantom patient (never trained on); the edit removes the support devices; "
-                     "images/ holds its mask and true counterfactual",
-            # this small model's cross-attention does not localise words (LocalBlend's attention mask
-            # covers the whole image), so the demo blends with the noise-prediction mask
-            "edit_args": ["--noise-blend", "--composite", ",".join(f"{t:g}" for t in COMPOSITE_THRESHOLDS)],
-            "training": json.loads((model / "training.json").read_text()) if (model / "training.json").is_file() else None,
-        }, indent=1) + "\n")
-        os.replace(staging, out)
+        with staged_dir(out, marker=MANIFEST_NAME) as staging:
+            _bundle(model, staging, classifier, calibration, view_folder, precisions, calibration_count,
+                    calibration_steps, progress)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(staging.parent / f".{out.name}.calibration-{os.getpid()}", ignore_errors=True)
-        shutil.rmtree(staging.parent / f".{out.name}.model-{os.getpid()}", ignore_errors=True)
+        shutil.rmtree(calibration, ignore_errors=True)
+        shutil.rmtree(view_folder, ignore_errors=True)
     return out
+
+
+def _bundle(model: Path, staging: Path, classifier: Path, calibration: Path, view_folder: Path, precisions,
+            calibration_count: int, calibration_steps: int, progress) -> None:
+    """The demo engine's contents, into ``staging``."""
+    from . import phantom
+
+    size = json.loads((model / "unet" / "config.json").read_text())["sample_size"] * 8
+    calibration = _calibration_folder(calibration, calibration_count, size)
+    settings = VariantSettings(calibration_images=calibration, calibration_count=calibration_count,
+                               calibration_steps=calibration_steps, calibration_samples=64)
+    view = _compact_tokenizer_view(model, view_folder)
+    export_engine(view, staging, progress=progress, precisions=tuple(p for p in map(Precision.parse, precisions) if not p.is_reference),
+                  variant_settings=settings)
+    shutil.copy2(classifier, staging / "classifier.onnx")
+    seeds = _demo_seeds(DEMO_IMAGES)
+    phantom.write_phantom_set(staging / "images", seeds, size)
+    first = json.loads((staging / "images" / "phantoms.json").read_text())["phantoms"][0]
+    (staging / "demo.json").write_text(json.dumps({
+        "image": f"images/{first['file']}", "prompt": first["caption"], "targets": [first["cf_devices_caption"]],
+        "classifier": "classifier.onnx", "truth": f"images/{first['cf_devices']}",
+        "mask": f"images/{first['mask_devices']}",
+        "about": "held-out phantom patient (never trained on); the edit removes the support devices; "
+                 "images/ holds its mask and true counterfactual",
+        # this small model's cross-attention does not localise words (LocalBlend's attention mask
+        # covers the whole image), so the demo blends with the noise-prediction mask
+        "edit_args": ["--noise-blend", "--composite", ",".join(f"{t:g}" for t in COMPOSITE_THRESHOLDS)],
+        "training": json.loads((model / "training.json").read_text()) if (model / "training.json").is_file() else None,
+    }, indent=1) + "\n")

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import re
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +30,8 @@ import numpy as np
 
 from prism_rt.backend import GRAPHS
 from prism_rt.errors import PrismError
+from prism_rt.manifest import MANIFEST_NAME
+from prism_rt.publish import staged_dir
 
 from .cpu_graph import write_cpu_graph
 from .onnx_graph import one_data_file
@@ -74,10 +74,9 @@ def export_engine(model, out, *, unet_weights=None, config=None, allow_pickle: b
     graphs = build_graphs(components, self_max_queries)
     dims = ModelDims.from_components(components, graphs["unet"])
     specs = graph_specs(dims, self_max_queries)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    # staged beside out and renamed onto it whole (prism_rt.publish): a failure or a kill never
+    # leaves a partial engine folder, and the next export sweeps a killed one's staging folder
+    with staged_dir(out, marker=MANIFEST_NAME, flag="--out") as staging:
         (staging / "onnx").mkdir(parents=True)
         records = {}
         for name in GRAPHS:
@@ -112,12 +111,6 @@ def export_engine(model, out, *, unet_weights=None, config=None, allow_pickle: b
             from .variants import VariantSettings, add_variants
 
             add_variants(staging, precisions, variant_settings or VariantSettings(), progress=progress)
-        if out.exists():
-            out.rmdir()  # empty (checked above); rename() will not replace a folder on every OS
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
@@ -299,7 +292,7 @@ def add_cpu_graphs(engine_dir, parity_tolerance: float = DEFAULT_PARITY_TOLERANC
 
     import onnxruntime as ort
 
-    from prism_rt.manifest import MANIFEST_NAME, load_manifest
+    from prism_rt.manifest import load_manifest
 
     from .engine_manifest import cpu_twin_entry
 
