@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .batch_csv import EditSpec, ImageTask
 from .batch_store import JobStore, inversion_key, model_identity
@@ -35,7 +35,6 @@ class _Counts:
     failed: int = 0
     inverted: int = 0
     reused: int = 0
-    rows: dict = field(default_factory=lambda: {"ok": 0, "skipped": 0, "failed": 0})
 
 
 def groups(tasks: list[ImageTask], size: int) -> list[list[ImageTask]]:
