@@ -10,8 +10,11 @@ from .train_phantom import add_train_phantom_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="prism-export", description="prism_rt export stage")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from prism_rt.cli import Parser
+
+    parser = Parser(prog="prism-export", description="prism_rt export stage")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     tiny = sub.add_parser("tiny-model", help="write an SD-v1.5-layout model with random weights (diffusers layout)")
     tiny.add_argument("--out", type=Path, required=True)
     tiny.add_argument("--preset", choices=["tiny", "sd15"], default="tiny",

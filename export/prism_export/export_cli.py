@@ -23,7 +23,7 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
                    help="fail if a graph differs from torch by more than this (max abs error / max |torch output|)")
     p.add_argument("--out", type=Path, required=True, help="the engine folder to create (must not exist, or be empty)")
     add_variant_options(p)
-    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     return p
 
 
@@ -94,7 +94,7 @@ def add_variants_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("variants", help="add fp16 / int8 / int8-cpu variants (with measured quality) to an engine folder")
     p.add_argument("--engine", type=Path, required=True, help="an engine folder written by `prism-export export`")
     add_variant_options(p, default_precision="fp16,int8,int8-cpu")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     return p
 
 
@@ -121,7 +121,7 @@ def run_variants(args) -> int:
         variants = add_variants(args.engine, args.precision, variant_settings(args),
                                 progress=lambda line: print(line, flush=True))
     except PrismError as exc:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -148,7 +148,7 @@ def run_export(args) -> int:
                             parity_tolerance=args.parity_tolerance, progress=lambda line: print(line, flush=True),
                             precisions=variants, variant_settings=settings)
     except PrismError as exc:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
