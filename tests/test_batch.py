@@ -3,7 +3,6 @@ engine, the inversion cache, refusals, per-image failures, and resuming after SI
 from __future__ import annotations
 
 import csv
-import os
 import random
 import re
 import signal

@@ -1,7 +1,6 @@
 """``prism-export``: model factories now; the ONNX / TensorRT export stage builds on this CLI."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
