@@ -76,7 +76,15 @@ class _Prepared:
 class Engine:
     """An engine runs PRISM's inversion and editing loops on one backend. Make one with
     :meth:`from_dir` (an engine folder, ONNX Runtime) or :meth:`from_checkpoint` (a diffusers
-    checkpoint, PyTorch)."""
+    checkpoint, PyTorch).
+
+    One engine may be called from many threads at once (``invert``, ``edit``, ``edit_many``),
+    and N threads give exactly a serial run's outputs. Shared, read only after loading: the
+    backend's graphs and weights, the tokenizer (truncation and padding fixed at load) and
+    ``model_path``. Per call: the latents, plans, masks, counters, timings and progress. ONNX
+    Runtime sessions run concurrently (onnxruntime releases the GIL inside ``run``); the torch
+    backend serialises its graph calls with a lock, since its controlled UNet holds one call's
+    attention state (torch's intra-op threads still parallelise each call)."""
 
     def __init__(self, backend, tokenizer, model_path: str):
         self.backend = backend

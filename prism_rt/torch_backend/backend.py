@@ -2,6 +2,7 @@
 autograd, so the only one that runs null-text inversion."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,10 @@ from .graphs import build_graphs
 
 
 class TorchBackend:
+    """Thread safety: the controlled UNet keeps one call's controls and attention maps on the
+    module (its attention processors share them), so graph calls are serialised by ``_lock``;
+    torch's intra-op threads still parallelise each call. Tensors and autograd stay per call."""
+
     kind = BackendKind.TORCH
     supports_autograd = True
 
@@ -24,6 +29,7 @@ class TorchBackend:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendError(f"device {device!r} asked for, but torch sees no CUDA device; use --device cpu")
         self.device, self.dtype = torch.device(device), dtype
+        self._lock = threading.Lock()
         self.components = components
         self.graphs = {name: module.to(self.device, dtype) for name, module in build_graphs(components, self_max_queries).items()}
         unet_cfg = components.unet.config
@@ -69,8 +75,9 @@ class TorchBackend:
     def run(self, graph: str, **inputs):
         if self.dtype != torch.float32:
             inputs = {k: self._in(v) for k, v in inputs.items()}
-            return {k: self._out(v) for k, v in self._run(graph, **inputs).items()}
-        return self._run(graph, **inputs)
+        with self._lock:
+            outputs = self._run(graph, **inputs)
+        return {k: self._out(v) for k, v in outputs.items()} if self.dtype != torch.float32 else outputs
 
     def _run(self, graph: str, **inputs):
         if graph == "text_encoder":
@@ -85,10 +92,13 @@ class TorchBackend:
         raise BackendError(f"unknown graph {graph!r}; graphs are text_encoder, vae_encoder, vae_decoder, unet")
 
     def unet_plain(self, latents, timestep, text):
-        """The stock UNet with autograd available (null-text inversion)."""
-        if self.dtype != torch.float32:
-            return self._out(self.graphs["unet"].plain(self._in(latents), timestep, self._in(text)))
-        return self.graphs["unet"].plain(latents, timestep, text)
+        """The stock UNet with autograd available (null-text inversion). Locked too: its attention
+        processors read the shared control state, which a concurrent controlled call switches on;
+        the backward pass, outside the lock, touches no shared state."""
+        with self._lock:
+            if self.dtype != torch.float32:
+                return self._out(self.graphs["unet"].plain(self._in(latents), timestep, self._in(text)))
+            return self.graphs["unet"].plain(latents, timestep, text)
 
     def describe(self) -> dict:
         import diffusers
