@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from .config import ControlConfig, Fit, InversionConfig, OrtOptions, RunLimits
-from .engine import Engine
+from .engine import Engine, is_engine_dir
 from .errors import InputImageError, PrismError, SettingsError
 from .image_limits import DEFAULT_MAX_PIXELS
-from .imageio import to_uint
+from .imageio import load_image, to_uint
 
 ENGINE_KEYS = ("backend", "device", "precision", "threads", "self_max_queries", "no_cpu_arena", "portable_graphs",
                "trt_cache", "unet_weights", "config", "allow_pickle")
@@ -46,7 +46,8 @@ def _options(text: str | None, known: tuple[str, ...], what: str) -> dict:
         whole = number and float(value).is_integer()
         if value is not None and ((key in WHOLE_KEYS and not whole) or (key in NUMBER_KEYS and not number)):
             raise SettingsError(f"{what}: {key} must be a {'whole ' if key in WHOLE_KEYS else ''}number, got {value!r}")
-    return {k: _tuple(v) if k in TUPLE_KEYS else int(v) if k in WHOLE_KEYS and v is not None else v for k, v in options.items()}
+    return {k: _tuple(v) if k in TUPLE_KEYS else int(v) if k in WHOLE_KEYS and v is not None else v
+            for k, v in options.items()}
 
 
 def _tuple(value):
@@ -54,6 +55,11 @@ def _tuple(value):
     if isinstance(value, list):
         return tuple(value)
     return (value,) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _take(options: dict, *keys: str) -> dict:
+    """The given keys' entries, removed from ``options``."""
+    return {k: options.pop(k) for k in keys if k in options}
 
 
 def _checked(make, what: str):
@@ -73,8 +79,6 @@ def load_engine(path: str, options_json: str | None = None) -> Engine:
     if "trt_cache" in o:  # a folder, or "off" as on the command line
         ort["trt_cache"] = False if o["trt_cache"] == "off" else o["trt_cache"]
         del o["trt_cache"]
-    from .engine import is_engine_dir
-
     if is_engine_dir(path):
         o["options"] = _checked(lambda: OrtOptions(threads=o.pop("threads", None), **ort), "the engine options")
     elif ort != {"cpu_arena": True, "cpu_graphs": True}:  # what Engine.load would refuse less clearly
@@ -87,8 +91,6 @@ def _image(path: str | None, pixels, height: int, width: int, bits: int, max_pix
     if (path is None) == (pixels is None):
         raise InputImageError("give the image as a file path or as a pixel buffer, exactly one of the two")
     if path is not None:
-        from .imageio import load_image
-
         return load_image(path, max_pixels=max_pixels)
     if bits not in (8, 16):
         raise InputImageError(f"a pixel buffer is 8 or 16 bits a pixel, got bits={bits}")
@@ -105,17 +107,16 @@ def edit(engine: Engine, image_path: str | None, pixels, height: int, width: int
     """Invert the image under ``source`` and edit it to each of ``targets``. Returns the
     counterfactuals (one per item: target × self-window …) at the input's geometry as (height,
     width, native-endian uint16 bytes in [0, 65535]), and a result.json-like record."""
-    o = _options(options_json, EDIT_KEYS, "the edit options")
+    o, what = _options(options_json, EDIT_KEYS, "the edit options"), "the edit options"
     image = _image(image_path, pixels, int(height), int(width), int(bits), int(o.pop("max_pixels", DEFAULT_MAX_PIXELS)))
-    sampler = _checked(lambda: engine.sampler(**{k: o.pop(k) for k in ("steps", "guidance") if k in o}), "the edit options")
-    inversion_config = _checked(lambda: InversionConfig(**({"null_inner_steps": o.pop("null_inner_steps")}
-                                                           if "null_inner_steps" in o else {})), "the edit options")
-    method, fit = o.pop("inversion", None), _checked(lambda: Fit(o.pop("fit", Fit.RESIZE.value)), "the edit options")
-    limits = _checked(lambda: RunLimits(**({"max_batch": o.pop("max_batch")} if "max_batch" in o else {})), "the edit options")
-    control = _checked(lambda: ControlConfig(**o), "the edit options")
+    sampler = _checked(lambda: engine.sampler(**_take(o, "steps", "guidance")), what)
+    inversion_config = _checked(lambda: InversionConfig(**_take(o, "null_inner_steps")), what)
+    method, fit = o.pop("inversion", None), _checked(lambda: Fit(o.pop("fit", Fit.RESIZE.value)), what)
+    limits = _checked(lambda: RunLimits(**_take(o, "max_batch")), what)
+    control = _checked(lambda: ControlConfig(**o), what)
     if isinstance(targets, str) or not targets:
         raise SettingsError("give at least one edited caption (target)")
-    _checked(lambda: engine.check_inversion_method(method), "the edit options")
+    _checked(lambda: engine.check_inversion_method(method), what)
     inversion = engine.invert(image, source, method=method, sampler=sampler, inversion=inversion_config, fit=fit)
     result = engine.edit(inversion, list(targets), control, limits)
     images = [to_uint(x, 16) for x in result.images("input")]
