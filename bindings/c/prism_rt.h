@@ -95,7 +95,12 @@ PRISM_API void prism_engine_free(prism_engine* engine);
 /* The calling thread's last error message (one line; "" if none). Valid until this thread's next call. */
 PRISM_API const char* prism_last_error(void);
 
-/* Finalise the interpreter; free every engine first. After it the library cannot be initialised again. */
+/* Finalise the interpreter, from the thread that called prism_init, once no other thread is in a
+ * prism_* call; free every engine first (one freed later is only released, never decref'd). After
+ * it the library cannot be initialised again in this process (CPython's extension modules, numpy
+ * and onnxruntime among them, do not survive a second interpreter). A host that runs until exit
+ * may skip it. Where the host process already ran Python, prism_init used that interpreter and
+ * prism_shutdown leaves it running. */
 PRISM_API void prism_shutdown(void);
 
 #ifdef __cplusplus
