@@ -11,4 +11,4 @@ fi
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
-.venv/bin/python -m pip install --quiet -e ".[torch,export,dicom,dev,bench]"
+.venv/bin/python -m pip install --quiet -e ".[torch,export,dicom,dev,bench,embed]"
