@@ -233,8 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(info, model_required=False)
     _common(info)
     from .batch_cli import add_batch_parser
+    from .serve import add_serve_parser
 
     add_batch_parser(sub, model_args=_model_args, common=_common, load=_load, control=_control, formatter=Formatter)
+    add_serve_parser(sub, model_args=_model_args, common=_common, load=_load, formatter=Formatter)
     _add_plugin_commands(sub)
     return parser
 
