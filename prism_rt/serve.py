@@ -184,6 +184,10 @@ def _interrupt(signum, frame):
 def cmd_serve(args, load) -> int:
     if args.queue_delay_us < 0:
         raise BackendError(f"--queue-delay-us must be ≥ 0, got {args.queue_delay_us}")
-    stub_environment(args.stub_env)  # refused before the model loads
+    try:  # refused before the model loads: no PyTriton, or no environment its stub can run in
+        import pytriton  # noqa: F401
+    except ImportError:
+        raise MissingExtraError("serve", "nvidia-pytriton", "prism-rt serve") from None
+    stub_environment(args.stub_env)
     serve(load(args), args)
     return 0

@@ -147,3 +147,18 @@ def test_in_a_call_with_valid_requests_a_refused_one_gets_its_error_in_result(ex
     assert "unknown params 'bogus'" in json.loads(bad["result"][0, 0])["error"]
     with pytest.raises(Exception, match="unknown params 'bogus'"):
         infer([request(0, {"bogus": 1})])
+
+
+def test_the_stub_gets_this_interpreters_libpython_and_a_numpy_below_2(monkeypatch, tmp_path):
+    import sysconfig
+
+    from prism_rt.errors import BackendError
+    from prism_rt.serve import prepare_stub_libpython, stub_environment
+
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/somewhere:" + sysconfig.get_config_var("LIBDIR"))
+    libdir = prepare_stub_libpython()
+    assert __import__("os").environ["LD_LIBRARY_PATH"].split(":") == [libdir, "/somewhere"]
+    if int(np.__version__.split(".")[0]) >= 2:
+        with pytest.raises(BackendError, match="has no bin/python; create it with scripts/triton_stub_env.sh"):
+            stub_environment(tmp_path)
+        assert (stub_environment() / "bin" / "python").exists()  # setup.sh's .venv/triton-stub, or the variable's
