@@ -86,8 +86,9 @@ def parse_params(text: str, engine) -> EditSettings:
     unknown = sorted(set(raw) - set(PARAM_KEYS))
     if unknown:
         raise RequestError(f"unknown params {', '.join(map(repr, unknown))}; known: {', '.join(PARAM_KEYS)}")
-    control = {k: _tuple(raw[k]) if k in ("self_replace", "noise_blend_threshold", "composite", "edit_words",
-                                          "blend_words") else raw[k] for k in CONTROL_KEYS if k in raw}
+    control = {k: _tuple(k, raw[k]) for k in CONTROL_KEYS if k in raw}
+    if control.get("blend_words") is not None and len(control["blend_words"]) != 2:
+        raise RequestError(f"params: blend_words is [source word, edit word], got {json.dumps(raw['blend_words'])}")
     try:
         for key in ("steps", "null_inner_steps", "seed"):
             if key in raw and (isinstance(raw[key], bool) or not isinstance(raw[key], int)):
@@ -100,17 +101,23 @@ def parse_params(text: str, engine) -> EditSettings:
         InversionConfig(null_inner_steps=raw.get("null_inner_steps", InversionConfig.null_inner_steps))
         method = engine.check_inversion_method(raw.get("inversion"))
         fit = Fit(raw.get("fit", Fit.RESIZE.value))
-        return EditSettings(method=method, steps=steps, guidance=guidance, fit=fit,
-                            null_inner_steps=raw.get("null_inner_steps", InversionConfig.null_inner_steps),
-                            control=ControlConfig(**control), seed=int(raw.get("seed", 0)))
+        settings = EditSettings(method=method, steps=steps, guidance=guidance, fit=fit,
+                                null_inner_steps=raw.get("null_inner_steps", InversionConfig.null_inner_steps),
+                                control=ControlConfig(**control), seed=int(raw.get("seed", 0)))
+        hash(settings)  # the group key: a nested list where a word or number belongs is refused here
+        return settings
     except (PrismError, ValueError, TypeError) as exc:
         raise RequestError(f"params: {exc}") from None
 
 
-def _tuple(value):
-    if value is None or isinstance(value, (int, float, str)):
+def _tuple(key: str, value):
+    """JSON lists → the tuples ControlConfig holds; one number or word where several may be → one."""
+    if key not in ("self_replace", "noise_blend_threshold", "composite", "edit_words", "blend_words") or value is None:
         return value
-    return tuple(value)
+    values = tuple(value) if isinstance(value, list) else (value,)
+    if not all(isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in values):
+        raise RequestError(f"params: {key} takes a number or word, or a list of them; got {json.dumps(value)}")
+    return values
 
 
 def _text(array: np.ndarray, name: str) -> str:
