@@ -1,6 +1,6 @@
 """``prism-rt serve`` on a real Triton Inference Server (PyTriton) on loopback: parity with the
 Python API, concurrent clients with dynamic batching, and per-request errors that leave the server
-up. One server per module (free loopback ports, stopped at the end); ~40 s on a 2-core CPU.
+up. One server per module (free loopback ports, stopped at the end); ~25 s on a 2-core CPU.
 
 Concurrency here is 8 clients × 3 requests (24): the issue's 100 requests from 8 clients run in
 ``benchmarks/serve_load.py`` (see benchmarks/RESULTS.md), too slow for the test budget."""
@@ -162,3 +162,23 @@ def test_the_stub_gets_this_interpreters_libpython_and_a_numpy_below_2(monkeypat
         with pytest.raises(BackendError, match="has no bin/python; create it with scripts/triton_stub_env.sh"):
             stub_environment(tmp_path)
         assert (stub_environment() / "bin" / "python").exists()  # setup.sh's .venv/triton-stub, or the variable's
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"edit_words": [[1]]}', "edit_words takes a number or word, or a list of them"),
+    ('{"blend_words": "devices"}', "blend_words is [source word, edit word]"),
+    ('{"inversion": "null-text"}', "null-text inversion needs gradients"),
+    ('{"steps": 2.5}', "steps must be a whole number"),
+    ('{"guidance": 99}', "guidance must be in [1, 30]"),
+    ("[1]", "params must be a JSON object, got list"),
+])
+def test_params_are_checked_as_prism_rt_edits_flags(text, message):
+    from prism_rt.serve_model import RequestError, parse_params
+
+    engine = Engine.from_dir(ENGINE)
+    with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_params(text, engine)
+    settings = parse_params('{"self_replace": 0.5, "composite": [0, 0.08], "edit_words": "devices"}', engine)
+    assert settings.control.self_replace == (0.5,) and settings.control.edit_words == ("devices",)
+    assert settings.group_key(2) == parse_params('{"self_replace": [0.5], "composite": [0, 0.08], "edit_words": '
+                                                 '["devices"], "seed": 7, "fit": "pad"}', engine).group_key(2)
