@@ -80,10 +80,11 @@ def test_no_isolate_reports_no_per_configuration_peak(coordinator_holding_300_mi
 
     transient = np.ones(200 * MIB, np.uint8)  # this process's peak: held 300 + 200 MiB
     del transient
-    assert peak_rss_mb() >= 500
+    base = rss_mb()  # the pytest process's own size (larger when other tests ran before)
+    assert peak_rss_mb() >= base + 190
     row = run_shared(_touch, {"mb": 50})
     assert row["peak_rss_mb"] is None and row["peak_rss_note"] == SHARED_NOTE
-    if reset_peak_rss():  # the shared process's peak while the configuration ran: not the earlier 500
-        assert rss_mb() + 40 <= row["process_peak_rss_mb"] < 500
+    if reset_peak_rss():  # the shared process's peak while the configuration ran: not the earlier transient
+        assert base + 40 <= row["process_peak_rss_mb"] < base + 150
     else:
         assert row["process_peak_rss_mb"] is None

@@ -162,13 +162,15 @@ def _finished(run: dict) -> dict:
     return dict(run, result=json.loads((run["out"] / "result.json").read_text()))
 
 
-def _expected_names(n_targets: int, extras: bool = True) -> set[str]:
+def _expected_names(n_targets: int, extras: bool = True, dicom: bool = False) -> set[str]:
     """By default what a user looks at (counterfactuals, result.json, figure.png); --extras adds
-    the reconstruction and one difference map per counterfactual."""
+    the reconstruction and one difference map per counterfactual; a DICOM input adds a .dcm twin
+    of each counterfactual."""
     names = {"result.json", "figure.png"} | ({"reconstruction.png"} if extras else set())
     for k in range(1, n_targets + 1):
         for s in SELF_VALUES:
             names |= {f"edit-{k}-s{s:.2f}.png"} | ({f"diff-{k}-s{s:.2f}.png"} if extras else set())
+            names |= {f"edit-{k}-s{s:.2f}.dcm"} if dicom else set()
     return names
 
 
@@ -195,7 +197,7 @@ def test_edit_writes_the_promised_outputs(edit_runs, name):
 
     # files: one edit per target × self value, result.json, figure.png (+ reconstruction and diffs)
     extras = name != LEAN_RUN
-    assert {p.name for p in out.iterdir()} == _expected_names(len(targets), extras)
+    assert {p.name for p in out.iterdir()} == _expected_names(len(targets), extras, dicom=run["kind"] == "dicom")
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "staging folder left behind"
     assert f"wrote {n_items} counterfactual(s) to {out}" in run["proc"].stdout
 
@@ -225,7 +227,8 @@ def test_edit_writes_the_promised_outputs(edit_runs, name):
     assert [i["self_replace"] for i in items] == [s for _ in targets for s in SELF_VALUES]
     for item in items:
         assert item["files"] == {"name": item["name"], "edit": f"{item['name']}.png",
-                                 **({"diff": "diff-" + item["name"].removeprefix("edit-") + ".png"} if extras else {})}
+                                 **({"diff": "diff-" + item["name"].removeprefix("edit-") + ".png"} if extras else {}),
+                                 **({"dicom": f"{item['name']}.dcm"} if run["kind"] == "dicom" else {})}
         assert 0 < item["mean_abs_diff"] <= 1  # a different caption changes the image
         blend_keys = {"mask_fraction", "mean_abs_diff_inside_mask", "mean_abs_diff_outside_mask"}
         if run["blend"]:
