@@ -234,9 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(info)
     from .batch_cli import add_batch_parser
     from .serve import add_serve_parser
+    from .triton_repo import add_triton_repo_parser
 
     add_batch_parser(sub, model_args=_model_args, common=_common, load=_load, control=_control, formatter=Formatter)
     add_serve_parser(sub, model_args=_model_args, common=_common, load=_load, formatter=Formatter)
+    add_triton_repo_parser(sub, common=_common, formatter=Formatter)
     _add_plugin_commands(sub)
     return parser
 
