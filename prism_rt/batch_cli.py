@@ -3,13 +3,14 @@ and the job's loop with its progress and summary lines. The job itself: ``prism_
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 
 from .batch import BatchJob, groups
 from .batch_csv import BatchInputError, EditSpec, ImageTask, read_chexpert_csv, read_image_folder
 from .batch_store import JobStore
+from .cli_args import (Formatter, common_args, control_from_args, default, floats, load_engine, model_args, pair, path,
+                       positive, words)
 from .config import Fit, InversionConfig, InversionMethod, RunLimits, SamplerConfig
 
 
@@ -18,108 +19,62 @@ TABLE_EVERY_S = 10.0
 the last rebuild, and at the end: a job of 10⁵ images must not rewrite its whole table per group."""
 
 
-# argument types as prism_rt.cli's (small copies: the CLI imports this module, so it cannot import the CLI)
-def _default(cls, name: str):
-    return next(f for f in dataclasses.fields(cls) if f.name == name).default
-
-
-def _path(text: str):
-    from pathlib import Path
-
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a path, got an empty string")
-    return Path(text)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number ≥ 1, got {value}")
-    return value
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.4,0.6; got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return values
-
-
-def _pair(text: str) -> tuple[str, str]:
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) != 2 or not all(parts):
-        raise argparse.ArgumentTypeError(f"expected SRC_WORD,EDIT_WORD such as devices,devices; got {text!r}")
-    return parts[0], parts[1]
-
-
-def _words(text: str) -> tuple[str, ...]:
-    return tuple(w.strip() for w in text.split(",") if w.strip())
-
-
-def add_batch_parser(sub, *, model_args, common, load, control, formatter=None) -> argparse.ArgumentParser:
-    """Register ``prism-rt batch`` on the CLI's sub-parsers. The CLI passes its own helpers
-    (``model_args`` / ``common``: add its model and common flags; ``load`` / ``control``: args →
-    Engine / ControlConfig), so ``prism-rt batch`` and ``prism-rt edit`` share them and this
-    module never imports the CLI (which imports it)."""
+def add_batch_parser(sub) -> argparse.ArgumentParser:
+    """Register ``prism-rt batch`` on the CLI's sub-parsers; its model flags, argument types and
+    settings come from ``prism_rt.cli_args``, as ``prism-rt edit``'s do."""
     from .imageio import DEFAULT_MAX_PIXELS
 
     p = sub.add_parser("batch", help="counterfactuals of a data set (CheXpert CSV or a folder), resumable",
-                       **({"formatter_class": formatter} if formatter else {}))
+                       formatter_class=Formatter)
     model_args(p)
     w = p.add_argument_group("work list (a CheXpert CSV, or a folder with one caption)")
-    w.add_argument("--csv", type=_path, help="CheXpert-style CSV: Path + label columns (1 / 0 / -1 / blank)")
-    w.add_argument("--root", type=_path, help="the folder the CSV's Path column is relative to (default: the CSV's)")
+    w.add_argument("--csv", type=path, help="CheXpert-style CSV: Path + label columns (1 / 0 / -1 / blank)")
+    w.add_argument("--root", type=path, help="the folder the CSV's Path column is relative to (default: the CSV's)")
     w.add_argument("--edit", action="append", default=[], metavar="ATTR=remove|add",
                    help="with --csv: flip one label, e.g. 'Support Devices=remove'; repeat for several edits")
-    w.add_argument("--images", type=_path, help="a folder of images (PNG, JPEG, DICOM), all with --prompt")
+    w.add_argument("--images", type=path, help="a folder of images (PNG, JPEG, DICOM), all with --prompt")
     w.add_argument("--prompt", help="with --images: the source caption of every image")
     w.add_argument("--target", action="append", default=[], help="with --images: an edited caption; repeat")
     g = p.add_argument_group("inversion")
     g.add_argument("--inversion", choices=[m.value for m in InversionMethod],
                    help="default: the engine's (null-text on torch, direct on onnxruntime)")
-    g.add_argument("--steps", type=int, default=_default(SamplerConfig, "steps"), help="DDIM steps")
-    g.add_argument("--guidance", type=float, default=_default(SamplerConfig, "guidance"),
+    g.add_argument("--steps", type=int, default=default(SamplerConfig, "steps"), help="DDIM steps")
+    g.add_argument("--guidance", type=float, default=default(SamplerConfig, "guidance"),
                    help="classifier-free guidance scale, in [1, 30]")
     g.add_argument("--fit", default=Fit.RESIZE.value, choices=[f.value for f in Fit])
-    g.add_argument("--null-inner-steps", type=int, default=_default(InversionConfig, "null_inner_steps"))
-    g.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
+    g.add_argument("--null-inner-steps", type=int, default=default(InversionConfig, "null_inner_steps"))
+    g.add_argument("--max-pixels", type=positive, default=DEFAULT_MAX_PIXELS,
                    help="larger images fail (checked from the header)")
     e = p.add_argument_group("edit (as prism-rt edit; defaults are PRISM's)")
     from .config import NOISE_BLEND_THRESHOLDS, ControlConfig
 
-    e.add_argument("--mode", default=_default(ControlConfig, "mode"), choices=["refine", "replace"])
-    e.add_argument("--cross-replace", type=float, default=_default(ControlConfig, "cross_replace"))
-    e.add_argument("--self-replace", type=_floats, default=_default(ControlConfig, "self_replace"),
+    e.add_argument("--mode", default=default(ControlConfig, "mode"), choices=["refine", "replace"])
+    e.add_argument("--cross-replace", type=float, default=default(ControlConfig, "cross_replace"))
+    e.add_argument("--self-replace", type=floats, default=default(ControlConfig, "self_replace"),
                    help="self-attention window(s), comma-separated: each value is one candidate")
-    e.add_argument("--edit-weight", type=float, default=_default(ControlConfig, "edit_weight"))
-    e.add_argument("--edit-words", type=_words, help="words to reweight (default: the new words of each target)")
-    e.add_argument("--blend-words", type=_pair, help="SRC_WORD,EDIT_WORD: LocalBlend from the attention maps")
-    e.add_argument("--blend-threshold", type=float, default=_default(ControlConfig, "blend_threshold"))
+    e.add_argument("--edit-weight", type=float, default=default(ControlConfig, "edit_weight"))
+    e.add_argument("--edit-words", type=words, help="words to reweight (default: the new words of each target)")
+    e.add_argument("--blend-words", type=pair, help="SRC_WORD,EDIT_WORD: LocalBlend from the attention maps")
+    e.add_argument("--blend-threshold", type=float, default=default(ControlConfig, "blend_threshold"))
     e.add_argument("--noise-blend", action="store_true", help="LocalBlend from the noise predictions (DiffEdit)")
-    e.add_argument("--noise-blend-threshold", type=_floats, default=NOISE_BLEND_THRESHOLDS)
-    e.add_argument("--composite", type=_floats, default=(), metavar="T[,T…]", help="difference composite(s)")
+    e.add_argument("--noise-blend-threshold", type=floats, default=NOISE_BLEND_THRESHOLDS)
+    e.add_argument("--composite", type=floats, default=(), metavar="T[,T…]", help="difference composite(s)")
     e.add_argument("--legacy", action="store_true", help="no attention control, no blend (the published code)")
     e.add_argument("--seed", type=int, default=0, help="recorded; every step is deterministic (η = 0)")
-    e.add_argument("--select", type=_path, metavar="CLASSIFIER.onnx",
+    e.add_argument("--select", type=path, metavar="CLASSIFIER.onnx",
                    help="per edit, the candidate that flips the attribute with the best identity (PRISM's filter)")
     o = p.add_argument_group("job")
-    o.add_argument("--out", type=_path, required=True,
+    o.add_argument("--out", type=path, required=True,
                    help="the job folder: one folder per image, results.csv, job.json; rerun to resume")
-    o.add_argument("--group", type=_positive, default=4, help="images edited together in one UNet batch")
-    o.add_argument("--max-batch", type=_positive, default=_default(RunLimits, "max_batch"),
+    o.add_argument("--group", type=positive, default=4, help="images edited together in one UNet batch")
+    o.add_argument("--max-batch", type=positive, default=default(RunLimits, "max_batch"),
                    help="largest UNet batch; a group that does not fit is split")
-    o.add_argument("--cache", type=_path, help="inversion cache folder (default OUT/.cache/inversions); "
+    o.add_argument("--cache", type=path, help="inversion cache folder (default OUT/.cache/inversions); "
                                                     "another job's reuses its inversions")
     o.add_argument("--no-figure", dest="figure", action="store_false", help="no figure.png per image")
     o.add_argument("--extras", action="store_true", help="also the reconstruction and the difference maps")
-    common(p)
-    p.set_defaults(func=lambda args: cmd_batch(args, load, control))
+    common_args(p)
+    p.set_defaults(func=cmd_batch)
     return p
 
 
@@ -140,13 +95,13 @@ def _tasks(args) -> list[ImageTask]:
 
 
 
-def cmd_batch(args, load, control) -> int:
+def cmd_batch(args) -> int:
     tasks = _tasks(args)
     store = JobStore(args.out, args.cache)
     store.check_out()
     store.lock()
     try:
-        return _run(args, tasks, store, BatchJob(args, tasks, store, load, control))
+        return _run(args, tasks, store, BatchJob(args, tasks, store, load_engine, control_from_args))
     finally:
         store.unlock()
 

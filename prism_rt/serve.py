@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli_args import Formatter, common_args, load_engine, model_args, positive
 from .errors import BackendError, MissingExtraError
 from .serve_model import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TARGETS, INPUTS, OUTPUTS, EditService, RequestError
 
@@ -41,44 +42,34 @@ MODEL_NAME = "prism"
 STUB_ENV_VARIABLE = "PRISM_RT_TRITON_STUB_ENV"
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number ≥ 1, got {value}")
-    return value
-
-
 def _port(text: str) -> int:
-    value = _positive(text)
+    value = positive(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"a port is 1…65535, got {value}")
     return value
 
 
-def add_serve_parser(sub, *, model_args, common, load, formatter=None) -> argparse.ArgumentParser:
-    """Register ``prism-rt serve`` (the CLI passes its helpers, as for ``batch``: no import cycle)."""
+def add_serve_parser(sub) -> argparse.ArgumentParser:
+    """Register ``prism-rt serve``."""
     p = sub.add_parser("serve", help="serve the engine as the model 'prism' on a Triton Inference Server (PyTriton)",
-                       **({"formatter_class": formatter} if formatter else {}))
+                       formatter_class=Formatter)
     model_args(p)
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     s.add_argument("--http-port", type=_port, default=8000)
     s.add_argument("--grpc-port", type=_port, default=8001)
     s.add_argument("--metrics-port", type=_port, default=8002)
-    s.add_argument("--max-batch-size", type=_positive, default=4,
+    s.add_argument("--max-batch-size", type=positive, default=4,
                    help="requests Triton's dynamic batcher may gather into one call (1: no dynamic batching)")
     s.add_argument("--queue-delay-us", type=int, default=20_000,
                    help="how long the batcher may hold a request to gather more (microseconds)")
-    s.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
-    s.add_argument("--max-targets", type=_positive, default=DEFAULT_MAX_TARGETS, help="refuse more edited captions")
-    s.add_argument("--max-batch", type=_positive, default=32, help="largest UNet batch of one call")
+    s.add_argument("--max-pixels", type=positive, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+    s.add_argument("--max-targets", type=positive, default=DEFAULT_MAX_TARGETS, help="refuse more edited captions")
+    s.add_argument("--max-batch", type=positive, default=32, help="largest UNet batch of one call")
     s.add_argument("--stub-env", type=Path, help="a Python environment with numpy < 2 for Triton's Python stub "
                                                  f"(default ${STUB_ENV_VARIABLE}, else <venv>/triton-stub)")
-    common(p)
-    p.set_defaults(func=lambda args: cmd_serve(args, load))
+    common_args(p)
+    p.set_defaults(func=cmd_serve)
     return p
 
 
@@ -181,7 +172,7 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def cmd_serve(args, load) -> int:
+def cmd_serve(args) -> int:
     if args.queue_delay_us < 0:
         raise BackendError(f"--queue-delay-us must be ≥ 0, got {args.queue_delay_us}")
     try:  # refused before the model loads: no PyTriton, or no environment its stub can run in
@@ -189,5 +180,5 @@ def cmd_serve(args, load) -> int:
     except ImportError:
         raise MissingExtraError("serve", "nvidia-pytriton", "prism-rt serve") from None
     stub_environment(args.stub_env)
-    serve(load(args), args)
+    serve(load_engine(args), args)
     return 0

@@ -127,25 +127,25 @@ def write_repo(engine_dir, out, *, precision: str = "fp32", max_batch_size: int 
     return Path(out)
 
 
-def add_triton_repo_parser(sub, *, common, formatter=None) -> argparse.ArgumentParser:
+def add_triton_repo_parser(sub) -> argparse.ArgumentParser:
     """Register ``prism-rt triton-repo``."""
-    from .serve import _positive
+    from .cli_args import Formatter, common_args, positive
 
     p = sub.add_parser("triton-repo", help="write a Triton model repository (Python backend) serving the engine as "
                                            "'prism', for your own Triton container",
-                       **({"formatter_class": formatter} if formatter else {}))
+                       formatter_class=Formatter)
     p.add_argument("engine", type=Path, help="an engine folder from `prism-export export`")
     p.add_argument("out", type=Path, help="the repository to write (OUT/prism/config.pbtxt, OUT/prism/1/model.py)")
     p.add_argument("--precision", default="fp32", help="the engine's variant (`prism-rt info ENGINE` lists them)")
-    p.add_argument("--max-batch-size", type=_positive, default=4,
+    p.add_argument("--max-batch-size", type=positive, default=4,
                    help="requests Triton's dynamic batcher may gather into one call (1: no dynamic batching)")
     p.add_argument("--queue-delay-us", type=int, default=20_000, help="dynamic batcher's queue delay (microseconds)")
-    p.add_argument("--instances", type=_positive, default=1, help="model instances (KIND_CPU count)")
-    p.add_argument("--threads", type=_positive, help="onnxruntime CPU threads per instance (default: every core)")
-    p.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
-    p.add_argument("--max-targets", type=_positive, default=DEFAULT_MAX_TARGETS, help="refuse more edited captions")
+    p.add_argument("--instances", type=positive, default=1, help="model instances (KIND_CPU count)")
+    p.add_argument("--threads", type=positive, help="onnxruntime CPU threads per instance (default: every core)")
+    p.add_argument("--max-pixels", type=positive, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+    p.add_argument("--max-targets", type=positive, default=DEFAULT_MAX_TARGETS, help="refuse more edited captions")
     p.add_argument("--copy-engine", action="store_true", help="copy the engine folder into OUT/prism/1/engine")
-    common(p)
+    common_args(p)
     p.set_defaults(func=cmd_triton_repo)
     return p
 

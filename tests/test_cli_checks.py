@@ -124,3 +124,13 @@ def test_a_manifest_with_an_impossible_schedule_is_a_typed_error(tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and "noise schedule" in err and "num_train_timesteps" in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_edit_loads_no_benchmark_code():
+    """Commands added by entry point (bench, evaluate) are loaded only when asked for."""
+    code = ("import sys\nfrom prism_rt.cli import build_parser\nbuild_parser('edit')\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith(('prism_bench', 'prism_export'))}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+    code = code.replace("build_parser('edit')", "build_parser('bench')")
+    assert "prism_bench" in subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
