@@ -24,7 +24,7 @@ from prism_rt.precision import Precision
 
 from . import smoothing as smooth
 from .cpu_rewrites import split_geglu
-from .onnx_graph import one_data_file
+from .onnx_graph import graph_maps, one_data_file, rewrite_file
 from .variant_config import UNET_FLOAT_SCOPES, VariantError
 
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
@@ -145,6 +145,13 @@ def quantize_unet(src: Path, dst: Path, feeds: Sequence[dict], precision: Precis
         # DQ -> MatMul with no Q after it runs as MatMulIntegerToFloat: exact float output (less error
         # than requantizing), and the MatMuls' consumers (bias, GEGLU, attention, residual) are float anyway
         options["OpTypesToExcludeOutputQuantization"] = ["MatMul"]
+    else:
+        # TensorRT's explicit quantization: Q/DQ on the activation and weight inputs of Conv / MatMul /
+        # Gemm only. Biases stay float (its parser refuses a DequantizeLinear of an int32 tensor,
+        # onnx-tensorrt #850; it fuses a float bias into the int8 kernel itself), and no Q/DQ on the
+        # outputs: every consumer in the UNet (GroupNorm, bias Add, GEGLU, softmax, residual) is float
+        options["QuantizeBias"] = False
+        options["OpTypesToExcludeOutputQuantization"] = list(QUANTIZED_OPS)
     rescale = cpu and smoothing is not None
     dst.parent.mkdir(parents=True, exist_ok=True)
     # the rewritten float graph beside dst: onnxruntime wants external data in the graph's own folder
@@ -188,12 +195,42 @@ def quantize_unet(src: Path, dst: Path, feeds: Sequence[dict], precision: Precis
     if rescale:
         summary["rescaling"]["folded"] = smooth.fold_rescaling(dst)
     one_data_file(dst)
+    if not cpu:
+        summary["float_consumers_rewired"] = rewrite_file(dst, lambda model, _: float_consumers_read_float(model))
     return {**summary, "format": "QDQ", "activations": "int8 symmetric" if symmetric else "uint8 asymmetric",
             "weights": "int8 symmetric per-channel", "calibration": "min/max of each quantized input over the feeds",
-            "matmul_outputs": "float" if cpu else "quantized",
+            "matmul_outputs": "float", "conv_gemm_outputs": "quantized" if cpu else "float",
+            "biases": "int32 (input scale × weight scale)" if cpu else "float",
             "calibrated_tensors": len(ranges), "calibration_feeds": len(feeds),
             # the manifest's wording, kept as engines already record it
             "tool": "onnxruntime.quantization.quantize_static (ranges from prism_export.variants.calibrate_ranges)"}
+
+
+def float_consumers_read_float(model) -> int:
+    """Give the float consumers of a quantized activation the float tensor back.
+
+    ``quantize_static`` points every consumer of an activation it quantizes at the DequantizeLinear
+    output: a tensor read by a quantized Conv and by a float op (a down block's output feeds the
+    downsampler's Conv and the skip connection's Concat) would carry int8 error into the float op
+    and a Q/DQ pair where TensorRT's explicit-quantization pattern has none. Only inputs 0 and 1 of
+    Conv / MatMul / Gemm keep reading DQ outputs. Returns the number of inputs rewired."""
+    producer, consumers = graph_maps(model.graph)
+
+    def dequantized(name: str) -> bool:
+        return name in producer and producer[name].op_type == "DequantizeLinear"
+
+    rewired = 0
+    for dq in [n for n in model.graph.node if n.op_type == "DequantizeLinear"]:
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            continue  # a weight's DQ (its input is an initializer)
+        for node in consumers[dq.output[0]]:
+            quantized = node.op_type in QUANTIZED_OPS and len(node.input) > 1 and all(map(dequantized, node.input[:2]))
+            for i, name in enumerate(node.input):
+                if name == dq.output[0] and not (quantized and i in (0, 1)):
+                    node.input[i] = q.input[0]
+                    rewired += 1
+    return rewired
 
 
 def convert_fp16(src: Path, dst: Path) -> dict:

@@ -98,3 +98,58 @@ def unsupported_ops(model) -> list[str]:
         if domain not in STANDARD_DOMAINS or op not in SUPPORTED_OPS:
             bad.append(f"{domain or 'ai.onnx'}::{op}")
     return bad
+
+
+def _trt_type_names() -> dict[int, str]:
+    from onnx import TensorProto as T
+
+    names = {T.FLOAT: "FP32", T.FLOAT16: "FP16", T.BFLOAT16: "BF16", T.INT32: "INT32", T.INT64: "INT64",
+             T.INT8: "INT8", T.UINT8: "UINT8", T.BOOL: "BOOL", T.FLOAT8E4M3FN: "FP8", T.INT4: "INT4"}
+    if hasattr(T, "FLOAT4E2M1"):
+        names[T.FLOAT4E2M1] = "FP4"
+    return names
+
+
+def tensor_types(model) -> dict[str, int]:
+    """The ONNX element type of every tensor of ``model``'s main graph that type inference can
+    tell: inputs, initializers (no weights need to be loaded) and inferred intermediate values."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+    graph = inferred.graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    for node in graph.node:  # Constant nodes: their value's type
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    types[node.output[0]] = attr.t.data_type
+    return types
+
+
+def unsupported_types(model) -> list[str]:
+    """Nodes of ``model``'s main graph whose data input (input 0, what the operator table's types
+    are about) has a type TensorRT's parser does not take for that op, e.g. a DequantizeLinear of an
+    int32 bias (onnx-tensorrt #850); and QuantizeLinear nodes that quantize to a type no
+    DequantizeLinear takes (uint8: TensorRT's int8 is signed). Tensors whose type cannot be
+    inferred are not judged."""
+    from onnx import TensorProto
+
+    names, types = _trt_type_names(), tensor_types(model)
+    bad = []
+    for node in model.graph.node:
+        allowed = SUPPORTED_OPS.get(node.op_type) if node.domain in STANDARD_DOMAINS else None
+        if allowed is None or not node.input or not node.input[0]:
+            continue
+        elem = types.get(node.input[0])
+        if elem is not None and names.get(elem) not in allowed:
+            bad.append(f"{node.op_type} {node.name!r}: input {node.input[0]!r} is "
+                       f"{TensorProto.DataType.Name(elem)}; TensorRT {TENSORRT_VERSION} takes {' '.join(sorted(allowed))}")
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in types:
+            out = types[node.input[2]]
+            if names.get(out) not in SUPPORTED_OPS["DequantizeLinear"]:
+                bad.append(f"QuantizeLinear {node.name!r}: quantizes to {TensorProto.DataType.Name(out)}; TensorRT's "
+                           f"DequantizeLinear takes {' '.join(sorted(SUPPORTED_OPS['DequantizeLinear']))}")
+    return bad
