@@ -109,6 +109,11 @@ def model_args(p: argparse.ArgumentParser, model_required: bool = True):
                    help="onnxruntime on --device tensorrt: keep TensorRT's built engines and timing cache in DIR "
                         "(default ENGINE/trt-cache, or ~/.cache/prism_rt/trt where the engine folder is read-only); "
                         "off: build anew in each process")
+    g.add_argument("--trt-max-edits", type=positive, metavar="K",
+                   help="onnxruntime on --device tensorrt: edit items per image the TensorRT profiles are built for "
+                        "(default: what the engine's manifest records, one edit × five self values)")
+    g.add_argument("--trt-max-groups", type=positive, metavar="G",
+                   help="onnxruntime on --device tensorrt: images per UNet call the profiles are built for (default 1)")
 
 
 def invert_args(p: argparse.ArgumentParser, required_prompt: bool):
@@ -149,11 +154,28 @@ def load_engine(args):
     from .engine import Engine
 
     options = OrtOptions(threads=args.threads, cpu_arena=not args.no_cpu_arena, cpu_graphs=not args.portable_graphs,
-                         trt_cache=args.trt_cache)
+                         trt_cache=args.trt_cache, deployment=deployment_from_args(args))
     return Engine.load(args.model, backend=args.backend, device=args.device, precision=args.precision,
                        self_max_queries=args.self_max_queries, unet_weights=args.unet_weights, config=args.config,
                        allow_pickle=args.allow_pickle, threads=args.threads,
                        **({"options": options} if is_engine_args(args) else {}))
+
+
+def deployment_from_args(args):
+    """--trt-max-edits / --trt-max-groups over the manifest's deployment; None when neither is given."""
+    edits, groups = getattr(args, "trt_max_edits", None), getattr(args, "trt_max_groups", None)
+    if edits is None and groups is None:
+        return None
+    import json
+
+    from .deployment import Deployment
+
+    try:  # an unreadable manifest is refused, with its fix, when the engine loads
+        recorded = json.loads((Path(args.model) / "manifest.json").read_text(encoding="utf-8")).get("deployment") or {}
+    except (OSError, ValueError, AttributeError):
+        recorded = {}
+    base = Deployment.from_json(recorded)
+    return Deployment(max_edits=edits or base.max_edits, max_groups=groups or base.max_groups)
 
 
 def is_engine_args(args) -> bool:

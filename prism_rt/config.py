@@ -237,6 +237,9 @@ class OrtOptions:
     trt_cache (device ``tensorrt``): where TensorRT's built engines and timing cache are kept
       between processes — None: ``ENGINE/trt-cache`` (or the user's cache folder where the engine
       folder is read-only); a path: there; False: build anew in each process.
+    deployment (device ``tensorrt``): a :class:`prism_rt.deployment.Deployment`, the largest
+      calls TensorRT's optimisation profiles cover (more edits per call: more memory, fewer
+      chunks); None: what the export recorded in the manifest (one edit × five self values).
     """
 
     threads: int | None = None
@@ -244,6 +247,7 @@ class OrtOptions:
     cpu_graphs: bool = True
     session_config: dict | None = None
     trt_cache: object = None  # str | Path | bool | None
+    deployment: object = None  # prism_rt.deployment.Deployment | None
 
     def __post_init__(self):
         if self.threads is not None and int(self.threads) < 1:

@@ -106,7 +106,8 @@ class Engine:
         precision, options = Precision.parse(precision), options or OrtOptions()
         impl = load_ort_backend(engine_dir, device=device, self_max_queries=self_max_queries, precision=precision.value,
                                 threads=options.threads, cpu_arena=options.cpu_arena, cpu_graphs=options.cpu_graphs,
-                                session_config=options.session_config, trt_cache=options.trt_cache)
+                                session_config=options.session_config, trt_cache=options.trt_cache,
+                                deployment=options.deployment)
         return cls(impl, ClipTokenizer.from_folder(impl.info.tokenizer_dir), str(engine_dir))
 
     @classmethod

@@ -85,6 +85,7 @@ class GraphEntry:
     notes: tuple[str, ...] = ()
     sha256: str | None = None
     cpu_file: Path | None = None  # the graph's CPU twin (attention fused for onnxruntime's CPU provider), if any
+    data_sha256: str | None = None  # of data_file, the graph's weights
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ def _graph_entry(root: Path, name: str, g: dict, raw: dict, verify_hashes: bool)
         dims={k: DimInfo(int(d["min"]), int(d["opt"]), int(d["max"])) for k, d in g.get("dims", {}).items()},
         profile=dict(g.get("profile", {})), parity=dict(g.get("parity", {})),
         fixed_spatial=bool(g.get("fixed_spatial", False)), notes=tuple(g.get("notes", ())), sha256=g.get("sha256"),
-        cpu_file=cpu_path)
+        cpu_file=cpu_path, data_sha256=g.get("data_sha256"))
 
 
 class PrecisionNotInEngineError(ModelError):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import BackendKind
+from .deployment import Deployment
 from .errors import BackendError
 from .manifest import Manifest, load_manifest
 from .precision import Precision
@@ -53,7 +54,8 @@ def _parse_device(device: str) -> tuple[OrtDevice, int]:
     return OrtDevice(kind), int(index or 0)
 
 
-def _providers(kind: OrtDevice, index: int, manifest: Manifest, graph: str, trt_cache: Path | None = None) -> list:
+def _providers(kind: OrtDevice, index: int, manifest: Manifest, graph: str, trt_cache: Path | None = None,
+               deployment: Deployment | None = None) -> list:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -66,7 +68,7 @@ def _providers(kind: OrtDevice, index: int, manifest: Manifest, graph: str, trt_
     cuda = ("CUDAExecutionProvider", {"device_id": index})
     if kind is OrtDevice.CUDA:
         return [cuda, "CPUExecutionProvider"]
-    return [("TensorrtExecutionProvider", tensorrt_options(manifest, graph, index, trt_cache)), cuda,
+    return [("TensorrtExecutionProvider", tensorrt_options(manifest, graph, index, trt_cache, deployment)), cuda,
             "CPUExecutionProvider"]
 
 
@@ -85,17 +87,36 @@ def tensorrt_version() -> str:
     return "unknown"
 
 
-def _trt_build_options(manifest: Manifest, graph: str, index: int) -> dict:
-    profile = manifest.graphs[graph].profile
+def deployment_of(manifest: Manifest, deployment: Deployment | None = None) -> Deployment:
+    """``deployment`` if given (a load's override), else what the export recorded in the manifest."""
+    return deployment if deployment is not None else Deployment.from_json(manifest.raw.get("deployment"))
+
+
+def dim_limits(manifest: Manifest, deployment: Deployment | None) -> dict[str, dict[str, int]]:
+    """Per graph, the largest value of each symbolic dim a call may have: the deployment's (what
+    TensorRT's profiles cover) where given, else the exported range's."""
+    return {name: ({d: hi for d, (_, _, hi) in deployment.dims(name, entry.dims).items()} if deployment is not None
+                   else {d: r.max for d, r in entry.dims.items()}) for name, entry in manifest.graphs.items()}
+
+
+def _trt_build_options(manifest: Manifest, graph: str, index: int, deployment: Deployment | None = None) -> dict:
+    entry = manifest.graphs[graph]
+    profile = deployment_of(manifest, deployment).profile(entry) if entry.dims else entry.profile
 
     def shapes(level):
         return ",".join(f"{name}:{'x'.join(str(d) for d in p[level])}" for name, p in profile.items())
 
-    # fp16 graphs already hold half weights; the int8 UNet is explicitly quantized (Q/DQ), which
+    # fp16 graphs already hold half weights. The int8 UNet is explicitly quantized (Q/DQ), which
     # TensorRT builds without a calibration table once int8 is enabled (a Q/DQ network with int8
-    # off fails to build: "Int8 precision has been set ... but int8 is not configured")
-    precision = Precision.parse(manifest.graphs[graph].precision)
-    options = {"device_id": index, "trt_fp16_enable": precision.half, "trt_int8_enable": precision is Precision.INT8}
+    # off fails to build: "Int8 precision has been set ... but int8 is not configured"); fp16 is
+    # enabled with it, or every layer outside the Q/DQ pairs (norms, attention, GEGLU) runs in
+    # fp32. TensorRT >= 10 also has strongly typed networks, where the ONNX types alone decide
+    # each layer's precision and these flags are ignored: the graph itself would then have to be
+    # fp16 outside the Q/DQ pairs (an fp16 UNet quantized on top); onnxruntime's TensorRT EP builds
+    # weakly typed networks, so the flags are what decides here.
+    precision = Precision.parse(entry.precision)
+    int8 = precision is Precision.INT8
+    options = {"device_id": index, "trt_fp16_enable": precision.half or int8, "trt_int8_enable": int8}
     if profile:
         options.update(trt_profile_min_shapes=shapes("min"), trt_profile_opt_shapes=shapes("opt"),
                        trt_profile_max_shapes=shapes("max"))
@@ -103,20 +124,23 @@ def _trt_build_options(manifest: Manifest, graph: str, index: int) -> dict:
 
 
 def trt_cache_folder(manifest: Manifest, graph: str, index: int, root: Path, *, ort_version: str | None = None,
-                     trt_version: str | None = None) -> Path:
+                     trt_version: str | None = None, deployment: Deployment | None = None) -> Path:
     """Where the TensorRT EP keeps the engine it built for one graph: one folder per graph file
-    (its SHA-256), precision, build settings (profile shapes, flags) and onnxruntime / TensorRT
-    versions, because onnxruntime names its cache files by the graph's path and the GPU's compute
-    capability only — a changed graph, setting or version must never load a stale engine."""
+    and weights file (their SHA-256s, from the manifest), precision, build settings (profile
+    shapes, flags) and onnxruntime / TensorRT versions, because onnxruntime names its cache files
+    by the graph's path and the GPU's compute capability only — a changed graph, weights, setting
+    or version must never load a stale engine (a re-export with new weights keeps the graph file
+    byte for byte)."""
     import hashlib
     import json
 
     import onnxruntime as ort
 
     entry = manifest.graphs[graph]
-    settings = {k: v for k, v in _trt_build_options(manifest, graph, index).items() if k != "device_id"}
+    settings = {k: v for k, v in _trt_build_options(manifest, graph, index, deployment).items() if k != "device_id"}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    graph_sha = (entry.sha256 or "unhashed")[:12]
+    files = f"{entry.sha256 or 'unhashed'}:{entry.data_sha256 or 'no-data'}"
+    graph_sha = hashlib.sha256(files.encode()).hexdigest()[:12]
     ort_version = ort_version or ort.__version__
     trt_version = trt_version or tensorrt_version()
     return Path(root) / f"{graph}-{entry.precision}-{graph_sha}-{digest}-ort{ort_version}-trt{trt_version}"
@@ -132,15 +156,21 @@ def default_trt_cache_root(manifest: Manifest) -> Path:
     return base / "prism_rt" / "trt" / root.resolve().name
 
 
-def tensorrt_options(manifest: Manifest, graph: str, index: int, cache_root: Path | None) -> dict:
-    """The TensorRT EP's options for one graph: the manifest's min/opt/max shapes as its
-    optimisation profile, fp16 / int8 by the graph's precision, and (``cache_root`` not None) the
+def tensorrt_options(manifest: Manifest, graph: str, index: int, cache_root: Path | None,
+                     deployment: Deployment | None = None) -> dict:
+    """The TensorRT EP's options for one graph: the deployment's min/opt/max shapes as its
+    optimisation profile (:mod:`prism_rt.deployment`), fp16 / int8 by the graph's precision, and
+    (``cache_root`` not None) the
     built engine and the kernel timing cache kept on disk, so only the first session on a machine
     pays TensorRT's build (minutes for an SD v1.5 UNet)."""
-    options = _trt_build_options(manifest, graph, index)
+    options = _trt_build_options(manifest, graph, index, deployment)
+    # the TensorRT subgraphs of one session share one execution-context memory (the largest); the
+    # EP shares nothing between sessions, so each graph keeps its own (prism_rt.memory counts them)
+    options["trt_context_memory_sharing_enable"] = True
     options["trt_engine_cache_enable"] = cache_root is not None
     if cache_root is not None:
-        options.update(trt_engine_cache_path=str(trt_cache_folder(manifest, graph, index, cache_root)),
+        options.update(trt_engine_cache_path=str(trt_cache_folder(manifest, graph, index, cache_root,
+                                                                  deployment=deployment)),
                        trt_timing_cache_enable=True,
                        trt_timing_cache_path=str(Path(cache_root) / f"timing-trt{tensorrt_version()}"))
     return options
@@ -182,12 +212,15 @@ class OrtBackend:
 
     def __init__(self, manifest: Manifest, device: str = "cpu", threads: int | None = None, cpu_arena: bool = True,
                  cpu_graphs: bool = True, session_config: dict[str, str] | None = None,
-                 trt_cache: str | Path | bool | None = None):
+                 trt_cache: str | Path | bool | None = None, deployment: Deployment | None = None):
         import onnxruntime as ort
 
         self.manifest, self.device = manifest, str(device)
         kind, index = _parse_device(device)
         self.trt_cache = _trt_cache_root(manifest, trt_cache) if kind is OrtDevice.TENSORRT else None
+        # TensorRT runs only what its profiles cover: the deployment's ranges; other providers the exported ones
+        self.deployment = deployment_of(manifest, deployment) if kind is OrtDevice.TENSORRT else None
+        self.limits = dim_limits(manifest, self.deployment)
         self.info = manifest.model_info()
         options = ort.SessionOptions()
         self.cpu_arena = bool(cpu_arena) and kind is OrtDevice.CPU
@@ -209,7 +242,7 @@ class OrtBackend:
                 raise BackendError(f"onnxruntime refuses the session setting {key}={value}: {exc}") from None
         self.sessions, self.files = {}, {}
         for name, entry in manifest.graphs.items():
-            providers = _providers(kind, index, manifest, name, self.trt_cache)
+            providers = _providers(kind, index, manifest, name, self.trt_cache, self.deployment)
             if self.trt_cache is not None:  # made before onnxruntime writes into it
                 for folder in (providers[0][1]["trt_engine_cache_path"], providers[0][1]["trt_timing_cache_path"]):
                     _make_folder(Path(folder))
@@ -256,7 +289,7 @@ class OrtBackend:
         expected = [t.name for t in entry.inputs]
         if sorted(inputs) != sorted(expected):
             raise BackendError(f"the {entry.name} graph takes {expected}, got {sorted(inputs)}")
-        feeds, bound = {}, {}
+        feeds, bound, limits = {}, {}, self.limits[entry.name]
         for tensor in entry.inputs:
             array = np.ascontiguousarray(np.asarray(inputs[tensor.name]), dtype=tensor.dtype)
             if array.ndim != len(tensor.shape):
@@ -265,10 +298,12 @@ class OrtBackend:
                 if isinstance(dim, int) and size != dim:
                     raise BackendError(f"{entry.name}.{tensor.name} must have shape {list(tensor.shape)}, got {array.shape}; "
                                        "the engine was exported for another model size")
-                rng = entry.dims.get(dim) if isinstance(dim, str) else None
-                if rng is not None and size > rng.max:  # below min: K = 0 is padded, others fail in the graph
-                    raise BackendError(f"{entry.name}.{tensor.name} has {dim} = {size}; this engine takes at most "
-                                       f"{rng.max} (lower --max-batch so edits are split into smaller chunks)")
+                most = limits.get(dim) if isinstance(dim, str) else None
+                if most is not None and size > most:  # below min: K = 0 is padded, others fail in the graph
+                    where = ("its TensorRT profiles (deployment: max_edits, max_groups, max_batch) take"
+                             if self.deployment else "this engine takes")
+                    raise BackendError(f"{entry.name}.{tensor.name} has {dim} = {size}; {where} at most {most} (lower "
+                                       "--max-batch so edits are split into smaller chunks)")
                 if isinstance(dim, str) and bound.setdefault(dim, size) != size:
                     raise BackendError(f"{entry.name}: {dim} is {bound[dim]} in one input and {size} in "
                                        f"{tensor.name}; inputs must agree")
@@ -289,14 +324,15 @@ class OrtBackend:
                 "precision": self.manifest.loaded_precision, "graph_precisions": dict(self.manifest.precision),
                 "engine": str(self.manifest.root),
                 "engine_format_version": self.manifest.format_version,
-                **({"trt_cache": str(self.trt_cache)} if self.trt_cache is not None else {})}
+                **({"trt_cache": str(self.trt_cache)} if self.trt_cache is not None else {}),
+                **({"deployment": self.deployment.to_json()} if self.deployment is not None else {})}
 
 
 def load_ort_backend(path, device: str = "cpu", self_max_queries: int | None = None,
                      verify_hashes: bool = True, precision: Precision | str = Precision.FP32, threads: int | None = None,
                      cpu_arena: bool = True, cpu_graphs: bool = True,
                      session_config: dict[str, str] | None = None,
-                     trt_cache: str | Path | bool | None = None) -> OrtBackend:
+                     trt_cache: str | Path | bool | None = None, deployment: Deployment | None = None) -> OrtBackend:
     """Check the engine folder's manifest (for the graphs of ``precision``), then open them on ``device``."""
     try:
         import onnxruntime  # noqa: F401
@@ -309,4 +345,4 @@ def load_ort_backend(path, device: str = "cpu", self_max_queries: int | None = N
                            f"the controlled layers are compiled into the graph. Pass --self-max-queries {exported}, or "
                            f"re-export with `prism-export export … --self-max-queries {self_max_queries}`")
     return OrtBackend(manifest, device=device, threads=threads, cpu_arena=cpu_arena, cpu_graphs=cpu_graphs,
-                      session_config=session_config, trt_cache=trt_cache)
+                      session_config=session_config, trt_cache=trt_cache, deployment=deployment)

@@ -6,6 +6,7 @@ One export of the tiny model with all variants (module fixture: export + calibra
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from prism_rt.config import ControlConfig
+from prism_rt.deployment import Deployment
 from prism_rt.engine import Engine
 from prism_rt.errors import BackendError
 from prism_rt.manifest import EngineMismatchError, load_manifest
@@ -111,6 +113,36 @@ def test_int8_unet_is_symmetric_qdq_and_int8_cpu_has_uint8_activations(engine_di
         weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
                    and inits[n.input[0]].data_type == TensorProto.INT8 and len(inits[n.input[0]].dims) >= 2]
         assert weights and all(len(inits[n.input[1]].dims) == 1 for n in weights), "weights are per-channel"
+
+
+@pytest.mark.slow
+def test_every_op_and_qdq_type_of_the_tensorrt_variants_is_in_tensorrts_table(engine_dir):
+    """fp16 and int8 are what TensorRT builds: every op of every graph they hold is in the parser's
+    operator table with a type it takes (no DequantizeLinear of an int32 bias), and the int8 Q/DQ
+    pairs sit only on the weight and activation inputs of Conv / MatMul / Gemm."""
+    from onnx import TensorProto
+
+    from prism_export.trt_ops import tensor_types, unsupported_ops, unsupported_types
+
+    for folder in ("onnx", "onnx-fp16", "onnx-int8"):
+        for path in sorted((engine_dir / folder).glob("*.onnx")):
+            if path.name.endswith(".cpu.onnx"):
+                continue  # the CPU twins are onnxruntime-only (com.microsoft ops), never built by TensorRT
+            model = _onnx(path)
+            assert unsupported_ops(model) == [], path
+            assert unsupported_types(model) == [], path
+    model = _onnx(engine_dir / "onnx-int8" / "unet.onnx")
+    types, inits = tensor_types(model), {t.name for t in model.graph.initializer}
+    users: dict[str, list] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            users.setdefault(name, []).append((node.op_type, i))
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) > 50 and all(types[n.input[0]] == TensorProto.INT8 for n in dq)
+    for node in dq:
+        assert all(op in ("Conv", "MatMul", "Gemm") and i in (0, 1) for op, i in users[node.output[0]]), node.name
+        assert (node.input[0] in inits) == all(i == 1 for _, i in users[node.output[0]])  # weights are constants
+    assert json.loads((engine_dir / "manifest.json").read_text())["variants"]["int8"]["quantization"]["biases"] == "float"
 
 
 @pytest.mark.slow
@@ -560,12 +592,13 @@ def test_tensorrt_options_carry_the_manifest_profile_and_precision_flags(engine_
             options = tensorrt_options(manifest, graph, 1, None)
             assert options["device_id"] == 1 and options["trt_engine_cache_enable"] is False
             assert "trt_engine_cache_path" not in options
-            assert options["trt_fp16_enable"] is (entry.precision == "fp16")
+            assert options["trt_fp16_enable"] is (entry.precision in ("fp16", "int8"))  # int8: fp16 outside Q/DQ
             assert options["trt_int8_enable"] is (entry.precision == "int8")
-            profile = raw["graphs"][graph]["profile"]
+            profile = Deployment.from_json(raw["deployment"]).profile(entry)  # what the export recorded
             assert {t.name for t in entry.inputs} == set(profile), graph  # every input has its range
             for level in ("min", "opt", "max"):
                 assert _profile(options[f"trt_profile_{level}_shapes"]) == {n: p[level] for n, p in profile.items()}
+    assert raw["deployment"] == {"max_edits": 5, "max_groups": 1, "max_batch": None, "unet_batch": 12}
     unet = raw["graphs"]["unet"]["profile"]
     assert unet["latents"]["min"][0] == 1 and unet["latents"]["max"][0] == 63  # the exported batch range
 
@@ -581,7 +614,8 @@ def test_tensorrt_engine_cache_is_one_folder_per_graph_file_setting_and_version(
     folder = Path(options["trt_engine_cache_path"])
     assert options["trt_engine_cache_enable"] is True and options["trt_timing_cache_enable"] is True
     assert folder.parent == tmp_path and Path(options["trt_timing_cache_path"]).parent == tmp_path
-    assert folder.name.startswith("unet-int8-" + int8.graphs["unet"].sha256[:12])
+    files = f"{int8.graphs['unet'].sha256}:{int8.graphs['unet'].data_sha256}"  # the graph and its weights
+    assert folder.name.startswith("unet-int8-" + hashlib.sha256(files.encode()).hexdigest()[:12])
     folders = {
         folder,
         ob.trt_cache_folder(fp32, "unet", 0, tmp_path),  # another graph file and precision
@@ -592,8 +626,7 @@ def test_tensorrt_engine_cache_is_one_folder_per_graph_file_setting_and_version(
     assert len(folders) == 5
     assert ob.trt_cache_folder(int8, "unet", 3, tmp_path) == folder  # the device is not a build setting
     # another profile (same file) is another build
-    int8.graphs["unet"].profile["latents"] = dict(int8.graphs["unet"].profile["latents"], opt=[2, 4, 16, 16])
-    assert ob.trt_cache_folder(int8, "unet", 0, tmp_path) != folder
+    assert ob.trt_cache_folder(int8, "unet", 0, tmp_path, deployment=Deployment(max_edits=2)) != folder
 
     # where it goes by default: the engine folder, or the user's cache when that is read-only
     assert ob.default_trt_cache_root(fp32) == engine_dir / "trt-cache"

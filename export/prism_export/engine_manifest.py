@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from prism_rt import __version__ as PRISM_RT_VERSION
+from prism_rt.deployment import Deployment
 from prism_rt.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
 from prism_rt.precision import Precision
 
@@ -78,7 +79,7 @@ def cpu_twin_entry(root: Path, twin: dict, data_file: str, parity: dict) -> dict
 
 
 def build_manifest(root: Path, components, unet_graph, dims: ModelDims, specs: dict[str, GraphSpec],
-                   records: dict[str, dict], opset: int) -> dict:
+                   records: dict[str, dict], opset: int, deployment: Deployment | None = None) -> dict:
     graphs = {}
     for name, spec in specs.items():
         parity = records[name]["parity"]
@@ -116,6 +117,8 @@ def build_manifest(root: Path, components, unet_graph, dims: ModelDims, specs: d
             "scheduler_config": dict(components.scheduler_config),
         },
         "control": _control(unet_graph, dims),
+        # the largest calls TensorRT's profiles are built for (prism_rt.deployment); a load may override it
+        "deployment": (deployment or Deployment()).to_json(),
         "tokenizer": "tokenizer",
         "graphs": graphs,
         "files": [_file_record(root, p) for p in tokenizer_files],

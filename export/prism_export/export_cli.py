@@ -18,6 +18,13 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--self-max-queries", type=int, default=32 * 32,
                    help="self-attention layers with at most this many queries are controlled; compiled into the UNet "
                         "(PRISM 1024, prompt-to-prompt 256)")
+    p.add_argument("--max-edits", type=int, default=5,
+                   help="edit items per image in one UNet call that TensorRT's profiles are built for (default 5: one "
+                        "edit × five self values); recorded in the manifest, overridable at load (--trt-max-edits)")
+    p.add_argument("--max-groups", type=int, default=1, help="images per UNet call the profiles are built for (default 1)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="largest UNet batch of the profiles (default 2·groups·(1 + edits): every item with its "
+                        "unconditional half)")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--parity-tolerance", type=float, default=1e-3,
                    help="fail if a graph differs from torch by more than this (max abs error / max |torch output|)")
@@ -143,10 +150,13 @@ def run_export(args) -> int:
 
     try:
         settings = variant_settings(args) if variants else None  # bad settings fail before the export
+        from prism_rt.deployment import Deployment
+
+        deployment = Deployment(max_edits=args.max_edits, max_groups=args.max_groups, max_batch=args.max_batch)
         out = export_engine(args.model, args.out, unet_weights=args.unet_weights, config=args.config,
                             allow_pickle=args.allow_pickle, self_max_queries=args.self_max_queries, opset=args.opset,
                             parity_tolerance=args.parity_tolerance, progress=lambda line: print(line, flush=True),
-                            precisions=variants, variant_settings=settings)
+                            precisions=variants, variant_settings=settings, deployment=deployment)
     except PrismError as exc:
         if getattr(args, "debug", False):
             raise

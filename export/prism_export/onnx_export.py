@@ -56,7 +56,8 @@ def _check_out(out: Path) -> None:
 def export_engine(model, out, *, unet_weights=None, config=None, allow_pickle: bool = False,
                   self_max_queries: int = 32 * 32, opset: int = OPSET,
                   parity_tolerance: float = DEFAULT_PARITY_TOLERANCE,
-                  progress: Callable[[str], None] = print, precisions=(), variant_settings=None) -> Path:
+                  progress: Callable[[str], None] = print, precisions=(), variant_settings=None,
+                  deployment=None) -> Path:
     """Export ``model`` (anything ``load_checkpoint`` reads) into the engine folder ``out``;
     ``precisions`` (fp16, int8, int8-cpu) are then derived from the fp32 graphs, in the staging
     folder, so the engine appears complete or not at all."""
@@ -103,7 +104,7 @@ def export_engine(model, out, *, unet_weights=None, config=None, allow_pickle: b
                                   f"{parity['cpu_graph']['max_rel']:.2e} (relative), more than the tolerance "
                                   f"{parity_tolerance:g}: a fusion in prism_export.cpu_graph is wrong for this model")
         copy_tokenizer(components.tokenizer_dir, staging / "tokenizer")
-        manifest = build_manifest(staging, components, graphs["unet"], dims, specs, records, opset)
+        manifest = build_manifest(staging, components, graphs["unet"], dims, specs, records, opset, deployment)
         write_manifest(staging, manifest)
         del graphs, components
         gc.collect()

@@ -16,25 +16,14 @@ Batch stays ≤ 63: diffusers' upsampler takes another code path from 64 items o
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
+from prism_rt.deployment import eval_dim
+
 MAX_BATCH = 63  # diffusers' Upsample2D switches code paths at 64 items
-_EXPR = re.compile(r"^(?:(\d+)\*)?([a-z_]+)(?:\+(\d+))?$")
-
-
-def eval_dim(entry: int | str, values: dict[str, int]) -> int:
-    """An int, or ``[k*]name[+c]`` evaluated with ``values``."""
-    if isinstance(entry, int):
-        return entry
-    match = _EXPR.match(entry.replace(" ", ""))
-    if match is None or match.group(2) not in values:
-        raise ValueError(f"cannot evaluate dim {entry!r} with {values}")
-    factor, name, offset = match.groups()
-    return int(factor or 1) * int(values[name]) + int(offset or 0)
 
 
 @dataclass(frozen=True)
