@@ -29,7 +29,7 @@ SETTING_KEYS = ("inversion", "steps", "guidance", "fit", "null_inner_steps", "ma
 
 
 @dataclass
-class _Counts:
+class Counts:
     images: int = 0  # finished in this run (edited or all-skipped)
     skipped_images: int = 0
     failed: int = 0
@@ -51,16 +51,16 @@ def groups(tasks: list[ImageTask], size: int) -> list[list[ImageTask]]:
     return order
 
 
-def _row(task: ImageTask, planned, status: str, error: str = "", **values) -> dict:
+def table_row(task: ImageTask, planned, status: str, error: str = "", **values) -> dict:
     return {"image_id": task.image_id, "path": str(task.path), "source_caption": task.source,
             "target_caption": planned.target or "", "edit": planned.edit, "status": status, "error": error, **values}
 
 
-def _skipped_rows(task: ImageTask) -> list[dict]:
-    return [_row(task, pe, "skipped", pe.skip_reason) for pe in task.edits if pe.skip_reason is not None]
+def skipped_rows(task: ImageTask) -> list[dict]:
+    return [table_row(task, pe, "skipped", pe.skip_reason) for pe in task.edits if pe.skip_reason is not None]
 
 
-def _error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
     from .errors import PrismError
 
     text = str(exc) if isinstance(exc, PrismError) else f"{type(exc).__name__}: {exc}"
@@ -93,7 +93,7 @@ class BatchJob:
         self.inversion_settings = {"method": self.method.value, "steps": args.steps, "guidance": args.guidance,
                                    "fit": args.fit, **({"null_inner_steps": args.null_inner_steps}
                                                        if self.method is InversionMethod.NULL_TEXT else {})}
-        self.counts = _Counts()
+        self.counts = Counts()
 
     def settings(self) -> dict:
         args = self.args
@@ -130,8 +130,8 @@ class BatchJob:
         return inversion, elapsed
 
     def _fail(self, task: ImageTask, exc: BaseException) -> None:
-        error = _error_text(exc)
-        rows = [_row(task, pe, "failed", error) for pe in task.edits if pe.skip_reason is None] + _skipped_rows(task)
+        error = error_text(exc)
+        rows = [table_row(task, pe, "failed", error) for pe in task.edits if pe.skip_reason is None] + skipped_rows(task)
         self.store.record_failure(task.image_id, rows)
         self.counts.failed += 1
         print(f"batch: {task.image_id} failed: {error}", file=sys.stderr, flush=True)
@@ -173,7 +173,7 @@ class BatchJob:
         rows = []
         for planned in task.edits:
             if planned.skip_reason is not None:
-                rows.append(_row(task, planned, "skipped", planned.skip_reason))
+                rows.append(table_row(task, planned, "skipped", planned.skip_reason))
                 continue
             files = [f"{it.name}.png" for it in result.items if it.target == planned.target]
             values = {"output": task.image_id, "files": ";".join(files),
@@ -191,7 +191,7 @@ class BatchJob:
                 if best is not None:
                     values.update(p_source=f"{best['classifier']['p_source']:.4f}",
                                   p_counterfactual=f"{best['classifier']['p_counterfactual']:.4f}")
-            rows.append(_row(task, planned, "ok", "; ".join(result.warnings), **values))
+            rows.append(table_row(task, planned, "ok", "; ".join(result.warnings), **values))
         parameters = {"batch": {"image_id": task.image_id, "path": str(task.path), "rows": rows},
                       "job": self.settings()}
         write_edit_outputs(self.store.folder(task.image_id), result, inversion, parameters, selection=selection,
@@ -199,12 +199,21 @@ class BatchJob:
         self.store.finished(task.image_id, rows)
         self.counts.images += 1
 
+    def run(self, groups: list[list[ImageTask]]):
+        """Yield each group once it is done (as ``batch_ray.RayRunner.run`` does on a cluster)."""
+        for group in groups:
+            self.run_group(group)
+            yield group
+
+    def close(self) -> None:
+        pass
+
     def run_group(self, group: list[ImageTask]) -> None:
         ready = []
         for task in group:
             if not task.targets:
                 self.store.publish_skipped(task.image_id, {"image_id": task.image_id, "path": str(task.path),
-                                                           "rows": _skipped_rows(task)})
+                                                           "rows": skipped_rows(task)})
                 self.counts.images += 1
                 self.counts.skipped_images += 1
                 continue

@@ -71,6 +71,11 @@ def add_batch_parser(sub) -> argparse.ArgumentParser:
                    help="largest UNet batch; a group that does not fit is split")
     o.add_argument("--cache", type=path, help="inversion cache folder (default OUT/.cache/inversions); "
                                                     "another job's reuses its inversions")
+    o.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run on a Ray cluster: one engine per actor (per GPU with --device cuda); no ADDRESS: a "
+                        "local cluster (or $RAY_ADDRESS); OUT must be storage every node sees")
+    o.add_argument("--ray-actors", type=positive, help="with --ray: how many engines (default: one per GPU, or per "
+                                                         "--threads CPUs)")
     o.add_argument("--no-figure", dest="figure", action="store_false", help="no figure.png per image")
     o.add_argument("--extras", action="store_true", help="also the reconstruction and the difference maps")
     common_args(p)
@@ -97,16 +102,28 @@ def _tasks(args) -> list[ImageTask]:
 
 def cmd_batch(args) -> int:
     tasks = _tasks(args)
+    if args.ray_actors and args.ray is None:
+        raise BatchInputError("--ray-actors goes with --ray")
     store = JobStore(args.out, args.cache)
     store.check_out()
     store.lock()
+    job = None
     try:
-        return _run(args, tasks, store, BatchJob(args, tasks, store, load_engine, control_from_args))
+        if args.ray is not None:
+            from .batch_ray import RayRunner
+
+            job = RayRunner(args, tasks, store)
+        else:
+            job = BatchJob(args, tasks, store, load_engine, control_from_args)
+        return _run(args, tasks, store, job)
     finally:
+        if job is not None:
+            job.close()
         store.unlock()
 
 
-def _run(args, tasks: list[ImageTask], store: JobStore, job: BatchJob) -> int:
+def _run(args, tasks: list[ImageTask], store: JobStore, job) -> int:
+    """The job's loop; ``job`` is a local ``BatchJob`` or a ``batch_ray.RayRunner``."""
     resumed = store.claim(job.settings())
     ids = [t.image_id for t in tasks]
     done = store.scan(ids)
@@ -116,8 +133,7 @@ def _run(args, tasks: list[ImageTask], store: JobStore, job: BatchJob) -> int:
         print(f"batch: resuming {args.out}: {earlier} of {len(tasks)} images already done, skipped as done",
               file=sys.stderr, flush=True)
     start, finished, written = time.perf_counter(), 0, None
-    for group in groups(todo, args.group):
-        job.run_group(group)
+    for group in job.run(groups(todo, args.group)):
         finished += len(group)
         if written is None or time.monotonic() - written >= TABLE_EVERY_S:
             store.write_table(ids)

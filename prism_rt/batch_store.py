@@ -29,6 +29,7 @@ from .publish import staged_dir, staged_file
 JOB_FILE = "job.json"
 RESULTS_FILE = "results.csv"
 FAILED_DIR = ".failed"
+LOCK_FILE = ".batch-lock"
 COLUMNS = ("image_id", "path", "source_caption", "target_caption", "edit", "status", "error", "output",
            "selected_file", "files", "reconstruction_error", "invert_s", "edit_s", "inversion", "p_source",
            "p_counterfactual")
@@ -102,22 +103,46 @@ class JobStore:
 
     def lock(self) -> None:
         """Hold ``OUT/.batch-lock`` (flock) for the process's life: a second job on the same ``OUT``
-        at the same time is refused; the kernel frees it whenever the holder dies, even by SIGKILL."""
+        at the same time is refused; the kernel frees it whenever the holder dies, even by SIGKILL.
+        The file names the holder (pid, host and a token of this run, for :meth:`held_by`)."""
         import fcntl
+        import socket
+        import uuid
 
         self.out.mkdir(parents=True, exist_ok=True)
-        path = self.out / ".batch-lock"
+        path = self.out / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            holder = os.read(fd, 200).decode(errors="replace").split()
             os.close(fd)
-            raise OutputError(f"--out {self.out} is in use by another prism-rt batch job (pid {holder}); wait for it "
-                              "or give another --out") from None
+            raise OutputError(f"--out {self.out} is in use by another prism-rt batch job (pid "
+                              f"{' on '.join(holder[:2]) or 'unknown'}); wait for it or give another --out") from None
+        self.token = f"{os.getpid()} {socket.gethostname()} {uuid.uuid4().hex}"
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{self.token}\n".encode())
         self._lock_fd = fd  # kept open: closing it would release the lock
+
+    def held_by(self, token: str) -> bool:
+        """Whether the run that took the lock with ``token`` still holds it: a Ray actor asks before
+        each group, so that actors outliving a killed driver stop instead of writing beside a rerun."""
+        import fcntl
+
+        try:
+            fd = os.open(self.out / LOCK_FILE, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            if os.read(fd, 200).decode(errors="replace").strip() != token:
+                return False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True  # locked, and by the run that wrote the token
+            return False  # nobody holds it: that run is gone
+        finally:
+            os.close(fd)
 
     def unlock(self) -> None:
         fd, self._lock_fd = getattr(self, "_lock_fd", None), None

@@ -11,7 +11,7 @@ fi
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
-.venv/bin/python -m pip install --quiet -e ".[torch,export,dicom,dev,bench,embed]"
+.venv/bin/python -m pip install --quiet -e ".[torch,export,dicom,dev,bench,embed,ray]"
 # prism-rt serve (the 'serve' extra's packages): nvidia-pytriton 0.7 pins numpy<2 for its Python stub
 # only, and `.[serve]` would downgrade this environment's numpy; so it is installed without its pins,
 # its other requirements named here, and the stub gets its own numpy<2 environment (.venv/triton-stub)
