@@ -108,6 +108,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="summarise an engine folder (or a checkpoint)", formatter_class=Formatter)
     info.add_argument("engine", nargs="?", type=path, help="an engine folder")
     info.add_argument("--json", action="store_true", help="the whole manifest summary as JSON")
+    info.add_argument("--memory", action="store_true",
+                      help="estimate the device memory of the engine's --precision (weights + activations) at its "
+                           "deployment (--trt-max-edits / --trt-max-groups) or at a UNet --batch")
+    info.add_argument("--batch", type=positive, help="with --memory: UNet items per call (e.g. 12 = one edit × 5 "
+                                                     "self values with CFG)")
+    check = sub.add_parser("check-install", help="is the installed onnxruntime the one --device needs?",
+                           formatter_class=Formatter)
+    check.add_argument("--device", default="cpu", help="cpu, cuda or tensorrt")
+    check.set_defaults(func=cmd_check_install)
     model_args(info, model_required=False)
     common_args(info)
     from .batch_cli import add_batch_parser
@@ -235,7 +244,15 @@ def cmd_info(args) -> int:
     if (Path(target) / "manifest.json").is_file() or args.engine is not None:
         from .manifest import load_manifest, summary_text  # an engine folder: checked, summarised, nothing loaded
 
-        summary = load_manifest(target, precision=args.precision).summary()
+        manifest = load_manifest(target, precision=args.precision)
+        if args.memory:
+            from .cli_args import deployment_from_args
+            from .memory import estimate_memory, memory_text
+
+            estimate = estimate_memory(manifest, deployment_from_args(args), batch=args.batch)
+            print(json.dumps(estimate.to_json(), indent=2) if args.json else memory_text(estimate))
+            return 0
+        summary = manifest.summary()
         print(json.dumps(summary, indent=2, default=str) if args.json else summary_text(summary))
         return 0
     engine = load_engine(args)
@@ -244,6 +261,15 @@ def cmd_info(args) -> int:
                       "text_width": info.text_width, "backend": engine.backend.describe(),
                       "provenance": info.provenance}, indent=2, default=str))
     return 0
+
+
+def cmd_check_install(args) -> int:
+    from .install_check import check_install
+
+    report = check_install(args.device)
+    for line in report.lines():
+        print(line, file=sys.stderr if line.startswith("error:") else sys.stdout)
+    return 1 if report.errors else 0
 
 
 DEMO_ENGINE = Path(__file__).resolve().parent.parent / "engines" / "phantom-demo"

@@ -64,14 +64,18 @@ class Deployment:
     def unet_batch(self) -> int:
         return int(self.max_batch) if self.max_batch is not None else 2 * self.max_groups * (1 + self.max_edits)
 
+    def calls(self, graph: str) -> dict[str, tuple[int | None, int, int]]:
+        """(min, opt, max) of the dims of ``graph``'s calls (min None: the exported minimum)."""
+        k, g, n = self.max_edits, self.max_groups, self.unet_batch
+        return {"unet": {"batch": (1, n, n), "groups": (1, g, g), "edits": (None, k, k)},
+                "text_encoder": {"batch": (1, min(2 + k, 3), 2 + k)},
+                "vae_encoder": {"batch": (1, 1, 1)}, "vae_decoder": {"batch": (1, 1, 1)}}.get(graph, {})
+
     def dims(self, graph: str, exported: dict) -> dict[str, tuple[int, int, int]]:
         """(min, opt, max) of each symbolic dim of ``graph`` for this deployment, within the
         ``exported`` ranges (the manifest's ``dims``: objects with min/opt/max); an exported range
         smaller than the deployment is an error naming both fixes."""
-        k, g, n = self.max_edits, self.max_groups, self.unet_batch
-        wanted = {"unet": {"batch": (1, n, n), "groups": (1, g, g), "edits": (None, k, k)},
-                  "text_encoder": {"batch": (1, min(2 + k, 3), 2 + k)},
-                  "vae_encoder": {"batch": (1, 1, 1)}, "vae_decoder": {"batch": (1, 1, 1)}}.get(graph, {})
+        wanted = self.calls(graph)
         out = {}
         for name, rng in exported.items():
             lo, opt, hi = wanted.get(name, (rng.min, rng.opt, rng.max))

@@ -39,11 +39,14 @@ class OrtDevice(str, enum.Enum):
                 "tensorrt": "TensorrtExecutionProvider"}[self.value]
 
 
-INSTALL_HINT = {
-    OrtDevice.CUDA: "install onnxruntime-gpu (pip install onnxruntime-gpu, which needs CUDA 12 and cuDNN 9) in place "
-                    "of onnxruntime",
-    OrtDevice.TENSORRT: "install onnxruntime-gpu and TensorRT 10 (pip install onnxruntime-gpu tensorrt) and put "
-                        "TensorRT's libraries on the library path",
+INSTALL_HINT = {  # `prism-rt check-install --device …` says what this environment has
+    OrtDevice.CUDA: "install onnxruntime-gpu in place of onnxruntime: pip install 'prism-rt[gpu]', then keep only "
+                    "onnxruntime-gpu (prism-rt check-install names the conflict); PyPI's onnxruntime-gpu needs CUDA 12.x "
+                    "and cuDNN 9, CUDA 13 takes the CUDA 13 build from onnxruntime's own package index",
+    OrtDevice.TENSORRT: "install onnxruntime-gpu (pip install 'prism-rt[gpu]', keeping only onnxruntime-gpu: prism-rt "
+                        "check-install) and the TensorRT major it was built against — TensorRT 10.x: pip install "
+                        "tensorrt-cu12 (CUDA 12) or tensorrt-cu13 (CUDA 13); an onnxruntime-gpu built for TensorRT 11 "
+                        "needs TensorRT 11 — with TensorRT's libraries on the library path",
 }
 
 
@@ -60,9 +63,11 @@ def _providers(kind: OrtDevice, index: int, manifest: Manifest, graph: str, trt_
 
     available = ort.get_available_providers()
     if kind.provider not in available:
+        from .install_check import conflict, installed_distributions
+
+        fix = conflict(installed_distributions()) or INSTALL_HINT[kind]
         raise BackendError(f"--device {kind.value} needs onnxruntime's {kind.provider}, which this onnxruntime "
-                           f"{ort.__version__} does not have (it has {', '.join(available)}); {INSTALL_HINT[kind]}, "
-                           "or use --device cpu")
+                           f"{ort.__version__} does not have (it has {', '.join(available)}); {fix}; or use --device cpu")
     if kind is OrtDevice.CPU:
         return ["CPUExecutionProvider"]
     cuda = ("CUDAExecutionProvider", {"device_id": index})

@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     twins.add_argument("--engine", type=Path, required=True, help="an engine folder written by `prism-export export`")
     twins.add_argument("--replace", action="store_true",
                        help="rewrite the CPU twins the engine already has with this version's fusion (checked the same way)")
+    memory = sub.add_parser("memory", help="record each graph's activation memory in an engine folder's manifest "
+                                           "(for prism-rt info ENGINE --memory; export does this itself)")
+    memory.add_argument("--engine", type=Path, required=True, help="an engine folder written by `prism-export export`")
     bundle = sub.add_parser("bundle-demo", help="a trained phantom model → the bundled demo engine folder")
     bundle.add_argument("--model", type=Path, required=True, help="the folder `prism-export train-phantom` wrote")
     bundle.add_argument("--out", type=Path, default=Path("engines/phantom-demo"))
@@ -40,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_variants(args)
     if args.command == "cpu-graphs":
         return run_cpu_graphs(args)
+    if args.command == "memory":
+        return _run_memory(args)
     try:
         import torch  # noqa: F401
         import diffusers  # noqa: F401
@@ -80,3 +85,25 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _run_memory(args) -> int:
+    from prism_rt.errors import PrismError
+    from prism_rt.manifest import load_manifest
+
+    from .memory_profile import add_memory_records
+
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        print("error: prism-export memory needs the 'onnx' package; install it with: pip install 'prism-rt[export]'",
+              file=sys.stderr)
+        return 2
+    try:
+        load_manifest(args.engine)  # a folder that matches its manifest, before the manifest is rewritten
+        add_memory_records(args.engine, progress=lambda line: print(line, flush=True))
+    except PrismError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"recorded; see it with: prism-rt info {args.engine} --memory")
+    return 0

@@ -18,6 +18,7 @@ from prism_rt.deployment import Deployment
 from prism_rt.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
 from prism_rt.precision import Precision
 
+from .memory_profile import graph_memory
 from .specs import GraphSpec, ModelDims, UNetSpec
 
 PRECISION = Precision.FP32.value  # what the export writes; variants are derived from it
@@ -95,6 +96,7 @@ def build_manifest(root: Path, components, unet_graph, dims: ModelDims, specs: d
             "fixed_spatial": isinstance(spec, UNetSpec),
             "notes": ([UNET_FIXED_SPATIAL] if isinstance(spec, UNetSpec) else []) + parity.get("notes", []),
             "parity": parity, "export_s": records[name]["export_s"],
+            "memory": graph_memory(root / "onnx" / f"{name}.onnx", name, dims.latent_size),  # prism-rt info --memory
         }
         cpu = records[name].get("cpu")
         if cpu:

@@ -39,6 +39,7 @@ from prism_rt.precision import CHOICES, Precision
 
 from .calibration import default_calibration_items, invert_and_edit, load_calibration_items, spread
 from .cpu_graph import fuse_for_cpu_file
+from .memory_profile import graph_memory
 from .onnx_graph import MS_DOMAIN
 from .quality import measure_variant
 from .quantization import convert_fp16, quantize_unet, unet_nodes_to_quantize
@@ -99,6 +100,8 @@ def add_variants(engine_dir, precisions: Sequence[Precision | str], settings: Va
             entry = {"graphs": {}, "built_utc": _now(), "build_s": round(build_s, 1), "settings": settings.to_json()}
             for name, how in graphs.items():
                 entry["graphs"][name] = _variant_graph_entry(raw["graphs"][name], staging, precision, name, how)
+                entry["graphs"][name]["memory"] = graph_memory(staging / f"{name}.onnx", name,
+                                                               int(raw["model"]["latent_size"]))
             if precision.quantized:
                 entry["quantization"] = graphs["unet"]
             entry["quality"] = measure_variant(root, raw, precision, entry, staging, items, reference, checks, settings)
