@@ -97,6 +97,27 @@ def test_fp16_graphs_hold_half_weights_and_take_float32_io(engine_dir):
 
 
 @pytest.mark.slow
+def test_fp16_keeps_norms_in_float32_where_measured_and_records_it(engine_dir):
+    """Each fp16 graph's policy is in the manifest: the largest |x| into a normalisation / softmax
+    of the fp32 graph, and the ops kept in float32 because of it; the graph holds what it says."""
+    from onnx import TensorProto
+
+    from prism_export.fp16_policy import OVERFLOW_MARGIN
+    from prism_export.trt_ops import tensor_types
+    from prism_export.variant_config import FP16_FP32_OPS_DEFAULT
+
+    graphs = json.loads((engine_dir / "manifest.json").read_text())["variants"]["fp16"]["graphs"]
+    for name, entry in graphs.items():
+        policy = entry["made_by"]["fp32_policy"]
+        assert policy["candidates"] == list(FP16_FP32_OPS_DEFAULT) and policy["largest_input"] > 0
+        assert policy["fp32_ops"] == (list(FP16_FP32_OPS_DEFAULT) if policy["largest_input"] > OVERFLOW_MARGIN else [])
+        model = _onnx(engine_dir / entry["file"])
+        types = tensor_types(model)
+        kept = {types.get(n.input[0]) for n in model.graph.node if n.op_type in FP16_FP32_OPS_DEFAULT}
+        assert kept <= {TensorProto.FLOAT if policy["fp32_ops"] else TensorProto.FLOAT16, None}, (name, kept)
+
+
+@pytest.mark.slow
 def test_int8_unet_is_symmetric_qdq_and_int8_cpu_has_uint8_activations(engine_dir):
     from onnx import TensorProto, numpy_helper
 

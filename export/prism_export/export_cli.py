@@ -56,6 +56,9 @@ def add_variant_options(p: argparse.ArgumentParser, default_precision: str = "fp
                         "on x86)")
     p.add_argument("--fp16-graphs", type=_graphs, default=FP16_GRAPHS_DEFAULT,
                    help=f"graphs converted in the fp16 variant (default {','.join(FP16_GRAPHS_DEFAULT)}); the others stay fp32")
+    p.add_argument("--fp16-fp32-ops", type=_ops, default=d.fp16_fp32_ops,
+                   help="op types the fp16 graphs keep in float32, comma-separated, or 'none' (default %(default)s: "
+                        "normalisations and softmax, where fp16 overflows first)")
     p.add_argument("--calibration-images", type=Path, default=None,
                    help="folder of PNG/JPEG/DICOM radiographs (+ optional captions.json) whose inversion and edit "
                         "trajectories calibrate int8 and measure every variant's quality (default: the built-in set, "
@@ -77,6 +80,10 @@ def add_variant_options(p: argparse.ArgumentParser, default_precision: str = "fp
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads of the calibration/quality runs")
 
 
+def _ops(text: str) -> tuple[str, ...]:
+    return () if text.strip().lower() in ("none", "off", "") else _graphs(text)
+
+
 def _alpha(text: str) -> float | None:
     if text.strip().lower() in ("off", "none", "no"):
         return None
@@ -89,7 +96,8 @@ def _alpha(text: str) -> float | None:
 def variant_settings(args):
     from .variant_config import VariantSettings
 
-    return VariantSettings(fp16_graphs=tuple(args.fp16_graphs), calibration_images=args.calibration_images,
+    return VariantSettings(fp16_graphs=tuple(args.fp16_graphs), fp16_fp32_ops=tuple(args.fp16_fp32_ops),
+                           calibration_images=args.calibration_images,
                            calibration_count=args.calibration_count, calibration_steps=args.calibration_steps,
                            calibration_samples=args.calibration_samples,
                            self_replace=tuple(args.calibration_self_replace), threads=args.threads,

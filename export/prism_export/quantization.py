@@ -233,18 +233,22 @@ def float_consumers_read_float(model) -> int:
     return rewired
 
 
-def convert_fp16(src: Path, dst: Path) -> dict:
-    """One graph to float16 with float32 inputs and outputs."""
+def convert_fp16(src: Path, dst: Path, fp32_ops=()) -> dict:
+    """One graph to float16 with float32 inputs and outputs; nodes of the op types ``fp32_ops``
+    stay float32 with Casts around them (:data:`prism_export.variant_config.FP16_FP32_OPS_DEFAULT`)."""
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     model = onnx.load(str(src), load_external_data=True)
+    kept = sum(1 for n in model.graph.node if n.op_type in set(fp32_ops))
     large = sum(t.ByteSize() for t in model.graph.initializer) > 1.8 * 2**30
     try:  # onnx shape inference cannot take a > 2 GB proto: the exporter's value_info is used then
-        model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=large)
+        model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=large,
+                                         op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(fp32_ops))
     except Exception as exc:
         raise VariantError(f"could not convert {src.name} to float16: {type(exc).__name__}: {exc}") from exc
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=dst.name + ".data", size_threshold=1024)  # small constants (shapes) stay inline
-    return {"tool": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True}
+    return {"tool": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True,
+            "fp32_ops": list(fp32_ops), "fp32_nodes": kept}

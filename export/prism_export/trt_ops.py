@@ -110,22 +110,52 @@ def _trt_type_names() -> dict[int, str]:
     return names
 
 
-def tensor_types(model) -> dict[str, int]:
-    """The ONNX element type of every tensor of ``model``'s main graph that type inference can
-    tell: inputs, initializers (no weights need to be loaded) and inferred intermediate values."""
-    import onnx
+_INT64_OUT = {"Shape", "Size", "NonZero", "ArgMax", "ArgMin"}
+_BOOL_OUT = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf"}
 
-    inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
-    graph = inferred.graph
+
+def tensor_types(model) -> dict[str, int]:
+    """The ONNX element type of every tensor of ``model``'s main graph: inputs and initializers (no
+    weights need to be loaded), then each node's outputs in graph order by the op's type rule (most
+    ops: their first input's type), in dependency order. The graph's own ``value_info`` is not trusted: the fp16
+    converter leaves stale entries."""
+    from onnx import AttributeProto, TensorProto, helper
+
+    from .onnx_graph import topological
+
+    graph = model.graph
     types = {t.name: t.data_type for t in graph.initializer}
-    for value in (*graph.input, *graph.value_info, *graph.output):
+    for value in graph.input:
         if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
             types[value.name] = value.type.tensor_type.elem_type
-    for node in graph.node:  # Constant nodes: their value's type
-        if node.op_type == "Constant" and node.output:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    types[node.output[0]] = attr.t.data_type
+    for node in topological(list(graph.node)):  # converters append their Casts at the end
+        if node.domain not in STANDARD_DOMAINS:
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        first = types.get(node.input[0]) if node.input and node.input[0] else None
+        op = node.op_type
+        if op in _INT64_OUT:
+            out = TensorProto.INT64
+        elif op in _BOOL_OUT:
+            out = TensorProto.BOOL
+        elif op == "Cast":
+            out = helper.get_attribute_value(attrs["to"])
+        elif op == "CastLike":
+            out = types.get(node.input[1])
+        elif op == "QuantizeLinear":
+            out = types.get(node.input[2]) if len(node.input) > 2 and node.input[2] else TensorProto.UINT8
+        elif op == "DequantizeLinear":
+            out = types.get(node.input[1])
+        elif op in ("Constant", "ConstantOfShape"):
+            value = attrs.get("value")
+            out = value.t.data_type if value is not None and value.type == AttributeProto.TENSOR else TensorProto.FLOAT
+        elif op == "Where":
+            out = types.get(node.input[1])
+        else:
+            out = first
+        for i, name in enumerate(node.output):
+            if name and out is not None:
+                types[name] = TensorProto.INT64 if op == "TopK" and i == 1 else out
     return types
 
 
@@ -133,8 +163,8 @@ def unsupported_types(model) -> list[str]:
     """Nodes of ``model``'s main graph whose data input (input 0, what the operator table's types
     are about) has a type TensorRT's parser does not take for that op, e.g. a DequantizeLinear of an
     int32 bias (onnx-tensorrt #850); and QuantizeLinear nodes that quantize to a type no
-    DequantizeLinear takes (uint8: TensorRT's int8 is signed). Tensors whose type cannot be
-    inferred are not judged."""
+    DequantizeLinear takes (uint8: TensorRT's int8 is signed). Nodes of other domains (plugins)
+    are :func:`unsupported_ops`' business and not judged here."""
     from onnx import TensorProto
 
     names, types = _trt_type_names(), tensor_types(model)

@@ -18,6 +18,11 @@ FP16_GRAPHS_DEFAULT = ("text_encoder", "vae_encoder", "vae_decoder", "unet")
 # transformer, which remove the most error per FLOP kept float. Measurements behind the list:
 # benchmarks/RESULTS.md, "int8-cpu accuracy on the trained phantom".
 UNET_FLOAT_SCOPES = ("time_embedding", "time_emb_proj", "conv_in", "conv_out", "conv_shortcut", "proj_in", "proj_out")
+# Ops an fp16 graph may keep in float32 (Casts around them) — where the measured activations entering
+# them come near fp16's range (prism_export.fp16_policy): a normalisation sums squares and a softmax
+# exponentials, the first values to pass 65504. On the trained phantom the VAE keeps them, the UNet and
+# text encoder do not (docs/jetson.md; benchmarks/fp16_norms.py measures the error either way).
+FP16_FP32_OPS_DEFAULT = ("LayerNormalization", "InstanceNormalization", "GroupNormalization", "Softmax")
 DEFAULT_SMOOTHING_ALPHA = DEFAULT_ALPHA  # int8-cpu's SmoothQuant α (prism_export.smoothing)
 
 
@@ -32,9 +37,11 @@ class VariantSettings:
     More calibration images, steps and samples give int8 better ranges and the quality figures
     more support, at the cost of one fp32 and one variant run of every image; more
     ``int8_float_scopes`` less int8 error for less speed; ``int8_cpu_smoothing`` None: more error,
-    the same speed."""
+    the same speed; ``fp16_fp32_ops`` empty: every op fp16, a little faster, and the normalisations
+    free to overflow where activations are large."""
 
     fp16_graphs: tuple[str, ...] = FP16_GRAPHS_DEFAULT
+    fp16_fp32_ops: tuple[str, ...] = FP16_FP32_OPS_DEFAULT  # op types the fp16 graphs keep in float32
     calibration_images: Path | None = None  # None: the built-in set (prism_export.calibration.default_calibration_items)
     calibration_count: int = 4
     calibration_steps: int = 50
@@ -51,6 +58,12 @@ class VariantSettings:
         if any(not s.strip(". ") for s in self.int8_float_scopes):
             raise VariantError(f"--int8-float-scopes {','.join(self.int8_float_scopes)!r} holds an empty scope; "
                                "give module paths such as proj_in,up_blocks.3.resnets.0.conv1")
+        from .trt_ops import SUPPORTED_OPS
+
+        bad_ops = sorted(set(self.fp16_fp32_ops) - set(SUPPORTED_OPS))
+        if bad_ops:
+            raise VariantError(f"--fp16-fp32-ops names {bad_ops}, which are not ONNX operators of the graphs; give op "
+                               f"types such as {','.join(FP16_FP32_OPS_DEFAULT)}, or 'none'")
         unknown = sorted(set(self.fp16_graphs) - set(GRAPHS))
         if unknown:
             raise VariantError(f"--fp16-graphs names unknown graph(s) {unknown}; graphs are {', '.join(GRAPHS)}")

@@ -39,6 +39,7 @@ from prism_rt.precision import CHOICES, Precision
 
 from .calibration import default_calibration_items, invert_and_edit, load_calibration_items, spread
 from .cpu_graph import fuse_for_cpu_file
+from .fp16_policy import fp32_ops_for, sample_feeds
 from .memory_profile import graph_memory
 from .onnx_graph import MS_DOMAIN
 from .quality import measure_variant
@@ -131,7 +132,12 @@ def _wanted(precisions: Sequence[Precision | str]) -> list[Precision]:
 def _build(precision: Precision, manifest, staging: Path, feeds: list[dict], settings: VariantSettings) -> dict:
     """Write ``precision``'s graphs into ``staging``; returns how each was made, by graph."""
     if precision.half:
-        return {name: convert_fp16(manifest.graphs[name].file, staging / f"{name}.onnx") for name in settings.fp16_graphs}
+        made = {}
+        for name in settings.fp16_graphs:  # which ops stay fp32: measured on each fp32 graph (prism_export.fp16_policy)
+            policy = fp32_ops_for(manifest.graphs[name].file, sample_feeds(manifest.raw, name), settings.fp16_fp32_ops)
+            made[name] = {**convert_fp16(manifest.graphs[name].file, staging / f"{name}.onnx", policy["fp32_ops"]),
+                          "fp32_policy": policy}
+        return made
     made = quantize_unet(manifest.graphs["unet"].file, staging / "unet.onnx", feeds, precision,
                          settings.int8_float_scopes, smoothing=settings.int8_cpu_smoothing)
     if precision is Precision.INT8_CPU:  # an ONNX Runtime-only graph: its contrib operators may be used
