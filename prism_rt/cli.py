@@ -255,6 +255,9 @@ def cmd_info(args) -> int:
         summary = manifest.summary()
         print(json.dumps(summary, indent=2, default=str) if args.json else summary_text(summary))
         return 0
+    if args.memory:
+        raise ModelError(f"--memory reads an engine folder's manifest; {target} is a checkpoint: export it with "
+                         f"`prism-export export --model {target} --out ENGINE`, then prism-rt info ENGINE --memory")
     engine = load_engine(args)
     info = engine.backend.info
     print(json.dumps({"model": str(args.model), "image_size": info.image_size, "latent_size": info.latent_size,

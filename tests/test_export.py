@@ -151,6 +151,12 @@ def test_manifest_records_what_the_runtime_and_the_builder_need(engine_dir, refe
     assert unet_entry["fixed_spatial"] and unet_entry["inputs"][0]["shape"] == ["batch", 4, 16, 16]
     assert unet_entry["profile"]["token_mapper"]["opt"] == [1, 5, 77, 77]
     assert raw["graphs"]["vae_decoder"]["inputs"][0]["shape"] == ["batch", 4, "latent_height", "latent_width"]
+    # what TensorRT's profiles are built for, and each graph's activation memory (prism-rt info --memory)
+    assert raw["deployment"] == {"max_edits": 5, "max_groups": 1, "max_batch": None, "unet_batch": 12}
+    for name in GRAPHS:
+        memory = raw["graphs"][name]["memory"]
+        small, large = memory["activation_points"]
+        assert memory["shape_coverage"] > 0.9 and 0 < small["bytes"] < large["bytes"], (name, memory)
 
 
 @pytest.mark.slow
@@ -169,13 +175,14 @@ def test_each_graph_keeps_its_weights_in_one_data_file(engine_dir):
 def test_every_op_of_every_graph_is_supported_by_tensorrt(engine_dir):
     import onnx
 
-    from prism_export.trt_ops import OPSET_RANGE, SUPPORTED_OPS, graph_ops, unsupported_ops
+    from prism_export.trt_ops import OPSET_RANGE, SUPPORTED_OPS, graph_ops, unsupported_ops, unsupported_types
 
     assert len(SUPPORTED_OPS) > 100
     for name in GRAPHS:
         model = onnx.load(str(engine_dir / "onnx" / f"{name}.onnx"), load_external_data=False)
         assert graph_ops(model), name
         assert unsupported_ops(model) == [], name
+        assert unsupported_types(model) == [], name  # each node's data type too
         opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
         assert OPSET_RANGE[0] <= opsets["ai.onnx"] <= OPSET_RANGE[1]
 

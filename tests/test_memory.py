@@ -110,6 +110,8 @@ def test_an_engine_without_the_record_names_the_command_that_adds_it(capsys):
     assert main(["info", str(DEMO), "--memory"]) != 0
     err = capsys.readouterr().err
     assert err.startswith("error:") and "prism-export memory --engine" in err
+    assert main(["info", "--model", "some/checkpoint.safetensors", "--memory"]) != 0  # no manifest to read
+    assert "prism-export export" in capsys.readouterr().err
 
 
 def test_install_check_names_the_onnxruntime_gpu_conflict(capsys):
