@@ -45,6 +45,7 @@ class ModelInfo:
     provenance: dict = field(default_factory=dict)
     self_max_queries: int = 32 * 32
     blend_downsample: int | None = None  # latent side / LocalBlend map side, chosen by layer resolution
+    blend_maps: str = "after-control"  # config.BlendMaps: the LocalBlend maps after or before control
 
     @property
     def latent_size(self) -> int:

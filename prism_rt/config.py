@@ -36,6 +36,18 @@ class Fit(str, enum.Enum):
     """Pad to a square with the image's edge mean, then resize: keeps the aspect ratio."""
 
 
+class BlendMaps(str, enum.Enum):
+    """Which cross-attention maps the controlled UNet returns for LocalBlend (compiled into the graph)."""
+
+    AFTER_CONTROL = "after-control"
+    """The edit items' maps with refine / replace and reweighting applied: what the published
+    prompt-to-prompt controller's LocalBlend reads (it stores each map, then overwrites the edit
+    rows in place). Default."""
+    BEFORE_CONTROL = "before-control"
+    """Each item's own maps, as its attention computed them; engines exported before this choice
+    existed return these."""
+
+
 GUIDANCE_RANGE = (1.0, 30.0)
 """Classifier-free guidance scales accepted: 1 is no guidance; beyond ~30 the guided noise leaves
 the range the model was trained on and images saturate."""

@@ -129,7 +129,9 @@ class Manifest:
                         "precision": self.loaded_precision,
                         "source": self.source},
             self_max_queries=int(self.control["self_max_queries"]),
-            blend_downsample=self.control.get("blend_downsample"))
+            blend_downsample=self.control.get("blend_downsample"),
+            # engines exported before the choice was recorded return each item's own maps
+            blend_maps=self.control.get("blend_maps", "before-control"))
 
     def summary(self) -> dict:
         """What ``prism-rt info ENGINE`` shows."""

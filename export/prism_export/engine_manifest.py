@@ -65,7 +65,8 @@ def _control(unet_graph, dims: ModelDims) -> dict:
                        if not l.is_cross and side(l.downsample) ** 2 <= unet_graph.self_max_queries]
     return {"layers": layers, "blend_layers": list(unet_graph.blend_layers),
             "blend_downsample": int(unet_graph.blend_downsample), "blend_size": dims.blend_size,
-            "self_max_queries": int(unet_graph.self_max_queries), "controlled_self_layers": controlled_self}
+            "self_max_queries": int(unet_graph.self_max_queries), "controlled_self_layers": controlled_self,
+            "blend_maps": unet_graph.blend_maps.value}
 
 
 def cpu_twin_entry(root: Path, twin: dict, data_file: str, parity: dict) -> dict:

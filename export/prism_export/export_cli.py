@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from prism_rt.config import BlendMaps
 from prism_rt.precision import CHOICES, Precision
 
 
@@ -18,6 +19,9 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--self-max-queries", type=int, default=32 * 32,
                    help="self-attention layers with at most this many queries are controlled; compiled into the UNet "
                         "(PRISM 1024, prompt-to-prompt 256)")
+    p.add_argument("--blend-maps", choices=[m.value for m in BlendMaps], default=BlendMaps.AFTER_CONTROL.value,
+                   help="the cross-attention maps the UNet returns for LocalBlend: after control (refine, reweight: "
+                        "what the published prompt-to-prompt reads; default) or each item's own, before control")
     p.add_argument("--max-edits", type=int, default=5,
                    help="edit items per image in one UNet call that TensorRT's profiles are built for (default 5: one "
                         "edit × five self values); recorded in the manifest, overridable at load (--trt-max-edits)")
@@ -163,6 +167,7 @@ def run_export(args) -> int:
         deployment = Deployment(max_edits=args.max_edits, max_groups=args.max_groups, max_batch=args.max_batch)
         out = export_engine(args.model, args.out, unet_weights=args.unet_weights, config=args.config,
                             allow_pickle=args.allow_pickle, self_max_queries=args.self_max_queries, opset=args.opset,
+                            blend_maps=args.blend_maps,
                             parity_tolerance=args.parity_tolerance, progress=lambda line: print(line, flush=True),
                             precisions=variants, variant_settings=settings, deployment=deployment)
     except PrismError as exc:

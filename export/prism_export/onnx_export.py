@@ -54,7 +54,7 @@ def _check_out(out: Path) -> None:
 
 
 def export_engine(model, out, *, unet_weights=None, config=None, allow_pickle: bool = False,
-                  self_max_queries: int = 32 * 32, opset: int = OPSET,
+                  self_max_queries: int = 32 * 32, opset: int = OPSET, blend_maps: str = "after-control",
                   parity_tolerance: float = DEFAULT_PARITY_TOLERANCE,
                   progress: Callable[[str], None] = print, precisions=(), variant_settings=None,
                   deployment=None) -> Path:
@@ -72,7 +72,7 @@ def export_engine(model, out, *, unet_weights=None, config=None, allow_pickle: b
     _check_out(out)
     components = load_checkpoint(model, unet_weights=unet_weights, allow_pickle=allow_pickle, config=config,
                                  device="cpu", dtype=torch.float32)
-    graphs = build_graphs(components, self_max_queries)
+    graphs = build_graphs(components, self_max_queries, blend_maps)
     dims = ModelDims.from_components(components, graphs["unet"])
     specs = graph_specs(dims, self_max_queries)
     # staged beside out and renamed onto it whole (prism_rt.publish): a failure or a kill never

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..backend import BackendKind, ModelInfo
+from ..config import BlendMaps
 from ..errors import BackendError
 from ..precision import TORCH_PRECISIONS, Precision
 from .graphs import build_graphs
@@ -23,7 +24,7 @@ class TorchBackend:
     supports_autograd = True
 
     def __init__(self, components, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 self_max_queries: int = 32 * 32):
+                 self_max_queries: int = 32 * 32, blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL):
         """``dtype``: the graphs' precision. The loops (DDIM steps, CFG, blend, null-text's Adam)
         stay in float32: ``run`` casts a graph's float inputs to ``dtype`` and its outputs back."""
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -31,7 +32,7 @@ class TorchBackend:
         self.device, self.dtype = torch.device(device), dtype
         self._lock = threading.Lock()
         self.components = components
-        self.graphs = {name: module.to(self.device, dtype) for name, module in build_graphs(components, self_max_queries).items()}
+        self.graphs = {name: module.to(self.device, dtype) for name, module in build_graphs(components, self_max_queries, blend_maps).items()}
         unet_cfg = components.unet.config
         te_cfg = components.text_encoder.config
         self.info = ModelInfo(
@@ -45,6 +46,7 @@ class TorchBackend:
             provenance=dict(components.provenance),
             self_max_queries=self_max_queries,
             blend_downsample=int(self.graphs["unet"].blend_downsample),
+            blend_maps=self.graphs["unet"].blend_maps.value,
         )
 
     @property
@@ -113,7 +115,8 @@ class TorchBackend:
 
 
 def load_torch_backend(model, *, unet_weights=None, allow_pickle=False, config=None, device="cpu",
-                       self_max_queries: int = 32 * 32, precision: Precision | str = Precision.FP32) -> TorchBackend:
+                       self_max_queries: int = 32 * 32, precision: Precision | str = Precision.FP32,
+                       blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL) -> TorchBackend:
     from .checkpoint import load_checkpoint
 
     precision = Precision.parse(precision)
@@ -125,4 +128,4 @@ def load_torch_backend(model, *, unet_weights=None, allow_pickle=False, config=N
     components = load_checkpoint(model, unet_weights=unet_weights, allow_pickle=allow_pickle, config=config,
                                  device="cpu", dtype=torch.float32)
     dtype = torch.float16 if precision.half else torch.float32
-    return TorchBackend(components, device=device, dtype=dtype, self_max_queries=self_max_queries)
+    return TorchBackend(components, device=device, dtype=dtype, self_max_queries=self_max_queries, blend_maps=blend_maps)

@@ -11,9 +11,13 @@ shapes, so one module serves inversion (``K = 0``), editing and chunked sweeps a
 For edit item k of a group, with source probabilities ``A_0``:
   cross-attention: ``A_k ← a·eq·(r·(A_0 M_k) + (1−r)·A_k) + (1−a)·A_k``
   self-attention (layers with ≤ ``self_max_queries`` queries): ``A_k ← s·A_0 + (1−s)·A_k``.
-The LocalBlend maps are the conditional half's cross-attention probabilities *before* control
-(prompt-to-prompt stores them before replacing), averaged over heads and over the down/up-block
-layers at the blend resolution (a quarter of the latent side; never the mid block).
+The LocalBlend maps are the conditional half's cross-attention probabilities averaged over heads
+and over the down/up-block layers at the blend resolution (a quarter of the latent side; never the
+mid block); by default *after* control (``BlendMaps.AFTER_CONTROL``), as the published
+prompt-to-prompt controller sees them: its ``AttentionStore`` keeps a reference to each map and
+``AttentionControlEdit`` then overwrites the edit rows in place (``attn[1:] = …``), so its
+LocalBlend reads the refined and reweighted maps. ``BlendMaps.BEFORE_CONTROL`` keeps each item's
+own maps.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import BlendMaps
 
 
 @dataclass
@@ -51,8 +56,10 @@ class AttentionLayer:
 class ControlledAttnProcessor:
     """Attention with the prompt-to-prompt control applied to the cond half, as fused attentions."""
 
-    def __init__(self, state: _ControlState, layer: AttentionLayer, self_max_queries: int, blend: bool):
+    def __init__(self, state: _ControlState, layer: AttentionLayer, self_max_queries: int, blend: bool,
+                 blend_maps: BlendMaps = BlendMaps.AFTER_CONTROL):
         self.state, self.layer, self.self_max_queries, self.blend = state, layer, self_max_queries, blend
+        self.blend_maps = BlendMaps(blend_maps)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if attn.spatial_norm is not None or attention_mask is not None:
@@ -119,13 +126,12 @@ class ControlledAttnProcessor:
         n_cond = groups * (1 + edits)
         n_uncond = q.shape[0] - n_cond
         heads, queries, depth, keys, width = q.shape[1], q.shape[2], q.shape[3], k.shape[2], v.shape[3]
-        if is_cross and self.blend:  # LocalBlend: the conditional half's maps before control
-            probs = self._probabilities(attn, q[n_uncond:], k[n_uncond:])
-            state.blend_sum.append(probs.reshape(groups, 1 + edits, *probs.shape[1:]).mean(dim=2))
         if is_cross:
             alpha, refine, eq = state.cross_alpha, state.refine_alpha, state.equalizer  # [G, K, T]
             c_src = alpha * eq * refine
             c_own = alpha * eq * (1 - refine) + (1 - alpha)
+            if self.blend:
+                state.blend_sum.append(self._blend_maps(attn, q[n_uncond:], k[n_uncond:], c_src, c_own, groups, edits))
         else:
             c_src = state.self_replace[:, :, None]  # [G, K, 1]: one weight for every key
             c_own = 1 - c_src
@@ -151,6 +157,21 @@ class ControlledAttnProcessor:
         return torch.cat([out[:n_uncond], cond_out])
 
 
+    def _blend_maps(self, attn, q, k, c_src, c_own, groups: int, edits: int) -> torch.Tensor:
+        """The conditional half's maps of this layer averaged over heads, [G, 1+K, Q, T]; after
+        control the edit items' are ``c_src ⊙ (A_0 M_k) + c_own ⊙ A_k`` (the control is linear in
+        the probabilities, so it commutes with the mean over heads)."""
+        probs = self._probabilities(attn, q, k)
+        heads, queries, keys = probs.shape[1], probs.shape[2], probs.shape[3]
+        maps = probs.reshape(groups, 1 + edits, heads, queries, keys).mean(dim=2)
+        if self.blend_maps is BlendMaps.BEFORE_CONTROL:
+            return maps
+        source = maps[:, :1].expand(groups, edits, queries, keys)  # explicit sizes: K may be 0
+        mapped = source @ self.state.token_mapper.to(maps.dtype)  # (A_0 M_k)[q, j] = Σ_i A_0[q, i] M_k[i, j]
+        edited = c_src[:, :, None, :].to(maps.dtype) * mapped + c_own[:, :, None, :].to(maps.dtype) * maps[:, 1:]
+        return torch.cat([maps[:, :1], edited], dim=1)
+
+
 def side_after(side: int, factor: int) -> int:
     """Spatial side after ``log2(factor)`` stride-2, pad-1 convolutions (ceil halving)."""
     for _ in range(int(round(math.log2(factor)))):
@@ -164,13 +185,16 @@ class ControlledUNet(nn.Module):
 
     Shapes: latents [N,4,h,w]; timestep scalar or [N]; text [N,T,D]; cross_alpha, refine_alpha,
     equalizer [G,K,T]; token_mapper [G,K,T,T]; self_replace [G,K]; noise [N,4,h,w];
-    blend_maps [G,1+K,T,h_b,w_b] (zeros of side 0 if the model has no layer at the blend size).
+    blend_maps [G,1+K,T,h_b,w_b] (zeros of side 0 if the model has no layer at the blend size),
+    after or before control as ``blend_maps`` says (compiled into an exported graph).
     """
 
-    def __init__(self, unet: nn.Module, self_max_queries: int = 32 * 32, blend_downsample: int = 4):
+    def __init__(self, unet: nn.Module, self_max_queries: int = 32 * 32, blend_downsample: int = 4,
+                 blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL):
         super().__init__()
         self.unet = unet
         self.self_max_queries = int(self_max_queries)
+        self.blend_maps = BlendMaps(blend_maps)
         self._state = _ControlState()
         self.layers = self._probe_layers()
         cross_factors = sorted({l.downsample for l in self.layers if l.is_cross and l.place != "mid"})
@@ -181,7 +205,8 @@ class ControlledUNet(nn.Module):
         processors = {}
         for layer in self.layers:
             blend = layer.is_cross and layer.place != "mid" and layer.downsample == self.blend_downsample
-            processors[layer.name] = ControlledAttnProcessor(self._state, layer, self.self_max_queries, blend)
+            processors[layer.name] = ControlledAttnProcessor(self._state, layer, self.self_max_queries, blend,
+                                                             self.blend_maps)
         unet.set_attn_processor(dict(processors))  # diffusers pops from the dict it is given
         self.blend_layers = [l.name for l in self.layers if processors[l.name].blend]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import BlendMaps
 from .controlled_unet import ControlledUNet
 
 
@@ -39,11 +40,12 @@ class VaeDecoderGraph(nn.Module):
         return self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
 
 
-def build_graphs(components, self_max_queries: int = 32 * 32) -> dict[str, nn.Module]:
+def build_graphs(components, self_max_queries: int = 32 * 32,
+                 blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL) -> dict[str, nn.Module]:
     sf = components.scaling_factor
     return {
         "text_encoder": TextEncoderGraph(components.text_encoder).eval(),
         "vae_encoder": VaeEncoderGraph(components.vae, sf).eval(),
         "vae_decoder": VaeDecoderGraph(components.vae, sf).eval(),
-        "unet": ControlledUNet(components.unet, self_max_queries=self_max_queries).eval(),
+        "unet": ControlledUNet(components.unet, self_max_queries=self_max_queries, blend_maps=blend_maps).eval(),
     }
