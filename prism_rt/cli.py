@@ -53,6 +53,9 @@ def _edit_args(edit: argparse.ArgumentParser):
                         "of the intensity range) and the reconstruction elsewhere; 0 = plain; several values are "
                         f"candidates ({','.join(f'{t:g}' for t in COMPOSITE_THRESHOLDS)} measured on phantoms; default off)")
     g.add_argument("--legacy", action="store_true", help="the published code's behaviour: no attention control, no blend")
+    g.add_argument("--keep-mask", type=path, metavar="FILE",
+                   help="an image of the input's size, white where the image must never change (e.g. the lungs)")
+    g.add_argument("--edit-mask", type=path, metavar="FILE", help="an image of the input's size, white where the edit may act")
     g.add_argument("--max-batch", type=positive, default=default(RunLimits, "max_batch"),
                    help="largest UNet batch; more edit items are split into chunks")
     g.add_argument("--seed", type=int, default=0, help="recorded; every step is deterministic (η = 0)")
@@ -172,8 +175,14 @@ def cmd_edit(args) -> int:
     if args.inversion_file is None and (args.image is None or args.prompt is None):
         raise PromptError("give --image and --prompt (or --inversion-file from `prism-rt invert --save`)")
     saved = Inversion.load(args.inversion_file, max_pixels=args.max_pixels) if args.inversion_file else None
-    if saved is None:
-        probe_image(args.image, max_pixels=args.max_pixels)
+    header = probe_image(args.image, max_pixels=args.max_pixels) if saved is None else None
+    masks = None
+    if args.keep_mask is not None or args.edit_mask is not None:  # read and checked before the model loads
+        from .user_masks import UserMasks, fit_of
+
+        fit = fit_of(saved) if saved else None
+        masks = UserMasks.read(args.keep_mask, args.edit_mask,
+                               (fit.orig_height, fit.orig_width) if fit else (header.height, header.width))
     classifier = None
     if args.select is not None:
         from .evaluate import Classifier, edit_direction
@@ -189,7 +198,8 @@ def cmd_edit(args) -> int:
     if saved is None:
         engine.check_inversion_method(args.inversion)
     inversion = saved or _invert(engine, args, load_image(args.image, max_pixels=args.max_pixels))
-    result = engine.edit(inversion, args.target, control, RunLimits(max_batch=args.max_batch), progress=not args.no_progress)
+    result = engine.edit(inversion, args.target, control, RunLimits(max_batch=args.max_batch), progress=not args.no_progress,
+                         keep_mask=masks and masks.keep, edit_mask=masks and masks.edit)
     result.timings["load_s"] = load_s
     parameters = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     parameters["inversion"] = inversion.method.value

@@ -23,7 +23,7 @@ import numpy as np
 from .backend import BackendKind
 from .blend import nearest_resize
 from .composite import composite_result
-from .config import ControlConfig, Fit, InversionConfig, InversionMethod, OrtOptions, RunLimits, SamplerConfig
+from .config import BlendMaps, ControlConfig, Fit, InversionConfig, InversionMethod, OrtOptions, RunLimits, SamplerConfig
 from .errors import BackendError, InputImageError, InversionFileError, MissingExtraError, ModelError, SettingsError
 from .inversion import Inversion
 from .loop import (Counter, EditInputs, ddim_inversion, decode_latents, edit_loop_groups, encode_image, encode_prompts,
@@ -33,6 +33,7 @@ from .precision import Precision
 from .result import EditResult
 from .schedule import DDIMSchedule
 from .unet_batch import plan_chunks
+from .user_masks import fit_of, masks_for, paste_kept
 
 __all__ = ["EditResult", "Engine", "is_engine_dir"]
 
@@ -55,6 +56,8 @@ class _Prepared:
     noise_maps: dict | None
     timings: dict
     counter: Counter
+    region: Any = None  # [1,1,h,w] user masks' editable latent cells (user_masks), or None
+    kept: np.ndarray | None = None  # [S,S] the keep mask in model space, pasted from the reconstruction
 
     def inputs(self, backend, items: list[int], control: ControlConfig) -> tuple[Any, EditInputs]:
         xp = backend.xp
@@ -70,7 +73,7 @@ class _Prepared:
             target_embeddings=xp.concat([rows[it.target] for it in sub.items], axis=0),
             null_embedding=self.embeddings[1:2], null_embeddings=self.nulls, trajectory=self.trajectory,
             guidance=self.inversion.sampler.guidance, blend_threshold=control.blend_threshold,
-            blend_start=control.blend_start, fixed_masks=fixed)
+            blend_start=control.blend_start, fixed_masks=fixed, region=self.region)
 
 
 class Engine:
@@ -94,12 +97,13 @@ class Engine:
     # -- construction ------------------------------------------------------------------------------
     @classmethod
     def from_dir(cls, engine_dir, *, precision: Precision | str = Precision.FP32, device: str = "cpu",
-                 options: OrtOptions | None = None, self_max_queries: int | None = None) -> "Engine":
+                 options: OrtOptions | None = None, self_max_queries: int | None = None,
+                 blend_maps: BlendMaps | str | None = None) -> "Engine":
         """An engine folder from ``prism-export export`` on ONNX Runtime. ``precision``: one the
         folder holds (``prism-rt info ENGINE`` lists them with their measured quality);
         ``device``: ``cpu``, ``cuda[:N]`` or ``tensorrt[:N]`` (execution provider); ``options``:
-        :class:`~prism_rt.config.OrtOptions`. ``self_max_queries`` is compiled into the graph: it
-        may be given only to check it."""
+        :class:`~prism_rt.config.OrtOptions`. ``self_max_queries`` and ``blend_maps`` are
+        compiled into the graph: they may be given only to check them."""
         from .ort_backend import load_ort_backend
         from .tokenizer import ClipTokenizer
 
@@ -108,18 +112,25 @@ class Engine:
                                 threads=options.threads, cpu_arena=options.cpu_arena, cpu_graphs=options.cpu_graphs,
                                 session_config=options.session_config, trt_cache=options.trt_cache,
                                 deployment=options.deployment)
+        if blend_maps is not None and BlendMaps(blend_maps).value != impl.info.blend_maps:
+            raise BackendError(f"the engine {engine_dir} returns the LocalBlend maps {impl.info.blend_maps}, not "
+                               f"{BlendMaps(blend_maps).value}: re-export it with `prism-export export … --blend-maps "
+                               f"{BlendMaps(blend_maps).value}`")
         return cls(impl, ClipTokenizer.from_folder(impl.info.tokenizer_dir), str(engine_dir))
 
     @classmethod
     def from_checkpoint(cls, path, *, unet_weights=None, config=None, allow_pickle: bool = False,
                         precision: Precision | str = Precision.FP32, device: str = "cpu",
-                        self_max_queries: int | None = None, threads: int | None = None) -> "Engine":
+                        self_max_queries: int | None = None, threads: int | None = None,
+                        blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL) -> "Engine":
         """A diffusers SD v1.x folder or single-file checkpoint on the PyTorch reference backend.
         ``unet_weights``: a fine-tuned UNet state dict (PRISM's ``model.safetensors``);
         ``config``: the SD folder giving configs and tokenizer for a single-file checkpoint;
         ``precision``: fp32 or fp16 graphs (the loops stay fp32); ``self_max_queries``:
         self-attention layers with at most this many queries are controlled (PRISM 32², the
-        original prompt-to-prompt 16²); ``threads``: torch's intra-op threads (process-wide)."""
+        original prompt-to-prompt 16²); ``threads``: torch's intra-op threads (process-wide);
+        ``blend_maps``: LocalBlend reads the cross-attention maps after control (the published
+        controller's) or before."""
         from .tokenizer import ClipTokenizer
 
         precision = Precision.parse(precision)
@@ -138,13 +149,14 @@ class Engine:
 
         impl = load_torch_backend(path, unet_weights=unet_weights, allow_pickle=allow_pickle, config=config,
                                   device=device, self_max_queries=self_max_queries or 32 * 32,
-                                  precision=precision.value)
+                                  precision=precision.value, blend_maps=BlendMaps(blend_maps))
         return cls(impl, ClipTokenizer.from_folder(impl.info.tokenizer_dir), str(path))
 
     @classmethod
     def load(cls, path, backend: str | BackendKind | None = None, *, device: str = "cpu", precision="fp32",
              self_max_queries: int | None = None, unet_weights=None, config=None, allow_pickle: bool = False,
-             threads: int | None = None, options: OrtOptions | None = None, **ort_settings) -> "Engine":
+             threads: int | None = None, options: OrtOptions | None = None, blend_maps: BlendMaps | str | None = None,
+             **ort_settings) -> "Engine":
         """:meth:`from_dir` for an engine folder, :meth:`from_checkpoint` otherwise; ``backend``
         (optional) must agree with what ``path`` is. ``ort_settings``: :class:`OrtOptions` fields."""
         kind = (BackendKind.ONNXRUNTIME if is_engine_dir(path) else BackendKind.TORCH) if backend is None else BackendKind(backend)
@@ -158,14 +170,14 @@ class Engine:
                                    f"from `prism-export export --model {path} --out ENGINE`, or run the checkpoint on torch")
             options = replace(options or OrtOptions(), **({"threads": threads} if threads else {}), **ort_settings)
             return cls.from_dir(path, precision=precision, device=device, options=options,
-                                self_max_queries=self_max_queries)
+                                self_max_queries=self_max_queries, blend_maps=blend_maps)
         if kind is BackendKind.TORCH:
             if options is not None or any(v not in (None, False) and k in ("session_config", "trt_cache")
                                           for k, v in ort_settings.items()):
                 raise BackendError("session_config and trt_cache are onnxruntime settings; the torch backend takes none")
             return cls.from_checkpoint(path, unet_weights=unet_weights, config=config, allow_pickle=allow_pickle,
                                        precision=precision, device=device, self_max_queries=self_max_queries,
-                                       threads=threads)
+                                       threads=threads, blend_maps=blend_maps or BlendMaps.AFTER_CONTROL)
         raise BackendError(f"backend {kind.value!r} is not available in this version; engine folders run on onnxruntime "
                            "(--device tensorrt uses its TensorRT execution provider), checkpoints on torch")
 
@@ -256,18 +268,23 @@ class Engine:
         return build_control_plan(self.tokenizer, source, list(targets), control or ControlConfig(), steps)
 
     def edit(self, inversion: Inversion, targets: Sequence[str], control: ControlConfig | None = None,
-             limits: RunLimits | None = None, progress: bool = False) -> EditResult:
+             limits: RunLimits | None = None, progress: bool = False, *, keep_mask=None, edit_mask=None) -> EditResult:
         """The counterfactuals of one image under each edited caption in ``targets``
-        (:meth:`edit_many` of one image)."""
-        return self.edit_many([inversion], [list(targets)], control, limits, progress)[0]
+        (:meth:`edit_many` of one image). ``keep_mask``: the image never changes inside it;
+        ``edit_mask``: the edit is confined to it; each a path, PIL image or array in the input
+        image's geometry, white = the region (``prism_rt.user_masks``)."""
+        return self.edit_many([inversion], [list(targets)], control, limits, progress,
+                              keep_masks=[keep_mask], edit_masks=[edit_mask])[0]
 
     def edit_many(self, inversions: Sequence[Inversion], targets, control: ControlConfig | None = None,
-                  limits: RunLimits | None = None, progress: bool = False) -> list[EditResult]:
+                  limits: RunLimits | None = None, progress: bool = False, *, keep_masks=None,
+                  edit_masks=None) -> list[EditResult]:
         """Edits of several images, their groups batched into one UNet call per step (the
         controlled UNet's G axis): throughput for batch jobs. ``targets``: the edited captions of
         every image, or one list per image (each with as many captions). All inversions need the
         same method and sampler. Whole images are grouped as many to a call as fit ``max_batch``;
-        an image whose own items do not fit is run alone, its items split into chunks."""
+        an image whose own items do not fit is run alone, its items split into chunks.
+        ``keep_masks`` / ``edit_masks``: None or one entry (None or a mask, as :meth:`edit`) per image."""
         control, limits = control or ControlConfig(), limits or RunLimits()
         inversions = list(inversions)
         if not inversions:
@@ -279,9 +296,13 @@ class Engine:
             if inv.method != first.method or inv.sampler != first.sampler:
                 raise SettingsError("edit_many needs inversions made with one method and sampler; edit the others apart")
         plans = [self.plan(inv.source_prompt, t, control, first.sampler.steps) for inv, t in zip(inversions, per_image)]
+        masks = masks_for(inversions, keep_masks, edit_masks)
         schedule = DDIMSchedule.from_config(first.sampler)
-        prepared = [self._prepare(inv, t, plan, control, limits, schedule)
-                    for inv, t, plan in zip(inversions, per_image, plans)]
+        prepared = [self._prepare(inv, t, plan, control, limits, schedule) for inv, t, plan in zip(inversions, per_image, plans)]
+        latent = self.backend.info.latent_size
+        for p, m in zip(prepared, masks) if any(masks) else ():  # a batch blends all its images or none
+            region = m.region(fit_of(p.inversion), latent) if m else np.ones((1, 1, latent, latent), np.float32)
+            p.region, p.kept = self.backend.asarray(region), m and m.kept_pixels(fit_of(p.inversion))
         chunks = plan_chunks(first.method, len(inversions), len(plans[0].items), limits.max_batch)
         runs = [{"source": None, "edits": [], "masks": [], "chunks": 0, "groups": 0, "items": 0} for _ in inversions]
         bar = Progress(progress, len(chunks) * first.sampler.steps,
@@ -334,6 +355,7 @@ class Engine:
         z0 = prepared.trajectory[0]
         recon_error = float(xp.linalg.vector_norm(final[:1] - z0) / xp.linalg.vector_norm(z0))
         images = np.concatenate([decode_latents(backend, final[i:i + 1]) for i in range(final.shape[0])], axis=0)
+        images[1:] = paste_kept(images[0], images[1:], prepared.kept)
         size = images.shape[-1]
         masks = [None if m is None else backend.to_numpy(nearest_resize(xp, m[0], (size, size))) for m in run["masks"]]
         timings = dict(prepared.timings, decode_s=time.perf_counter() - start)

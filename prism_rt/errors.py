@@ -16,6 +16,10 @@ class InputImageError(PrismError):
     """The input image cannot be read or is not a usable radiograph."""
 
 
+class MaskError(InputImageError):
+    """A keep or edit mask cannot be read, is empty, or does not fit the image."""
+
+
 class PromptError(PrismError):
     """A prompt is empty, too long, or an edit cannot be built from it."""
 

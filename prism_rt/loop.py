@@ -146,6 +146,7 @@ class EditInputs:
     blend_threshold: float = 0.3
     blend_start: float = 0.2
     fixed_masks: Any | None = None  # [1+K,1,h,w] LocalBlend masks known before the loop (noise_blend)
+    region: Any | None = None  # [1,1,h,w] user masks (prism_rt.user_masks): 1 where the edit may change, every step
 
 
 def edit_loop(backend, schedule: DDIMSchedule, plan, inputs: EditInputs, counter: Counter,
@@ -161,7 +162,8 @@ def edit_loop_groups(backend, schedule: DDIMSchedule, plans: Sequence, inputs: S
     per step (``prism_rt.unet_batch.UNetBatch``); each group's control tensors come from its own
     plan. Per step i: ``ε = CFG(UNet(z_t, t, c, controls_i))``, ``z_{t_prev} = DDIM(z_t, ε)``;
     direct inversion pins each source to ``z*_{t_prev}`` (set, not offset-added: immune to
-    rounding); LocalBlend keeps everything outside each item's mask on the source.
+    rounding); LocalBlend keeps everything outside each item's mask on the source, and so does
+    each image's user-mask region (keep / edit masks) at every step.
     """
     xp = backend.xp
     first = inputs[0]
@@ -205,7 +207,8 @@ def _on_backend(backend, controls: dict) -> dict:
 
 class _LocalBlend:
     """LocalBlend over the steps of one edit run: each group's mask from its accumulated
-    cross-attention maps (or its fixed noise-blend mask), applied from ``blend_start`` on."""
+    cross-attention maps (or its fixed noise-blend mask), applied from ``blend_start`` on, times
+    the group's user-mask region (if any), which applies from the first step."""
 
     def __init__(self, backend, batch: UNetBatch, plans: Sequence, inputs: Sequence[EditInputs], steps: int):
         first = inputs[0]
@@ -218,18 +221,27 @@ class _LocalBlend:
         self.latent_hw = tuple(int(d) for d in first.latents_T.shape[2:])
         self.maps_sum: list = [None] * batch.groups
         self.masks: list = [None] * batch.groups
+        self.regions = [x.region for x in inputs]
+        if len({r is None for r in self.regions}) != 1:
+            raise ValueError("either every group of one edit batch has user masks or none has")
 
     def step(self, i: int, latents, blend_maps):
-        if not (self.fixed or (self.from_attention and blend_maps.shape[-1] > 0)):
+        local = self.fixed or (self.from_attention and blend_maps.shape[-1] > 0)
+        if not local and self.regions[0] is None:
             return latents
         xp, blended = self.xp, []
         for g in range(self.batch.groups):
-            if self.from_attention:
+            if local and self.from_attention:
                 self.maps_sum[g] = blend_maps[g] if self.maps_sum[g] is None else self.maps_sum[g] + blend_maps[g]
             group_latents = self.batch.group(latents, g)
-            if i >= self.start:
-                self.masks[g] = (self.inputs[g].fixed_masks if self.fixed else
-                                 blend_mask(xp, self.maps_sum[g], self.weights[g], self.latent_hw, self.threshold))
+            mask = None
+            if local and i >= self.start:
+                mask = (self.inputs[g].fixed_masks if self.fixed else
+                        blend_mask(xp, self.maps_sum[g], self.weights[g], self.latent_hw, self.threshold))
+            if self.regions[g] is not None:
+                mask = self.regions[g] if mask is None else mask * self.regions[g]
+            if mask is not None:
+                self.masks[g] = xp.broadcast_to(mask, (int(group_latents.shape[0]), *mask.shape[1:]))
                 group_latents = apply_blend(group_latents, self.masks[g])
             blended.append(group_latents)
         return blended[0] if self.batch.groups == 1 else xp.concat(blended, axis=0)
