@@ -2,7 +2,11 @@
 from the prompt-to-prompt paper and code (Hertz et al. 2022): per-layer processors that compute
 attention probabilities explicitly, hand them to a stateful controller that stores and replaces
 them as ``AttentionControlEdit`` / ``AttentionRefine`` / ``AttentionReplace`` /
-``AttentionReweight`` / ``LocalBlend`` do, and diffusers' own DDIMScheduler for the steps."""
+``AttentionReweight`` / ``LocalBlend`` do, and diffusers' own DDIMScheduler for the steps.
+
+As in the published code, ``AttentionStore.forward`` keeps a reference to each map and
+``AttentionControlEdit.forward`` then overwrites the edit rows in place, so LocalBlend reads the
+maps after control; ``after_control=False`` stores a copy instead (the maps before control)."""
 from __future__ import annotations
 
 import numpy as np
@@ -24,11 +28,12 @@ SOURCE = "chest x-ray of a patient with support devices"
 class ReferenceController:
     """prompt-to-prompt's controller, one self window for all edits (as in the paper's code)."""
 
-    def __init__(self, n_items, cross_alpha, cross_fn, self_window, self_limit, blend=None):
+    def __init__(self, n_items, cross_alpha, cross_fn, self_window, self_limit, blend=None, after_control=True):
         self.n_items, self.cross_alpha, self.cross_fn = n_items, cross_alpha, cross_fn
         self.self_window, self.self_limit, self.blend = self_window, self_limit, blend
         self.cur_step, self.cur_layer, self.num_layers = 0, 0, 0
         self.step_store, self.attention_store = [], None
+        self.after_control, self.last_mask = after_control, None
 
     def __call__(self, attn, is_cross, place):
         h = attn.shape[0]
@@ -43,7 +48,8 @@ class ReferenceController:
 
     def forward(self, attn, is_cross, place):
         if is_cross and self.blend is not None and place != "mid" and attn.shape[1] == self.blend["queries"]:
-            self.step_store.append(attn.reshape(self.n_items, -1, *attn.shape[1:]))
+            stored = attn if self.after_control else attn.clone()  # a view: the overwrite below shows in it
+            self.step_store.append(stored.reshape(self.n_items, -1, *attn.shape[1:]))
         if is_cross or (self.self_window[0] <= self.cur_step < self.self_window[1]):
             heads = attn.shape[0] // self.n_items
             attn = attn.reshape(self.n_items, heads, *attn.shape[1:])
@@ -53,7 +59,8 @@ class ReferenceController:
                 new = self.cross_fn(base, repl) * a + (1 - a) * repl
             else:
                 new = base.unsqueeze(0).expand(repl.shape[0], *base.shape) if repl.shape[2] <= self.self_limit else repl
-            attn = torch.cat([base[None], new], 0).reshape(self.n_items * heads, *attn.shape[2:])
+            attn[1:] = new  # in place, as AttentionControlEdit.forward
+            attn = attn.reshape(self.n_items * heads, *attn.shape[2:])
         return attn
 
     def between_steps(self):
@@ -74,6 +81,7 @@ class ReferenceController:
         mask = mask / mask.amax(dim=(2, 3), keepdim=True)
         mask = mask.gt(self.blend["threshold"])
         mask = (mask[:1] + mask).float()
+        self.last_mask = mask
         return latents[:1] + mask * (latents - latents[:1])
 
 
@@ -128,31 +136,34 @@ def engine(tiny_model_dir):
     return Engine.load(tiny_model_dir, backend="torch")
 
 
-def _run_both(engine, targets, config: ControlConfig, cross_fn_factory):
+def _run_both(engine, targets, config: ControlConfig, cross_fn_factory, steps: int = STEPS, after_control: bool = True,
+              with_masks: bool = False, latent_side: int = 16):
     backend, tok = engine.backend, engine.tokenizer
-    sampler = engine.sampler(steps=STEPS, guidance=7.5)
+    sampler = engine.sampler(steps=steps, guidance=7.5)
     schedule = DDIMSchedule.from_config(sampler)
-    plan = build_control_plan(tok, SOURCE, targets, config, STEPS)
+    plan = build_control_plan(tok, SOURCE, targets, config, steps)
     torch.manual_seed(1)
-    latents_T = torch.randn(1, 4, 16, 16)
+    latents_T = torch.randn(1, 4, latent_side, latent_side)
     emb = encode_prompts(backend, tok, [SOURCE, "", *targets], allow_empty=True)
     inputs = EditInputs(method=InversionMethod.DDIM, latents_T=latents_T, source_embedding=emb[:1],
                         target_embeddings=emb[2:], null_embedding=emb[1:2], guidance=7.5,
                         blend_threshold=config.blend_threshold, blend_start=config.blend_start)
-    ours = edit_loop(backend, schedule, plan, inputs, Counter()).latents
+    outcome = edit_loop(backend, schedule, plan, inputs, Counter())
 
     unet = backend.graphs["unet"].unet
     blend = None
     if config.blend_words is not None:
-        side = 16 // 4
+        side = latent_side // 4
         blend = dict(queries=side * side, alpha_layers=torch.as_tensor(plan.blend_words), threshold=config.blend_threshold,
-                     start=int(config.blend_start * STEPS))
+                     start=int(config.blend_start * steps))
     s = config.self_replace[0]
     controller = ReferenceController(1 + len(targets), torch.as_tensor(plan.cross_alpha), cross_fn_factory(plan),
-                                     (0, int(STEPS * s)), backend.info.self_max_queries, blend)
+                                     (0, int(steps * s)), backend.info.self_max_queries, blend, after_control)
     cond = torch.cat([emb[:1], emb[2:]])
-    ref = reference_edit(unet, latents_T, emb[1:2], cond, controller, 7.5, STEPS)
-    return ours, ref
+    ref = reference_edit(unet, latents_T, emb[1:2], cond, controller, 7.5, steps)
+    if with_masks:
+        return outcome.latents, ref, outcome.masks, controller.last_mask
+    return outcome.latents, ref
 
 
 def refine_reweight(engine, source, targets, weight):
@@ -206,3 +217,26 @@ def test_controls_change_the_result(engine):
     ours_on, _ = _run_both(engine, targets, on, refine_reweight(engine, SOURCE, targets, 2.0))
     ours_off, _ = _run_both(engine, targets, off, refine_reweight(engine, SOURCE, targets, 2.0))
     assert (ours_on[1] - ours_off[1]).abs().max() > 1e-3
+
+
+def test_local_blend_reads_maps_after_control_over_50_steps(tiny_model_dir, engine):
+    """PRISM's refine + reweight 2.0 with LocalBlend over 50 steps: the engine (maps after control,
+    the default) and the published controller (which stores each map and then overwrites the edit
+    rows in place) agree on the final latents. Blend maps of 8×8 (32×32 latents) and a threshold
+    that leaves a partial mask, so the blend is not the identity; on this random model the maps are
+    nearly flat, hence the high threshold. The engine with the maps *before* control must then miss
+    the reference: the check could not pass with either kind of map."""
+    targets = ["chest x-ray of a patient without support devices"]
+    config = ControlConfig(cross_replace=0.8, self_replace=(0.5,), edit_weight=2.0, blend_words=("devices", "devices"),
+                           blend_threshold=0.95)
+    factory = refine_reweight(engine, SOURCE, targets, 2.0)
+    ours, ref, mask, ref_mask = _run_both(engine, targets, config, factory, steps=50, with_masks=True, latent_side=32)
+    assert 0.2 < float(mask[1].mean()) < 0.9  # LocalBlend confines the edit: part of the latents follow the source
+    torch.testing.assert_close(mask, ref_mask, rtol=0, atol=0)
+    assert (ours[1] - ours[0]).abs().max() > 1e-3
+    assert ((ours - ref).abs().max() / ref.abs().max()).item() <= 1e-4
+
+    before = Engine.load(tiny_model_dir, backend="torch", blend_maps="before-control")
+    assert before.backend.info.blend_maps == "before-control"
+    ours_before, _ = _run_both(before, targets, config, factory, steps=50, latent_side=32)
+    assert ((ours_before - ref).abs().max() / ref.abs().max()).item() > 1e-3
