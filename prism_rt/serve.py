@@ -36,7 +36,7 @@ import numpy as np
 
 from .cli_args import Formatter, common_args, load_engine, model_args, positive
 from .errors import BackendError, MissingExtraError
-from .serve_model import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TARGETS, INPUTS, OUTPUTS, EditService, RequestError
+from .serve_model import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TARGETS, INPUTS, OPTIONAL_INPUTS, OUTPUTS, EditService, RequestError
 
 MODEL_NAME = "prism"
 STUB_ENV_VARIABLE = "PRISM_RT_TRITON_STUB_ENV"
@@ -140,7 +140,8 @@ def serve(engine, args, *, block: bool = True):
                           grpc_port=args.grpc_port, metrics_port=args.metrics_port, exit_timeout_secs=5)
     triton = Triton(config=config)
     triton.bind(model_name=MODEL_NAME, infer_func=triton_infer(service),
-                inputs=[Tensor(name=n, dtype=d, shape=s) for n, d, s in INPUTS],
+                inputs=[Tensor(name=n, dtype=d, shape=s) for n, d, s in INPUTS]
+                + [Tensor(name=n, dtype=d, shape=s, optional=True) for n, d, s in OPTIONAL_INPUTS],
                 outputs=[Tensor(name=n, dtype=d, shape=s) for n, d, s in OUTPUTS],
                 config=ModelConfig(max_batch_size=args.max_batch_size,
                                    batcher=DynamicBatcher(max_queue_delay_microseconds=args.queue_delay_us)),

@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 
 
-def request_inputs(module, levels: np.ndarray, prompt: str, targets, params: dict | str | None = None) -> list:
-    """The four input tensors of one request; ``module``: ``tritonclient.http`` or ``tritonclient.grpc``.
-    ``levels``: [H, W] uint16 (an 8-bit image: widen it first, ``levels.astype(np.uint16) * 257``)."""
+def request_inputs(module, levels: np.ndarray, prompt: str, targets, params: dict | str | None = None, *,
+                   keep_mask=None, edit_mask=None) -> list:
+    """The input tensors of one request; ``module``: ``tritonclient.http`` or ``tritonclient.grpc``.
+    ``levels``: [H, W] uint16 (an 8-bit image: widen it first, ``levels.astype(np.uint16) * 257``);
+    ``keep_mask`` / ``edit_mask`` (optional): [H, W], nonzero = the region (``prism_rt.user_masks``)."""
     levels = np.asarray(levels)
     if levels.dtype != np.uint16:
         raise ValueError(f"levels must be uint16 grey levels (8-bit images × 257), got {levels.dtype}")
@@ -32,6 +34,8 @@ def request_inputs(module, levels: np.ndarray, prompt: str, targets, params: dic
                ("prompt", np.array([[prompt.encode()]], dtype=object), "BYTES"),
                ("targets", np.array([[t.encode() for t in targets]], dtype=object), "BYTES"),
                ("params", np.array([[text.encode()]], dtype=object), "BYTES")]
+    tensors += [(name, (np.asarray(mask) > 0).astype(np.uint8)[None], "UINT8")
+                for name, mask in (("keep_mask", keep_mask), ("edit_mask", edit_mask)) if mask is not None]
     inputs = []
     for name, array, dtype in tensors:
         tensor = module.InferInput(name, list(array.shape), dtype)

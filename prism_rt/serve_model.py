@@ -11,6 +11,9 @@ Tensors (Triton's batch dimension first; one image per request):
 ``params``          BYTES   [1, 1]           JSON: ``prism-rt edit``'s settings under their
                                              long-flag names (:data:`PARAM_KEYS`); ``{}`` for
                                              PRISM's defaults
+``keep_mask``       UINT8   [1, H, W]        optional: nonzero where the image must never change
+``edit_mask``       UINT8   [1, H, W]        optional: nonzero where the edit may act
+                                             (``prism_rt.user_masks``; the image's H, W)
 ``counterfactuals`` UINT16  [1, K·S, H, W]   one per edit item, at the input's geometry
 ``result``          BYTES   [1, 1]           JSON: items, reconstruction_error, timings, settings
 ==================  ======  ===============  ==================================================
@@ -31,6 +34,7 @@ from .config import ControlConfig, Fit, InversionConfig, InversionMethod, RunLim
 from .errors import PrismError, SettingsError
 
 INPUTS = (("image", np.uint16, (-1, -1)), ("prompt", bytes, (1,)), ("targets", bytes, (-1,)), ("params", bytes, (1,)))
+OPTIONAL_INPUTS = (("keep_mask", np.uint8, (-1, -1)), ("edit_mask", np.uint8, (-1, -1)))
 OUTPUTS = (("counterfactuals", np.uint16, (-1, -1, -1)), ("result", bytes, (1,)))
 """(name, dtype, shape without Triton's batch dimension) of the model's tensors."""
 
@@ -134,6 +138,7 @@ class ParsedRequest:
     prompt: str
     targets: list[str]
     settings: EditSettings
+    masks: Any = None  # user_masks.UserMasks or None
 
 
 class EditService:
@@ -168,7 +173,18 @@ class EditService:
         if len(targets) > self.max_targets:
             raise RequestError(f"{len(targets)} targets, over this server's limit of {self.max_targets} (--max-targets)")
         settings = parse_params(_text(request["params"], "params"), self.engine)
-        return ParsedRequest(np.asarray(image[0], dtype=np.uint16), prompt, targets, settings)
+        masks = {}
+        for name, _, _ in OPTIONAL_INPUTS:
+            if request.get(name) is not None:
+                mask = np.asarray(request[name])
+                if mask.shape != image.shape:
+                    raise RequestError(f"{name} must be [1, H, W] like the image, {list(image.shape)}; got "
+                                       f"{list(mask.shape)}")
+                masks[name] = mask[0]
+        from .user_masks import UserMasks
+
+        user_masks = UserMasks.read(masks.get("keep_mask"), masks.get("edit_mask"), (height, width))
+        return ParsedRequest(np.asarray(image[0], dtype=np.uint16), prompt, targets, settings, user_masks)
 
     def __call__(self, requests: list[dict]) -> list[dict]:
         """One response per request: its outputs, or ``{"error": message}``."""
@@ -207,7 +223,9 @@ class EditService:
                                     method=p.settings.method, sampler=sampler, fit=p.settings.fit,
                                     inversion=InversionConfig(null_inner_steps=p.settings.null_inner_steps))
                       for p in members]
-        results = engine.edit_many(inversions, [p.targets for p in members], first.control, self.limits)
+        results = engine.edit_many(inversions, [p.targets for p in members], first.control, self.limits,
+                                   keep_masks=[p.masks and p.masks.keep for p in members],
+                                   edit_masks=[p.masks and p.masks.edit for p in members])
         return [_response(p, result, len(members)) for p, result in zip(members, results)]
 
 

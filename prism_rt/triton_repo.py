@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .serve_model import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TARGETS, INPUTS, OUTPUTS
+from .serve_model import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TARGETS, INPUTS, OPTIONAL_INPUTS, OUTPUTS
 
 MODEL_NAME = "prism"
 COPIED_ENGINE = "1/engine"  # relative to the model folder OUT/prism
@@ -30,7 +30,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from prism_rt.serve_model import INPUTS, OUTPUTS, EditService
+from prism_rt.serve_model import INPUTS, OPTIONAL_INPUTS, OUTPUTS, EditService
 
 
 class TritonPythonModel:
@@ -53,7 +53,7 @@ class TritonPythonModel:
         parsed = []
         for request in requests:
             tensors = {}
-            for name, _, _ in INPUTS:
+            for name, _, _ in INPUTS + OPTIONAL_INPUTS:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 if tensor is not None:
                     tensors[name] = tensor.as_numpy()
@@ -77,8 +77,9 @@ def _dtype(dtype) -> str:
     return "TYPE_STRING" if dtype is bytes else "TYPE_" + np.dtype(dtype).name.upper()
 
 
-def _tensor(name: str, dtype, dims) -> str:
-    return f'  {{\n    name: "{name}"\n    data_type: {_dtype(dtype)}\n    dims: [ {", ".join(map(str, dims))} ]\n  }}'
+def _tensor(name: str, dtype, dims, optional: bool = False) -> str:
+    return (f'  {{\n    name: "{name}"\n    data_type: {_dtype(dtype)}\n    dims: [ {", ".join(map(str, dims))} ]\n'
+            + ("    optional: true\n" if optional else "") + "  }")
 
 
 def config_pbtxt(engine_ref: str, *, precision: str = "fp32", max_batch_size: int = 4, instances: int = 1,
@@ -88,7 +89,8 @@ def config_pbtxt(engine_ref: str, *, precision: str = "fp32", max_batch_size: in
     params = {"engine": engine_ref, "precision": precision, "threads": str(threads or ""),
               "max_pixels": str(max_pixels), "max_targets": str(max_targets)}
     lines = [f'name: "{MODEL_NAME}"', 'backend: "python"', f"max_batch_size: {max_batch_size}",
-             "input [\n" + ",\n".join(_tensor(*t) for t in INPUTS) + "\n]",
+             "input [\n" + ",\n".join([_tensor(*t) for t in INPUTS] + [_tensor(*t, optional=True) for t in OPTIONAL_INPUTS])
+             + "\n]",
              "output [\n" + ",\n".join(_tensor(*t) for t in OUTPUTS) + "\n]"]
     if max_batch_size > 1:
         lines.append(f"dynamic_batching {{\n  max_queue_delay_microseconds: {queue_delay_us}\n}}")

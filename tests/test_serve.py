@@ -78,6 +78,23 @@ def test_a_request_gives_the_python_apis_counterfactual_bit_for_bit(server, expe
     assert report["reconstruction_error"] < 0.5 and "edit_loop_s" in report["timings"]
 
 
+def test_a_keep_mask_tensor_gives_the_python_apis_masked_counterfactual(server, expected):
+    name, prompt, target = CASES[0]
+    keep = np.zeros((128, 128), bool)
+    keep[10:70, 20:100] = True
+    client = http.InferenceServerClient(server.http_url, network_timeout=120)
+    try:
+        images, _ = decode(client.infer("prism", request_inputs(http, _levels(name), prompt, [target], PARAMS,
+                                                                keep_mask=keep)))
+    finally:
+        client.close()
+    engine = Engine.from_dir(ENGINE, options=None)
+    inversion = engine.invert(ENGINE / "images" / name, prompt, sampler=engine.sampler(steps=3))
+    result = engine.edit(inversion, [target], ControlConfig(self_replace=(0.5,)), keep_mask=keep)
+    assert np.array_equal(images, np.stack([to_uint(image, 16) for image in result.images("input")]))
+    assert not np.array_equal(images, expected[0])  # the mask made a difference
+
+
 def test_concurrent_clients_each_get_their_own_counterfactual(server, expected):
     # 8 clients × 3 requests, cycling through three inputs; requests gathered into one call run as
     # one UNet batch, whose sums may round differently from a batch of one: within one 16-bit level

@@ -68,9 +68,10 @@ def test_config_parses_as_tritons_model_config(repo):
     config = text_format.Parse((repo / "prism" / "config.pbtxt").read_text(), pb2.ModelConfig())
     assert (config.name, config.backend, config.max_batch_size) == ("prism", "python", 4)
     T = pb2.DataType
-    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [
-        ("image", T.TYPE_UINT16, [-1, -1]), ("prompt", T.TYPE_STRING, [1]), ("targets", T.TYPE_STRING, [-1]),
-        ("params", T.TYPE_STRING, [1])]
+    assert [(t.name, t.data_type, list(t.dims), t.optional) for t in config.input] == [
+        ("image", T.TYPE_UINT16, [-1, -1], False), ("prompt", T.TYPE_STRING, [1], False),
+        ("targets", T.TYPE_STRING, [-1], False), ("params", T.TYPE_STRING, [1], False),
+        ("keep_mask", T.TYPE_UINT8, [-1, -1], True), ("edit_mask", T.TYPE_UINT8, [-1, -1], True)]
     assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [
         ("counterfactuals", T.TYPE_UINT16, [-1, -1, -1]), ("result", T.TYPE_STRING, [1])]
     assert config.HasField("dynamic_batching")

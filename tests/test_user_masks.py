@@ -6,6 +6,8 @@ The keep test runs the bundled demo engine (a VAE trained on phantoms; a random 
 pixels anywhere), the others the tiny random model on torch, so both backends' loops are covered."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -187,3 +189,26 @@ def test_edit_many_with_masks_on_some_images_equals_editing_each_alone():
         np.testing.assert_allclose(got.edits[0], want.edits[0], atol=1e-4)
     assert np.abs(both[0].edits[0] - both[1].edits[0]).max() > 0.1
     np.testing.assert_array_equal(both[0].edits[0][:, keep], both[0].reconstruction[:, keep])
+
+
+def test_triton_service_takes_masks_as_optional_inputs():
+    """serve_model.EditService (what `prism-rt serve` and the Triton repository run): a keep_mask
+    tensor gives the Python API's masked counterfactual bit for bit; a mask of another size is
+    that request's error."""
+    from prism_rt.imageio import to_uint
+    from prism_rt.serve_model import EditService
+
+    engine = Engine.from_dir(DEMO, options=OrtOptions(threads=2))
+    levels = np.asarray(Image.open(DEMO / "images" / "phantom-1000003.png").convert("L"), np.uint16) * 257
+    keep = np.zeros(levels.shape, np.uint8)
+    keep[10:70, 20:100] = 1
+    params = {"inversion": "direct", "steps": 5, "self_replace": 0.5}
+    request = {"image": levels[None], "prompt": np.array([[b"Chest X-ray showing No Finding, Support Devices"]], object),
+               "targets": np.array([[b"Chest X-ray showing No Finding"]], object),
+               "params": np.array([[json.dumps(params).encode()]], object), "keep_mask": keep[None]}
+    answers = EditService(engine)([request, dict(request, keep_mask=keep[None, :64])])
+    inversion = engine.invert(levels / 65535.0, "Chest X-ray showing No Finding, Support Devices", method="direct",
+                              sampler=engine.sampler(steps=5))
+    want = engine.edit(inversion, ["Chest X-ray showing No Finding"], ControlConfig(self_replace=(0.5,)), keep_mask=keep)
+    np.testing.assert_array_equal(answers[0]["counterfactuals"][0, 0], to_uint(want.images("input")[0], 16))
+    assert "keep_mask must be [1, H, W] like the image" in answers[1]["error"]
