@@ -365,6 +365,8 @@ class Engine:
             plan_words=prepared.plan.edit_words, inversion=prepared.inversion,
             settings={"chunks": run["chunks"], "items_per_chunk": run["items"], "images_in_batch": run["groups"],
                       "mode": control.mode, "blend_downsample": backend.info.blend_downsample,
+                      "blend_maps": backend.info.blend_maps, "user_masks_editable_fraction":
+                          None if prepared.region is None else float(xp.mean(prepared.region)),
                       "backend": backend.kind.value})
         return composite_result(result, () if control.legacy else control.composite)
 

@@ -284,7 +284,8 @@ def summary_text(summary: dict) -> str:
     lines = [f"engine     {summary['engine']} (format {summary['format_version']}, made {summary.get('created_utc')} "
              f"by prism-rt {summary.get('prism_rt_version')}, opset {summary.get('opset')})",
              f"model      {model.get('image_size')} px images, {model.get('latent_size')}² latents, text width "
-             f"{model.get('text_width')}; self-attention controlled up to {control.get('self_max_queries')} queries",
+             f"{model.get('text_width')}; self-attention controlled up to {control.get('self_max_queries')} queries; "
+             f"LocalBlend maps {control.get('blend_maps', 'before-control')}",
              "precisions (quality against fp32 on the export's images):"]
     for name in summary.get("precisions", []):
         variant = summary.get("variants", {}).get(name, {})

@@ -189,6 +189,9 @@ def test_edit_many_with_masks_on_some_images_equals_editing_each_alone():
         np.testing.assert_allclose(got.edits[0], want.edits[0], atol=1e-4)
     assert np.abs(both[0].edits[0] - both[1].edits[0]).max() > 0.1
     np.testing.assert_array_equal(both[0].edits[0][:, keep], both[0].reconstruction[:, keep])
+    # rows 10…69 and columns 20…99 touch latent rows 1…8 and columns 2…12: 8 × 11 cells kept
+    assert both[0].settings["user_masks_editable_fraction"] == 1 - 8 * 11 / 256
+    assert both[1].settings["user_masks_editable_fraction"] == 1.0 and alone[1].settings["user_masks_editable_fraction"] is None
 
 
 def test_triton_service_takes_masks_as_optional_inputs():
