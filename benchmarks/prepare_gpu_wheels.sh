@@ -16,3 +16,7 @@ PY=${PYTHON:-.venv/bin/python}
 rm -f "$DEST"/numpy-* "$DEST"/torch-* "$DEST"/nvidia_* "$DEST"/triton-* "$DEST"/sympy-* "$DEST"/networkx-*
 "$PY" -c "import data_store, pathlib, shutil; shutil.copy(pathlib.Path(data_store.__file__).parent / 'data' / 'RG1_UNCR.dcm', '$DEST')"
 du -sh "$DEST"
+# the device machine takes the working tree and carried paths together up to 64 MiB
+TOTAL_KB=$(( $(git ls-files -z | du -ck --files0-from=- | tail -1 | cut -f1) + $(du -sk "$DEST" | cut -f1) ))
+[ "$TOTAL_KB" -le $((64 * 1024)) ] || { echo "error: checkout + $DEST = $((TOTAL_KB / 1024)) MiB, over the 64 MiB carry limit; drop wheels the check does not import" >&2; exit 2; }
+echo "checkout + $DEST: $((TOTAL_KB / 1024)) MiB of 64"

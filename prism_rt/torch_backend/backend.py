@@ -12,6 +12,7 @@ from ..backend import BackendKind, ModelInfo
 from ..config import BlendMaps
 from ..errors import BackendError
 from ..precision import TORCH_PRECISIONS, Precision
+from .cuda_graphs import GraphedCall, nvtx_range
 from .graphs import build_graphs
 
 
@@ -24,14 +25,21 @@ class TorchBackend:
     supports_autograd = True
 
     def __init__(self, components, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 self_max_queries: int = 32 * 32, blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL):
+                 self_max_queries: int = 32 * 32, blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL,
+                 cuda_graphs: bool | None = None):
         """``dtype``: the graphs' precision. The loops (DDIM steps, CFG, blend, null-text's Adam)
-        stay in float32: ``run`` casts a graph's float inputs to ``dtype`` and its outputs back."""
+        stay in float32: ``run`` casts a graph's float inputs to ``dtype`` and its outputs back.
+        ``cuda_graphs``: replay the controlled UNet call from a CUDA graph per call shape
+        (``cuda_graphs.GraphedCall``; default: on for CUDA devices). Saves the launch overhead
+        of every kernel of every step; costs one capture (and its static buffers) per shape.
+        ``True`` on the CPU runs the same static buffers without capture (tests)."""
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendError(f"device {device!r} asked for, but torch sees no CUDA device; use --device cpu")
         self.device, self.dtype = torch.device(device), dtype
         self._lock = threading.Lock()
         self.components = components
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        self._graphed_unet = None
         self.graphs = {name: module.to(self.device, dtype) for name, module in build_graphs(components, self_max_queries, blend_maps).items()}
         unet_cfg = components.unet.config
         te_cfg = components.text_encoder.config
@@ -77,7 +85,7 @@ class TorchBackend:
     def run(self, graph: str, **inputs):
         if self.dtype != torch.float32:
             inputs = {k: self._in(v) for k, v in inputs.items()}
-        with self._lock:
+        with self._lock, nvtx_range(f"prism_rt.{graph}"):
             outputs = self._run(graph, **inputs)
         return {k: self._out(v) for k, v in outputs.items()} if self.dtype != torch.float32 else outputs
 
@@ -89,9 +97,14 @@ class TorchBackend:
         if graph == "vae_decoder":
             return {"pixels": self.graphs[graph](inputs["latents"])}
         if graph == "unet":
-            noise, blend_maps = self.graphs[graph](**inputs)
+            noise, blend_maps = (self._unet_graphs()(**inputs) if self.cuda_graphs else self.graphs[graph](**inputs))
             return {"noise": noise, "blend_maps": blend_maps}
         raise BackendError(f"unknown graph {graph!r}; graphs are text_encoder, vae_encoder, vae_decoder, unet")
+
+    def _unet_graphs(self) -> GraphedCall:
+        if self._graphed_unet is None:
+            self._graphed_unet = GraphedCall(self.graphs["unet"], capture=self.device.type == "cuda")
+        return self._graphed_unet
 
     def unet_plain(self, latents, timestep, text):
         """The stock UNet with autograd available (null-text inversion). Locked too: its attention
@@ -110,13 +123,13 @@ class TorchBackend:
             "backend": self.kind.value, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
             "precision": {torch.float32: "fp32", torch.float16: "fp16"}.get(self.dtype, str(self.dtype)),
             "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "cuda_graphs": self.cuda_graphs,
         }
 
 
 def load_torch_backend(model, *, unet_weights=None, allow_pickle=False, config=None, device="cpu",
                        self_max_queries: int = 32 * 32, precision: Precision | str = Precision.FP32,
-                       blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL) -> TorchBackend:
+                       blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL, cuda_graphs: bool | None = None) -> TorchBackend:
     from .checkpoint import load_checkpoint
 
     precision = Precision.parse(precision)
@@ -128,4 +141,5 @@ def load_torch_backend(model, *, unet_weights=None, allow_pickle=False, config=N
     components = load_checkpoint(model, unet_weights=unet_weights, allow_pickle=allow_pickle, config=config,
                                  device="cpu", dtype=torch.float32)
     dtype = torch.float16 if precision.half else torch.float32
-    return TorchBackend(components, device=device, dtype=dtype, self_max_queries=self_max_queries, blend_maps=blend_maps)
+    return TorchBackend(components, device=device, dtype=dtype, self_max_queries=self_max_queries, blend_maps=blend_maps,
+                        cuda_graphs=cuda_graphs)
