@@ -27,3 +27,14 @@ def dicom_path() -> Path:
     if not path.exists():
         pytest.fail(f"pydicom-data's RG1_UNCR.dcm is missing at {path}; pip install pydicom-data")
     return path
+
+
+HEAVY_FIRST = ("test_variants.py", "test_export.py", "test_noise_blend.py", "test_pipeline.py", "test_batch.py",
+               "test_evaluate.py", "test_attention_reference.py", "test_serve.py", "test_batch_ray.py")
+"""Test files that take minutes, in the order they start: with ``-n auto --dist loadfile``
+(scripts/test.sh) a long file that starts last would finish alone, long after the others."""
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: k for k, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
