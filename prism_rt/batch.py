@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from .batch_csv import EditSpec, ImageTask
 from .batch_store import JobStore, inversion_key, model_identity
@@ -23,7 +24,8 @@ from .errors import OutputError
 
 SETTING_KEYS = ("inversion", "steps", "guidance", "fit", "null_inner_steps", "max_pixels", "mode", "cross_replace",
                 "self_replace", "edit_weight", "edit_words", "blend_words", "blend_threshold", "noise_blend",
-                "noise_blend_threshold", "composite", "legacy", "seed", "select", "figure", "extras")
+                "noise_blend_threshold", "composite", "legacy", "seed", "select", "figure", "extras", "keep_mask",
+                "edit_mask")
 """The arguments that change a job's outputs, recorded in ``job.json`` (speed-only ones are not:
 --group, --threads, --max-batch, --cache, --no-progress)."""
 
@@ -101,24 +103,27 @@ class BatchJob:
                  "edits": [EditSpec.parse(e).text for e in args.edit]} if args.csv is not None else
                 {"images": str(args.images.absolute()), "prompt": args.prompt, "targets": list(args.target)})
         chosen = {k: getattr(args, k) for k in SETTING_KEYS}
+        chosen.update({k: str(v.absolute()) for k, v in chosen.items() if isinstance(v, Path)})  # as a Ray actor's
         chosen["inversion"] = self.method.value
-        chosen["select"] = str(args.select) if args.select else None
         return {"work": work, "model_identity": self.identity, "settings": chosen}
 
     # -- one image's inversion -----------------------------------------------------------------
     def _inversion(self, task: ImageTask):
+        """(inversion, seconds spent inverting, user masks or None); masks are read and checked first."""
         from .imageio import load_image
         from .inversion import Inversion
+        from .user_masks import UserMasks
 
         self.engine.plan(task.source, task.targets, self.control, self.sampler.steps)
         source = load_image(task.path, max_pixels=self.args.max_pixels)
+        masks = UserMasks.read(task.keep_mask, task.edit_mask, source.pixels.shape)
         path = self.store.cache_path(inversion_key(source.sha256, task.source, self.identity, self.inversion_settings))
         if path.is_file():
             try:
                 inversion = Inversion.load(path, max_pixels=self.args.max_pixels)
                 if inversion.sampler == self.sampler and inversion.method is self.method:
                     self.counts.reused += 1
-                    return inversion, 0.0
+                    return inversion, 0.0, masks
             except Exception:  # an unreadable cache entry is a miss: invert again and replace it
                 pass
         start = time.perf_counter()
@@ -127,7 +132,7 @@ class BatchJob:
         elapsed = time.perf_counter() - start
         inversion.save(path)
         self.counts.inverted += 1
-        return inversion, elapsed
+        return inversion, elapsed, masks
 
     def _fail(self, task: ImageTask, exc: BaseException) -> None:
         error = error_text(exc)
@@ -140,20 +145,22 @@ class BatchJob:
         """edit_many over the group; if it fails, each image alone, so one bad image fails alone."""
         start = time.perf_counter()
         try:
-            results = self.engine.edit_many([inv for _, inv, _ in ready], [t.targets for t, _, _ in ready],
-                                            self.control, self.limits)
+            results = self.engine.edit_many([inv for _, inv, _, _ in ready], [t.targets for t, _, _, _ in ready],
+                                            self.control, self.limits, keep_masks=[m and m.keep for *_, m in ready],
+                                            edit_masks=[m and m.edit for *_, m in ready])
             per_image = (time.perf_counter() - start) / len(ready)
-            return [(t, inv, inv_s, res, per_image) for (t, inv, inv_s), res in zip(ready, results)]
+            return [(t, inv, inv_s, res, per_image) for (t, inv, inv_s, _), res in zip(ready, results)]
         except OutputError:
             raise
         except Exception:
             if len(ready) == 1:
                 raise
         out = []
-        for task, inv, inv_s in ready:
+        for task, inv, inv_s, masks in ready:
             start = time.perf_counter()
             try:
-                result = self.engine.edit(inv, task.targets, self.control, self.limits)
+                result = self.engine.edit(inv, task.targets, self.control, self.limits, keep_mask=masks and masks.keep,
+                                          edit_mask=masks and masks.edit)
             except OutputError:
                 raise
             except Exception as exc:
@@ -218,13 +225,13 @@ class BatchJob:
                 self.counts.skipped_images += 1
                 continue
             try:
-                inversion, invert_s = self._inversion(task)
+                inversion, invert_s, masks = self._inversion(task)
             except OutputError:
                 raise
-            except Exception as exc:  # unreadable, missing, too large, non-finite: this image only
+            except Exception as exc:  # unreadable, missing, too large, non-finite, a bad mask: this image only
                 self._fail(task, exc)
                 continue
-            ready.append((task, inversion, invert_s))
+            ready.append((task, inversion, invert_s, masks))
         if ready:
             try:
                 edited = self._edit(ready)

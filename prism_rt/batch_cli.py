@@ -7,7 +7,7 @@ import sys
 import time
 
 from .batch import BatchJob, groups
-from .batch_csv import BatchInputError, EditSpec, ImageTask, read_chexpert_csv, read_image_folder
+from .batch_csv import BatchInputError, EditSpec, ImageTask, attach_masks, read_chexpert_csv, read_image_folder
 from .batch_store import JobStore
 from .cli_args import (Formatter, common_args, control_from_args, default, floats, load_engine, model_args, pair, path,
                        positive, words)
@@ -59,6 +59,11 @@ def add_batch_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--noise-blend", action="store_true", help="LocalBlend from the noise predictions (DiffEdit)")
     e.add_argument("--noise-blend-threshold", type=floats, default=NOISE_BLEND_THRESHOLDS)
     e.add_argument("--composite", type=floats, default=(), metavar="T[,T…]", help="difference composite(s)")
+    e.add_argument("--keep-mask", type=path, metavar="FILE|DIR",
+                   help="white where the image must never change: one mask for every image, or a folder of masks "
+                        "named as the images (a CSV's KeepMask column gives an image its own)")
+    e.add_argument("--edit-mask", type=path, metavar="FILE|DIR",
+                   help="white where the edit may act (as --keep-mask; CSV column EditMask)")
     e.add_argument("--legacy", action="store_true", help="no attention control, no blend (the published code)")
     e.add_argument("--seed", type=int, default=0, help="recorded; every step is deterministic (η = 0)")
     e.add_argument("--select", type=path, metavar="CLASSIFIER.onnx",
@@ -93,10 +98,13 @@ def _tasks(args) -> list[ImageTask]:
         edits = [EditSpec.parse(text) for text in args.edit]
         if len({e.attribute for e in edits}) != len(edits):
             raise BatchInputError(f"--edit names one label twice ({args.edit}); give each label once")
-        return read_chexpert_csv(args.csv, args.root or args.csv.parent, edits)
-    if args.edit or args.root:
-        raise BatchInputError("--edit and --root go with --csv; with --images give --prompt and --target")
-    return read_image_folder(args.images, args.prompt or "", list(args.target))
+        tasks = read_chexpert_csv(args.csv, args.root or args.csv.parent, edits)
+    else:
+        if args.edit or args.root:
+            raise BatchInputError("--edit and --root go with --csv; with --images give --prompt and --target")
+        tasks = read_image_folder(args.images, args.prompt or "", list(args.target))
+    attach_masks(tasks, args.keep_mask, args.edit_mask)
+    return tasks
 
 
 

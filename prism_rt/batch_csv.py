@@ -76,6 +76,8 @@ class ImageTask:
     source: str  # source caption
     edits: list[PlannedEdit] = field(default_factory=list)
     row: int | None = None  # CSV line, for messages
+    keep_mask: Path | None = None  # absolute; the image never changes inside it (prism_rt.user_masks)
+    edit_mask: Path | None = None  # absolute; the edit is confined to it
 
     @property
     def targets(self) -> list[str]:
@@ -173,9 +175,44 @@ def read_chexpert_csv(csv_path, root, edits: list[EditSpec]) -> list[ImageTask]:
                   for lab in labels_here}
         source = chexpert_caption({k: v for k, v in labels.items() if v is not None})
         path = Path(rel) if Path(rel).is_absolute() else root / rel
-        tasks.append(ImageTask(image_id(rel), path.absolute(), source, [plan_edit(labels, e) for e in edits], line))
+        masks = {}
+        for column, key in MASK_COLUMNS.items():
+            cell = (raw.get(column) or "").strip()
+            if cell:
+                mask = (Path(cell) if Path(cell).is_absolute() else root / cell).absolute()
+                if not mask.is_file():
+                    raise BatchInputError(f"--csv {csv_path} line {line}, column {column!r}: {mask} does not exist; fix "
+                                          "the path (relative to --root) or leave the cell blank")
+                masks[key] = mask
+        tasks.append(ImageTask(image_id(rel), path.absolute(), source, [plan_edit(labels, e) for e in edits], line,
+                               **masks))
     _check_unique(tasks, f"--csv {csv_path}")
     return tasks
+
+
+MASK_COLUMNS = {"KeepMask": "keep_mask", "EditMask": "edit_mask"}
+"""Optional CSV columns: an image's own keep / edit mask (a path relative to --root; blank: none)."""
+
+
+def attach_masks(tasks: list[ImageTask], keep=None, edit=None) -> None:
+    """``--keep-mask`` / ``--edit-mask``: a file (the same mask for every image) or a folder (each
+    image's mask under the image's file name); an image's CSV cell wins. A missing mask is
+    refused here, before any work."""
+    for flag, key, given in (("--keep-mask", "keep_mask", keep), ("--edit-mask", "edit_mask", edit)):
+        if given is None:
+            continue
+        given = Path(given).absolute()
+        if not given.exists():
+            raise BatchInputError(f"{flag} {given} does not exist; give a mask image, or a folder of masks named as "
+                                  "the images")
+        for task in tasks:
+            if getattr(task, key) is not None:
+                continue
+            mask = given / task.path.name if given.is_dir() else given
+            if not mask.is_file():
+                raise BatchInputError(f"{flag} {given} has no mask for {task.path.name} (expected {mask}); add it, "
+                                      "or give one mask file for every image")
+            setattr(task, key, mask)
 
 
 def read_image_folder(folder, prompt: str, targets: list[str]) -> list[ImageTask]:
