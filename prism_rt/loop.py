@@ -10,6 +10,7 @@ import numpy as np
 from .blend import apply_blend, blend_mask
 from .config import InversionMethod
 from .errors import NonFiniteError, SettingsError
+from .finite_guard import FiniteGuard
 from .schedule import DDIMSchedule, classifier_free_guidance, ddim_step
 from .unet_batch import StepControls, UNetBatch, empty_controls
 
@@ -58,11 +59,18 @@ def decode_latents(backend, latents) -> np.ndarray:
     return np.clip(backend.to_numpy(out), -1.0, 1.0)
 
 
-def unet_noise(backend, counter: Counter, latents, t: int, text, controls: dict, step: int | None = None):
+def unet_noise(backend, counter: Counter, latents, t, text, controls: dict, step: int | None = None,
+               guard: FiniteGuard | None = None):
     """One UNet call laid out as ``prism_rt.unet_batch`` describes: the noise prediction of every
-    item and the conditional items' LocalBlend maps."""
-    out = run_graph(backend, "unet", step=step, latents=latents, timestep=backend.asarray(np.array([t], np.float32)),
-                    text=text, **controls)
+    item and the conditional items' LocalBlend maps. ``t``: an int, or the timestep already on
+    the backend ([1] float32, :func:`timesteps_on_backend`); ``guard``: check finiteness there
+    (read once per loop) instead of now."""
+    timestep = backend.asarray(np.array([t], np.float32)) if isinstance(t, (int, np.integer)) else t
+    out = backend.run("unet", latents=latents, timestep=timestep, text=text, **controls)
+    if guard is None:
+        check_finite(backend, "unet", out, step)
+    else:
+        guard.add(out, step)
     counter.unet_calls += 1
     counter.unet_items += int(latents.shape[0])
     return out["noise"], out["blend_maps"]
@@ -113,16 +121,25 @@ def ddim_inversion(backend, schedule: DDIMSchedule, z0, source_embedding, counte
                    progress: Callable[[], None] | None = None) -> list:
     """DDIM inversion with ``ε(z, t, c_src)`` (w = 1): the trajectory ``z*_0 … z*_T``."""
     controls = _on_backend(backend, empty_controls(int(z0.shape[0]), int(source_embedding.shape[1])))
+    timesteps, guard = timesteps_on_backend(backend, schedule), FiniteGuard(backend, "unet")
     trajectory = [z0]
     z = z0
-    for i in range(len(schedule.timesteps)):
-        t, alpha_t, alpha_next = schedule.inverse_alphas(i)
-        noise, _ = unet_noise(backend, counter, z, t, source_embedding, controls, step=i)
+    steps = len(schedule.timesteps)
+    for i in range(steps):
+        _, alpha_t, alpha_next = schedule.inverse_alphas(i)
+        noise, _ = unet_noise(backend, counter, z, timesteps[steps - 1 - i], source_embedding, controls, step=i, guard=guard)
         z = ddim_step(z, noise, alpha_t, alpha_next)
         trajectory.append(z)
         if progress:
             progress()
+    guard.check()
     return trajectory
+
+
+def timesteps_on_backend(backend, schedule: DDIMSchedule):
+    """The schedule's timesteps as the UNet's ``timestep`` input, [steps,1] float32 on the backend,
+    copied once per loop: ``[i]`` is denoising step i's (inversion step i uses ``[steps−1−i]``)."""
+    return backend.asarray(np.asarray(schedule.timesteps, np.float32)[:, None])
 
 
 @dataclass
@@ -178,16 +195,19 @@ def edit_loop_groups(backend, schedule: DDIMSchedule, plans: Sequence, inputs: S
     latents = xp.concat([x.latents_T for x in inputs for _ in range(batch.items)], axis=0)
     cond_text = xp.concat([t for x in inputs for t in (x.source_embedding, x.target_embeddings)], axis=0)
 
+    timesteps, guard = timesteps_on_backend(backend, schedule), FiniteGuard(backend, "unet")
     for i in range(steps):
-        t, alpha_t, alpha_prev = schedule.forward_alphas(i)
+        _, alpha_t, alpha_prev = schedule.forward_alphas(i)
         call_latents, call_text = batch.assemble(xp, latents, [_uncond_embedding(x, i) for x in inputs], cond_text)
-        noise, blend_maps = unet_noise(backend, counter, call_latents, t, call_text, controls.at(i), step=i)
+        noise, blend_maps = unet_noise(backend, counter, call_latents, timesteps[i], call_text, controls.at(i), step=i,
+                                       guard=guard)
         latents = ddim_step(latents, batch.guide(xp, noise, first.guidance), alpha_t, alpha_prev)
         if first.method == InversionMethod.DIRECT:
             latents = batch.set_sources(xp, latents, [x.trajectory[steps - i - 1] for x in inputs])
         latents = blend.step(i, latents, blend_maps)
         if progress:
             progress()
+    guard.check()
     return [EditOutcome(latents=batch.group(latents, g), masks=blend.masks[g]) for g in range(batch.groups)]
 
 

@@ -85,11 +85,11 @@ class UNetBatch:
         embeddings ``[G·(1+K),T,D]`` (source, then edits, per group)."""
         if not self.uncond:
             return latents, cond_text
-        index = xp.asarray(np.array([g * self.items + j for g in range(self.groups) for j in self.uncond_items],
-                                    np.int64))
+        # slices, not an index array: nothing crosses from the host per step
+        uncond = [latents[g * self.items + j:g * self.items + j + 1] for g in range(self.groups) for j in self.uncond_items]
         per_group = len(self.uncond_items)
         text = xp.concat([u for u in uncond_text for _ in range(per_group)] + [cond_text], axis=0)
-        return xp.concat([xp.take(latents, index, axis=0), latents], axis=0), text
+        return xp.concat([*uncond, latents], axis=0), text
 
     def guide(self, xp, noise, guidance: float):
         """Classifier-free guidance of every conditional item, ``[G·(1+K),…]``: ``ε_u + w(ε_c − ε_u)``;
@@ -184,16 +184,18 @@ def unpad_outputs(feeds: dict[str, np.ndarray], noise: np.ndarray, blend_maps: n
 
 
 class StepControls:
-    """The control tensors of a run of edit steps, one group per plan (``control.ControlPlan``):
-    the step-independent ones built once, the per-step ones sliced by :meth:`at`."""
+    """The control tensors of a run of edit steps, one group per plan (``control.ControlPlan``),
+    copied to the backend once: the step-independent ones as they are, the per-step ones for
+    every step at once ([steps,G,…]), which :meth:`at` indexes on the device (no host copy per
+    step; a few KiB per step at 77 tokens)."""
 
     def __init__(self, backend, plans: Sequence[Any]):
         self.backend = backend
         self.plans = list(plans)
         self.static = {name: backend.asarray(np.stack([getattr(p, name) for p in self.plans]))
                        for name in ("token_mapper", "refine_alpha", "equalizer")}
+        self.per_step = {name: backend.asarray(np.stack([getattr(p, name) for p in self.plans], axis=1))
+                         for name in ("cross_alpha", "self_replace")}
 
     def at(self, step: int) -> dict[str, Any]:
-        return dict(self.static,
-                    cross_alpha=self.backend.asarray(np.stack([p.cross_alpha[step] for p in self.plans])),
-                    self_replace=self.backend.asarray(np.stack([p.self_replace[step] for p in self.plans])))
+        return dict(self.static, **{name: value[step] for name, value in self.per_step.items()})
