@@ -149,8 +149,38 @@ def edit_metrics(classifier: Classifier | None, attribute: str | None, direction
     if truth01 is not None:
         inside = np.ones(truth01.shape, bool) if mask is None else mask
         row["truth"] = {"l1_inside": float(np.abs(counterfactual01 - truth01)[inside].mean()) if inside.any() else None,
-                        "l1_outside": float(np.abs(counterfactual01 - truth01)[~inside].mean()) if (~inside).any() else None}
+                        "l1_outside": float(np.abs(counterfactual01 - truth01)[~inside].mean()) if (~inside).any() else None,
+                        **ground_truth_check(source01, reconstruction01, counterfactual01, truth01, mask)}
     return row
+
+
+ATTRIBUTE_DELTA = 0.1
+"""A pixel belongs to the attribute when the true counterfactual differs from the source there by
+more than this (of the intensity range)."""
+CHANGE_DELTA = 0.05
+"""A pixel is changed by the edit when the counterfactual differs from the reconstruction by more."""
+LEFT_SUCCESS = 0.1
+"""Ground-truth success: at most this fraction of the attribute's pixels left as in the source."""
+
+
+def ground_truth_check(source01: np.ndarray, reconstruction01: np.ndarray, counterfactual01: np.ndarray,
+                       truth01: np.ndarray, mask: np.ndarray | None = None) -> dict:
+    """What the classifier cannot see, from the true counterfactual. ``left``: of the attribute's
+    pixels (where truth and source differ by > ``ATTRIBUTE_DELTA``), the fraction the edit left
+    closer to the source than to the truth — a device still visible, an effusion not added;
+    ``success``: ``left`` ≤ ``LEFT_SUCCESS``. ``change_iou``: IoU of the pixels the edit changed
+    (counterfactual vs reconstruction, > ``CHANGE_DELTA``) with the attribute's mask (or, without
+    one, with the attribute's pixels)."""
+    attribute = np.abs(truth01 - source01) > ATTRIBUTE_DELTA
+    if attribute.any():
+        left = float((np.abs(counterfactual01 - truth01) > np.abs(counterfactual01 - source01))[attribute].mean())
+    else:
+        left = None
+    region = attribute if mask is None else mask
+    changed = np.abs(counterfactual01 - reconstruction01) > CHANGE_DELTA
+    union = (changed | region).sum()
+    return {"left": left, "success": None if left is None else left <= LEFT_SUCCESS,
+            "change_iou": float((changed & region).sum() / union) if union else None}
 
 
 def select(rows: list[dict]) -> dict:

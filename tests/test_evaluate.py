@@ -73,7 +73,7 @@ def test_edit_metrics_by_hand(tmp_path):
     assert row["classifier"]["p_source"] == pytest.approx(1 / (1 + np.exp(-2.4)), rel=1e-5)
     assert not row["classifier"]["flipped"]
     assert row["identity_outside_mask"]["l1"] == 0.0 and row["identity_outside_mask"]["psnr_db"] == 99.0
-    assert row["truth"] == {"l1_inside": 0.0, "l1_outside": 0.0}
+    assert row["truth"] == {"l1_inside": 0.0, "l1_outside": 0.0, "left": 0.0, "success": True, "change_iou": 1.0}
     row = edit_metrics(clf, "Support Devices", "remove", recon, recon, cf_out, mask)
     assert row["classifier"]["flipped"] and row["classifier"]["cpg"] > 0
     assert row["identity_outside_mask"]["l1"] == pytest.approx(0.1, abs=1e-6)
@@ -126,3 +126,24 @@ def test_cli_edit_select_with_an_unrelated_edit_fails_before_work(tiny_model_dir
                  "--select", str(clf), "--out", str(tmp_path / "out")])
     assert code == 2 and "cannot tell" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_ground_truth_check_by_hand():
+    """A device of 16 pixels in a 16×16 image; the true counterfactual removes it."""
+    from prism_rt.evaluate import ground_truth_check
+
+    source = np.full((16, 16), 0.3, np.float32)
+    source[4:8, 4:8] = 0.9  # the device
+    truth = np.full((16, 16), 0.3, np.float32)
+    mask = np.zeros((16, 16), bool)
+    mask[4:8, 4:8] = True
+    assert ground_truth_check(source, source, truth, truth, mask) == {"left": 0.0, "success": True, "change_iou": 1.0}
+    assert ground_truth_check(source, source, source, truth, mask) == {"left": 1.0, "success": False, "change_iou": 0.0}
+    half = truth.copy()
+    half[4:6, 4:8] = 0.85  # the top half of the device kept (closer to the source), the rest removed
+    half[0, :4] = 0.0  # and four pixels outside the device changed
+    check = ground_truth_check(source, source, half, truth, mask)
+    assert check["left"] == 0.5 and check["success"] is False
+    assert check["change_iou"] == pytest.approx(8 / (16 + 4))  # changed: 8 inside + 4 outside; union 20
+    assert ground_truth_check(source, source, source, source, None) == {"left": None, "success": None,
+                                                                         "change_iou": None}

@@ -173,6 +173,11 @@ def summarize(rows: list[dict]) -> list[dict]:
             "success_psnr30_rate": mean(lambda r: float(r["success"] and (r["identity_outside_mask"]["psnr_db"] or 0) >= 30)),
             "truth_l1_inside": mean(lambda r: r["truth"]["l1_inside"]),
             "truth_l1_outside": mean(lambda r: r["truth"]["l1_outside"]),
+            "truth_success_rate": mean(lambda r: None if r["truth"]["success"] is None else float(r["truth"]["success"])),
+            "both_success_rate": mean(lambda r: None if r["truth"]["success"] is None
+                                      else float(r["truth"]["success"] and r["success"])),
+            "attribute_left": mean(lambda r: r["truth"]["left"]),
+            "change_iou": mean(lambda r: r["truth"]["change_iou"]),
             "vae_psnr_db": mean(lambda r: r["vae"]["psnr_db"]),
             "reconstruction_error": mean(lambda r: r["reconstruction_error"]),
         })
@@ -187,16 +192,21 @@ def markdown(table: list[dict], meta: dict) -> str:
              "", "success: the classifier flips the attribute (PRISM's filter picks one candidate — self-window value, "
              "noise-blend threshold — by flip, then whole-image identity to the reconstruction); CPG: gain in "
              "the attribute's probability in the edit's direction; identity: the chosen counterfactual against the "
-             "source's reconstruction, outside the attribute's mask; truth: L1 to the true counterfactual. "
+             "source's reconstruction, outside the attribute's mask; truth: L1 to the true counterfactual; "
+             "left: of the attribute's pixels, the share still as in the source (truth success: ≤ 10 %); change "
+             "IoU: the pixels the edit changed against the attribute's mask. "
              f"+composite: the same edit's counterfactuals, composited onto the reconstruction where they change "
              f"by more than each of {meta.get('composite')} of the intensity range (0: not composited), are the "
              "candidates.", "",
-             "| edit | configuration | n | success | CPG | L1 outside | PSNR outside dB | PSNR≥30 | success & PSNR≥30 | "
-             "SSIM outside | truth L1 in | truth L1 out | latent recon. error |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| edit | configuration | n | success | truth success | both | left | change IoU | CPG | L1 outside | "
+             "PSNR outside dB | PSNR≥30 | success & PSNR≥30 | SSIM outside | truth L1 in | truth L1 out | "
+             "latent recon. error |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     f = lambda v, s="{:.3f}": "–" if v is None else s.format(v)  # noqa: E731
     for r in table:
-        lines.append(f"| {r['edit']} | {r['config']} | {r['n']} | {f(r['success_rate'], '{:.0%}')} | {f(r['cpg'])} | "
+        lines.append(f"| {r['edit']} | {r['config']} | {r['n']} | {f(r['success_rate'], '{:.0%}')} | "
+                     f"{f(r['truth_success_rate'], '{:.0%}')} | {f(r['both_success_rate'], '{:.0%}')} | "
+                     f"{f(r['attribute_left'], '{:.0%}')} | {f(r['change_iou'], '{:.2f}')} | {f(r['cpg'])} | "
                      f"{f(r['l1_outside_mask'], '{:.4f}')} | {f(r['psnr_outside_mask_db'], '{:.1f}')} | "
                      f"{f(r['psnr30_rate'], '{:.0%}')} | {f(r['success_psnr30_rate'], '{:.0%}')} | {f(r['ssim_outside_mask'])} | {f(r['truth_l1_inside'], '{:.4f}')} | "
                      f"{f(r['truth_l1_outside'], '{:.4f}')} | {f(r['reconstruction_error'], '{:.2e}')} |")
