@@ -89,6 +89,9 @@ def model_args(p: argparse.ArgumentParser, model_required: bool = True):
     g.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="an engine folder's variant (`prism-rt info ENGINE` lists them with their measured quality); "
                         "torch: fp32 or fp16 graphs (loops stay fp32)")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch on CUDA: replay the UNet call of each loop from a CUDA graph (default: on for CUDA; "
+                        "one capture per batch shape)")
     g.add_argument("--threads", type=positive,
                    help="CPU threads of onnxruntime / torch (default: every core; on a shared machine 1–2 is often "
                         "much faster)")
@@ -158,6 +161,7 @@ def load_engine(args):
     return Engine.load(args.model, backend=args.backend, device=args.device, precision=args.precision,
                        self_max_queries=args.self_max_queries, unet_weights=args.unet_weights, config=args.config,
                        allow_pickle=args.allow_pickle, threads=args.threads,
+                       **({"cuda_graphs": args.cuda_graphs} if getattr(args, "cuda_graphs", None) is not None else {}),
                        **({"options": options} if is_engine_args(args) else {}))
 
 

@@ -122,7 +122,7 @@ class Engine:
     def from_checkpoint(cls, path, *, unet_weights=None, config=None, allow_pickle: bool = False,
                         precision: Precision | str = Precision.FP32, device: str = "cpu",
                         self_max_queries: int | None = None, threads: int | None = None,
-                        blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL) -> "Engine":
+                        blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL, cuda_graphs: bool | None = None) -> "Engine":
         """A diffusers SD v1.x folder or single-file checkpoint on the PyTorch reference backend.
         ``unet_weights``: a fine-tuned UNet state dict (PRISM's ``model.safetensors``);
         ``config``: the SD folder giving configs and tokenizer for a single-file checkpoint;
@@ -130,7 +130,8 @@ class Engine:
         self-attention layers with at most this many queries are controlled (PRISM 32², the
         original prompt-to-prompt 16²); ``threads``: torch's intra-op threads (process-wide);
         ``blend_maps``: LocalBlend reads the cross-attention maps after control (the published
-        controller's) or before."""
+        controller's) or before; ``cuda_graphs``: replay the UNet call from CUDA graphs (default:
+        on for CUDA devices)."""
         from .tokenizer import ClipTokenizer
 
         precision = Precision.parse(precision)
@@ -149,14 +150,14 @@ class Engine:
 
         impl = load_torch_backend(path, unet_weights=unet_weights, allow_pickle=allow_pickle, config=config,
                                   device=device, self_max_queries=self_max_queries or 32 * 32,
-                                  precision=precision.value, blend_maps=BlendMaps(blend_maps))
+                                  precision=precision.value, blend_maps=BlendMaps(blend_maps), cuda_graphs=cuda_graphs)
         return cls(impl, ClipTokenizer.from_folder(impl.info.tokenizer_dir), str(path))
 
     @classmethod
     def load(cls, path, backend: str | BackendKind | None = None, *, device: str = "cpu", precision="fp32",
              self_max_queries: int | None = None, unet_weights=None, config=None, allow_pickle: bool = False,
              threads: int | None = None, options: OrtOptions | None = None, blend_maps: BlendMaps | str | None = None,
-             **ort_settings) -> "Engine":
+             cuda_graphs: bool | None = None, **ort_settings) -> "Engine":
         """:meth:`from_dir` for an engine folder, :meth:`from_checkpoint` otherwise; ``backend``
         (optional) must agree with what ``path`` is. ``ort_settings``: :class:`OrtOptions` fields."""
         kind = (BackendKind.ONNXRUNTIME if is_engine_dir(path) else BackendKind.TORCH) if backend is None else BackendKind(backend)
@@ -168,6 +169,9 @@ class Engine:
             if not is_engine_dir(path):
                 raise BackendError(f"{path} is not an engine folder (no {MANIFEST_NAME}); onnxruntime runs engine folders "
                                    f"from `prism-export export --model {path} --out ENGINE`, or run the checkpoint on torch")
+            if cuda_graphs:
+                raise BackendError("--cuda-graphs applies to the torch backend (a checkpoint as --model); onnxruntime "
+                                   "engine folders run without it")
             options = replace(options or OrtOptions(), **({"threads": threads} if threads else {}), **ort_settings)
             return cls.from_dir(path, precision=precision, device=device, options=options,
                                 self_max_queries=self_max_queries, blend_maps=blend_maps)
@@ -177,7 +181,8 @@ class Engine:
                 raise BackendError("session_config and trt_cache are onnxruntime settings; the torch backend takes none")
             return cls.from_checkpoint(path, unet_weights=unet_weights, config=config, allow_pickle=allow_pickle,
                                        precision=precision, device=device, self_max_queries=self_max_queries,
-                                       threads=threads, blend_maps=blend_maps or BlendMaps.AFTER_CONTROL)
+                                       threads=threads, blend_maps=blend_maps or BlendMaps.AFTER_CONTROL,
+                                       cuda_graphs=cuda_graphs)
         raise BackendError(f"backend {kind.value!r} is not available in this version; engine folders run on onnxruntime "
                            "(--device tensorrt uses its TensorRT execution provider), checkpoints on torch")
 
@@ -247,7 +252,7 @@ class Engine:
             nulls = np.stack([self.backend.to_numpy(n) for n in found])
             timings["null_text_s"] = time.perf_counter() - start
         bar.close()
-        traj = np.stack([self.backend.to_numpy(z) for z in trajectory]).astype(np.float32)
+        traj = self.backend.to_numpy(self.backend.xp.stack(trajectory)).astype(np.float32)  # one copy, not one per step
         meta = {
             "fit": fit_info.to_json(),
             "source_image": _source_meta(source),
@@ -333,7 +338,8 @@ class Engine:
         counter, timings = Counter(), {}
         start = time.perf_counter()
         embeddings = encode_prompts(backend, self.tokenizer, [inversion.source_prompt, "", *targets], allow_empty=True)
-        trajectory = [backend.asarray(z) for z in inversion.trajectory]
+        on_device = backend.asarray(inversion.trajectory)  # one copy, not one per step
+        trajectory = [on_device[i] for i in range(int(on_device.shape[0]))]
         nulls = (xp.stack([backend.asarray(n) for n in inversion.null_embeddings])
                  if inversion.null_embeddings is not None else None)
         timings["encode_s"] = time.perf_counter() - start

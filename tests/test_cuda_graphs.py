@@ -89,3 +89,18 @@ def test_cuda_graph_replay_equals_eager_on_cuda():
     for got, want in outs:  # earlier outputs were cloned: a later replay did not overwrite them
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert len(graphed.captures) == 1 and next(iter(graphed.captures.values())).graph is not None
+
+
+@pytest.mark.slow
+def test_cli_cuda_graphs_flag_reaches_the_backend(tiny_model_dir):
+    import argparse
+
+    from prism_rt.cli_args import load_engine, model_args
+
+    parser = argparse.ArgumentParser()
+    model_args(parser)
+    assert parser.parse_args(["--model", str(tiny_model_dir)]).cuda_graphs is None  # the device decides
+    args = parser.parse_args(["--model", str(tiny_model_dir), "--cuda-graphs"])
+    assert load_engine(args).backend.cuda_graphs is True
+    args = parser.parse_args(["--model", str(tiny_model_dir), "--no-cuda-graphs"])
+    assert load_engine(args).backend.cuda_graphs is False
