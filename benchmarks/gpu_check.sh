@@ -3,9 +3,9 @@
 # network:
 #     bash benchmarks/gpu_check.sh OUT_DIR
 # It installs the wheels prepared beforehand by `bash benchmarks/prepare_gpu_wheels.sh` (folder
-# build/gpu-wheels, carried to the machine: diffusers, transformers, tokenizers, pydicom, … and
-# RG1_UNCR.dcm; prepare_gpu_wheels.sh refuses a set that, with the checkout, passes the 64 MiB
-# carry limit) into a venv
+# build/gpu-wheels, carried to the machine: diffusers, transformers, tokenizers, …;
+# prepare_gpu_wheels.sh refuses a set that, with the checkout, passes the 64 MiB carry limit)
+# into a venv
 # that sees the machine's torch, then runs prism_bench.gpu_check from this checkout (no build
 # step), writing OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md within 8 minutes (killed at 470 s
 # of the 10-minute command limit; the JSON is saved after every stage).
@@ -29,4 +29,4 @@ VENV=${TMPDIR:-/tmp}/prism-gpu-venv
 python3 -m venv --system-site-packages "$VENV"
 "$VENV/bin/python" -m pip install --quiet --no-index --no-deps "$WHEELS"/*.whl
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-exec timeout 470 "$VENV/bin/python" -m prism_bench.gpu_check "$OUT" --image "$WHEELS/RG1_UNCR.dcm" "$@"
+exec timeout 470 "$VENV/bin/python" -m prism_bench.gpu_check "$OUT" "$@"

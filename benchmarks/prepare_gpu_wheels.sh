@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Fill build/gpu-wheels with what benchmarks/gpu_check.sh installs on a GPU machine that has torch
 # and numpy but no network: pure-Python / abi3 wheels of the model libraries and their small
-# dependencies (torch, numpy and the CUDA stack are left out: the machine has its own), plus the
-# real radiograph RG1_UNCR.dcm. Run it here, then carry build/gpu-wheels to the GPU machine.
+# dependencies (torch, numpy and the CUDA stack are left out: the machine has its own). Run it
+# here, then carry build/gpu-wheels to the GPU machine. The check edits a synthetic image
+# (random weights): no pydicom and no DICOM file to carry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=build/gpu-wheels
@@ -11,10 +12,11 @@ PY=${PYTHON:-.venv/bin/python}
 "$PY" -m pip download --quiet --dest "$DEST" --only-binary=:all: \
     "diffusers==$("$PY" -c 'import diffusers; print(diffusers.__version__)')" \
     "transformers==$("$PY" -c 'import transformers; print(transformers.__version__)')" \
-    tokenizers safetensors pydicom array-api-compat
-# what the GPU machine already has (and the heavy ones it must not take from here)
-rm -f "$DEST"/numpy-* "$DEST"/torch-* "$DEST"/nvidia_* "$DEST"/triton-* "$DEST"/sympy-* "$DEST"/networkx-*
-"$PY" -c "import data_store, pathlib, shutil; shutil.copy(pathlib.Path(data_store.__file__).parent / 'data' / 'RG1_UNCR.dcm', '$DEST')"
+    tokenizers safetensors array-api-compat
+# what the GPU machine already has (and the heavy ones it must not take from here); hf_xet and
+# kernels are optional downloaders / kernel hubs the offline check never imports
+rm -f "$DEST"/numpy-* "$DEST"/torch-* "$DEST"/nvidia_* "$DEST"/triton-* "$DEST"/sympy-* "$DEST"/networkx-* \
+      "$DEST"/hf_xet-* "$DEST"/kernels-*
 du -sh "$DEST"
 # the device machine takes the working tree and carried paths together up to 64 MiB
 TOTAL_KB=$(( $(git ls-files -z | du -ck --files0-from=- | tail -1 | cut -f1) + $(du -sk "$DEST" | cut -f1) ))

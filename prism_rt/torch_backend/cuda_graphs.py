@@ -46,11 +46,15 @@ class GraphedCall:
     buffers and keys but calls ``fn`` eagerly on them (the CPU path the tests exercise).
     ``warmup``: eager calls on a side stream before a capture, as torch's documentation asks
     (cuDNN / cuBLAS pick their algorithms and workspaces there, not inside the capture).
+    ``pool``: a ``torch.cuda.graph_pool_handle()`` to share between captures replayed strictly
+    in capture order (saves device memory); default: a private pool per capture.
     """
 
     def __init__(self, fn: Callable[..., Any], *, capture: bool, warmup: int = 3, pool=None):
         self.fn, self.capture, self.warmup = fn, capture, warmup
-        self.pool = pool if pool is not None or not capture else torch.cuda.graph_pool_handle()
+        # each capture its own memory pool unless one is given: the loops replay the inversion's
+        # and the edit's graphs in any order, and a shared pool is safe only in capture order
+        self.pool = pool
         self.captures: dict[tuple, _Capture] = {}
 
     def __call__(self, **inputs):
