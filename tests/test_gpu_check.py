@@ -63,3 +63,26 @@ def test_gpu_check_refuses_without_cuda_unless_dry(tmp_path):
     from prism_bench import gpu_check
 
     assert gpu_check.main([str(tmp_path / "out"), "--repeats", "1"]) == 2
+
+
+def test_prune_wheel_drops_unkept_subpackages_and_their_record_lines(tmp_path):
+    import zipfile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from prune_wheel import prune
+
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    files = {"pkg/__init__.py": "", "pkg/models/__init__.py": "lazy", "pkg/models/clip/m.py": "keep",
+             "pkg/models/bert/m.py": "drop" * 1000, "pkg/other/x.py": "x"}
+    record = "".join(f"{name},sha256=0,1\n" for name in files) + "pkg-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, text in {**files, "pkg-1.0.dist-info/RECORD": record}.items():
+            z.writestr(name, text)
+    before, after = prune(wheel, "pkg/models", {"clip"})
+    assert after < before
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        kept_record = z.read("pkg-1.0.dist-info/RECORD").decode()
+    assert names == {"pkg/__init__.py", "pkg/models/__init__.py", "pkg/models/clip/m.py", "pkg/other/x.py",
+                     "pkg-1.0.dist-info/RECORD"}
+    assert "bert" not in kept_record and "pkg/models/clip/m.py" in kept_record and "pkg/other/x.py" in kept_record
