@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from .batch import BatchJob, groups
+from .batch import BatchJob, groups, stale_masks
 from .batch_csv import BatchInputError, EditSpec, ImageTask, attach_masks, read_chexpert_csv, read_image_folder
 from .batch_store import JobStore
 from .cli_args import (Formatter, common_args, control_from_args, default, floats, load_engine, model_args, pair, path,
@@ -135,6 +135,11 @@ def _run(args, tasks: list[ImageTask], store: JobStore, job) -> int:
     resumed = store.claim(job.settings())
     ids = [t.image_id for t in tasks]
     done = store.scan(ids)
+    changed = stale_masks(tasks, store.rows, done)
+    if changed:
+        print(f"batch: {len(changed)} done image(s) have other mask files now; they are done again",
+              file=sys.stderr, flush=True)
+        done -= changed
     todo = [t for t in tasks if t.image_id not in done]
     earlier = len(tasks) - len(todo)
     if resumed:

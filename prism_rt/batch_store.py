@@ -32,7 +32,7 @@ FAILED_DIR = ".failed"
 LOCK_FILE = ".batch-lock"
 COLUMNS = ("image_id", "path", "source_caption", "target_caption", "edit", "status", "error", "output",
            "selected_file", "files", "reconstruction_error", "invert_s", "edit_s", "inversion", "p_source",
-           "p_counterfactual")
+           "p_counterfactual", "masks")
 JOB_FORMAT = 1
 
 

@@ -87,3 +87,31 @@ def test_keep_mask_folder_and_refusals(tmp_path, capsys):
         rows = {r["image_id"]: r for r in csv.DictReader(f)}
     assert [rows[f"imgs__{p.stem}"]["status"] for p in PHANTOMS] == ["ok", "ok", "failed"]
     assert "mask" in rows[f"imgs__{PHANTOMS[2].stem}"]["error"].lower()
+
+
+def test_rerun_redoes_an_image_whose_mask_changed(tmp_path, capsys):
+    labels = _dataset(tmp_path, ["", "", ""])
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for p in PHANTOMS:
+        _mask(masks / p.name)
+    argv = ["batch", "--csv", labels, *FAST, "--edit", "Support Devices=remove", "--out", tmp_path / "o",
+            "--keep-mask", masks]
+    assert main(argv) == 0
+    capsys.readouterr()
+    kept = {p.stem: (tmp_path / "o" / f"imgs__{p.stem}").stat().st_ino for p in PHANTOMS}
+    flipped = _png(masks / PHANTOMS[1].name)[:, ::-1].copy()  # now the other half is kept
+    Image.fromarray(flipped).save(masks / PHANTOMS[1].name)
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "1 done image(s) have other mask files now" in err and "2 of 3 images already done" in err
+    now = {p.stem: (tmp_path / "o" / f"imgs__{p.stem}").stat().st_ino for p in PHANTOMS}
+    assert [now[p.stem] == kept[p.stem] for p in PHANTOMS] == [True, False, True]
+    ref = tmp_path / "ref"
+    assert main(["edit", "--image", PHANTOMS[1], "--prompt", SOURCE, "--target", TARGET, "--out", ref, *FAST,
+                 "--keep-mask", masks / PHANTOMS[1].name]) == 0
+    assert np.array_equal(_png(tmp_path / "o" / f"imgs__{PHANTOMS[1].stem}" / "edit-1-s0.50.png"),
+                          _png(ref / "edit-1-s0.50.png"))
+    with open(tmp_path / "o" / "results.csv", newline="") as f:
+        digests = [r["masks"] for r in csv.DictReader(f)]
+    assert len(set(digests)) == 2 and "" not in digests  # images 0 and 2 share their mask, image 1 has its own
