@@ -12,7 +12,6 @@ on disk and why a ``kill -9`` at any moment is harmless: ``prism_rt.batch_store`
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -57,29 +56,13 @@ def groups(tasks: list[ImageTask], size: int) -> list[list[ImageTask]]:
 def table_row(task: ImageTask, planned, status: str, error: str = "", **values) -> dict:
     return {"image_id": task.image_id, "path": str(task.path), "source_caption": task.source,
             "target_caption": planned.target or "", "edit": planned.edit, "status": status, "error": error,
-            "masks": mask_digest(task), **values}
-
-
-def mask_digest(task: ImageTask) -> str:
-    """The content of an image's keep and edit masks (sha256, 16 hex), "" without masks: recorded in
-    its rows, so that a rerun redoes an image whose mask files changed instead of calling it done."""
-    if task.keep_mask is None and task.edit_mask is None:
-        return ""
-    h = hashlib.sha256()
-    for kind, path in (("keep", task.keep_mask), ("edit", task.edit_mask)):
-        h.update(kind.encode())
-        if path is not None:
-            try:
-                h.update(hashlib.sha256(path.read_bytes()).digest())
-            except OSError:
-                h.update(b"unreadable")  # the image fails with the mask's own error when it is run
-    return h.hexdigest()[:16]
+            "masks": task.masks, **values}
 
 
 def stale_masks(tasks: list[ImageTask], rows: dict[str, list[dict]], done: set[str]) -> set[str]:
-    """The done images whose recorded mask digest is not their masks' now."""
+    """The done images whose recorded mask digest is not their masks' now (``ImageTask.masks``)."""
     return {t.image_id for t in tasks if t.image_id in done and rows.get(t.image_id)
-            and rows[t.image_id][0].get("masks", "") != mask_digest(t)}
+            and rows[t.image_id][0].get("masks", "") != t.masks}
 
 
 def skipped_rows(task: ImageTask) -> list[dict]:

@@ -15,6 +15,7 @@ Missing or unreadable image files are not refused here: they are per-image failu
 from __future__ import annotations
 
 import csv
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,7 @@ class ImageTask:
     row: int | None = None  # CSV line, for messages
     keep_mask: Path | None = None  # absolute; the image never changes inside it (prism_rt.user_masks)
     edit_mask: Path | None = None  # absolute; the edit is confined to it
+    masks: str = ""  # the masks' content digest, read once per run by attach_masks; recorded in the rows
 
     @property
     def targets(self) -> list[str]:
@@ -197,7 +199,7 @@ MASK_COLUMNS = {"KeepMask": "keep_mask", "EditMask": "edit_mask"}
 def attach_masks(tasks: list[ImageTask], keep=None, edit=None) -> None:
     """``--keep-mask`` / ``--edit-mask``: a file (the same mask for every image) or a folder (each
     image's mask under the image's file name); an image's CSV cell wins. A missing mask is
-    refused here, before any work."""
+    refused here, before any work. Then every task's ``masks`` digest (of CSV and flag masks alike)."""
     for flag, key, given in (("--keep-mask", "keep_mask", keep), ("--edit-mask", "edit_mask", edit)):
         if given is None:
             continue
@@ -213,6 +215,24 @@ def attach_masks(tasks: list[ImageTask], keep=None, edit=None) -> None:
                 raise BatchInputError(f"{flag} {given} has no mask for {task.path.name} (expected {mask}); add it, "
                                       "or give one mask file for every image")
             setattr(task, key, mask)
+    for task in tasks:
+        task.masks = mask_digest(task.keep_mask, task.edit_mask)
+
+
+def mask_digest(keep: Path | None, edit: Path | None) -> str:
+    """The content of an image's keep and edit masks (sha256, 16 hex), "" without masks: recorded in
+    its rows, so that a rerun redoes an image whose mask files changed instead of calling it done."""
+    if keep is None and edit is None:
+        return ""
+    h = hashlib.sha256()
+    for kind, path in (("keep", keep), ("edit", edit)):
+        h.update(kind.encode())
+        if path is not None:
+            try:
+                h.update(hashlib.sha256(path.read_bytes()).digest())
+            except OSError:
+                h.update(b"unreadable")  # the image fails with the mask's own error when it is run
+    return h.hexdigest()[:16]
 
 
 def read_image_folder(folder, prompt: str, targets: list[str]) -> list[ImageTask]:
