@@ -155,11 +155,11 @@ class RayRunner:
                 self._lost(group, exc)
                 self.actors = [a for a in self.actors if a is not actor]
                 free = deque(a for a in free if a is not actor)
-                if not self.actors:
-                    todo.clear()
-                    for other_actor, other in list(pending.values()):
+                if not self.actors:  # nothing left to run the rest on: stop, the rerun finishes it
+                    for _, other in pending.values():
                         self._lost(other, exc)
-                    pending.clear()
+                    raise RayClusterError(f"--ray: every actor died ({error_text(exc)[:200]}); {len(todo)} group(s) "
+                                          "not started; rerun the same command to finish the job") from None
                 yield group
                 continue
             for image_id, rows in out["rows"].items():
