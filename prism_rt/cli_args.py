@@ -92,6 +92,9 @@ def model_args(p: argparse.ArgumentParser, model_required: bool = True):
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="torch on CUDA: replay the UNet call of each loop from a CUDA graph (default: on for CUDA; "
                         "one capture per batch shape)")
+    g.add_argument("--io-binding", action=argparse.BooleanOptionalAction, default=None,
+                   help="onnxruntime: keep the loops' arrays on the device as torch tensors bound by pointer (no host "
+                        "copy per step; default: on for cuda/tensorrt where torch is installed)")
     g.add_argument("--threads", type=positive,
                    help="CPU threads of onnxruntime / torch (default: every core; on a shared machine 1–2 is often "
                         "much faster)")
@@ -155,9 +158,15 @@ def control_from_args(args) -> ControlConfig:
 
 def load_engine(args):
     from .engine import Engine
+    from .errors import BackendError
+
+    if getattr(args, "io_binding", None) is not None and not is_engine_args(args):
+        raise BackendError("--io-binding applies to engine folders on onnxruntime; the torch backend's loops already "
+                           "keep their arrays on the device")
 
     options = OrtOptions(threads=args.threads, cpu_arena=not args.no_cpu_arena, cpu_graphs=not args.portable_graphs,
-                         trt_cache=args.trt_cache, deployment=deployment_from_args(args))
+                         trt_cache=args.trt_cache, deployment=deployment_from_args(args),
+                         io_binding=getattr(args, "io_binding", None))
     return Engine.load(args.model, backend=args.backend, device=args.device, precision=args.precision,
                        self_max_queries=args.self_max_queries, unet_weights=args.unet_weights, config=args.config,
                        allow_pickle=args.allow_pickle, threads=args.threads,

@@ -252,6 +252,8 @@ class OrtOptions:
     deployment (device ``tensorrt``): a :class:`prism_rt.deployment.Deployment`, the largest
       calls TensorRT's optimisation profiles cover (more edits per call: more memory, fewer
       chunks); None: what the export recorded in the manifest (one edit × five self values).
+    io_binding: keep the loops' arrays on the device (torch tensors bound to onnxruntime by
+      pointer: no host copy per step). None: on for cuda/tensorrt where torch is installed.
     """
 
     threads: int | None = None
@@ -260,6 +262,7 @@ class OrtOptions:
     session_config: dict | None = None
     trt_cache: object = None  # str | Path | bool | None
     deployment: object = None  # prism_rt.deployment.Deployment | None
+    io_binding: bool | None = None
 
     def __post_init__(self):
         if self.threads is not None and int(self.threads) < 1:

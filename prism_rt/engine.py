@@ -111,7 +111,7 @@ class Engine:
         impl = load_ort_backend(engine_dir, device=device, self_max_queries=self_max_queries, precision=precision.value,
                                 threads=options.threads, cpu_arena=options.cpu_arena, cpu_graphs=options.cpu_graphs,
                                 session_config=options.session_config, trt_cache=options.trt_cache,
-                                deployment=options.deployment)
+                                deployment=options.deployment, io_binding=options.io_binding)
         if blend_maps is not None and BlendMaps(blend_maps).value != impl.info.blend_maps:
             raise BackendError(f"the engine {engine_dir} returns the LocalBlend maps {impl.info.blend_maps}, not "
                                f"{BlendMaps(blend_maps).value}: re-export it with `prism-export export … --blend-maps "

@@ -217,7 +217,12 @@ class OrtBackend:
 
     def __init__(self, manifest: Manifest, device: str = "cpu", threads: int | None = None, cpu_arena: bool = True,
                  cpu_graphs: bool = True, session_config: dict[str, str] | None = None,
-                 trt_cache: str | Path | bool | None = None, deployment: Deployment | None = None):
+                 trt_cache: str | Path | bool | None = None, deployment: Deployment | None = None,
+                 io_binding: bool | None = None):
+        """``io_binding``: keep the loops' arrays on the device as torch tensors and hand them to
+        onnxruntime by pointer (``IOBinding``; outputs come back through DLPack), so no step copies
+        through host numpy arrays. Default: on for cuda/tensorrt where torch is installed; ``True``
+        on the CPU runs the same path there (tests)."""
         import onnxruntime as ort
 
         self.manifest, self.device = manifest, str(device)
@@ -227,6 +232,7 @@ class OrtBackend:
         self.deployment = deployment_of(manifest, deployment) if kind is OrtDevice.TENSORRT else None
         self.limits = dim_limits(manifest, self.deployment)
         self.info = manifest.model_info()
+        self._bound = _BoundArrays.make(kind, index, io_binding)  # refused before any session is built
         options = ort.SessionOptions()
         self.cpu_arena = bool(cpu_arena) and kind is OrtDevice.CPU
         if kind is OrtDevice.CPU:
@@ -267,36 +273,57 @@ class OrtBackend:
             manifest.graphs["unet"].dims["edits"].min > 0
 
     @property
+    def io_binding(self) -> bool:
+        return self._bound is not None
+
+    @property
     def xp(self):
+        if self._bound is not None:
+            import array_api_compat.torch as xp
+
+            return xp
         import array_api_compat.numpy as xp
 
         return xp
 
-    def asarray(self, array) -> np.ndarray:
+    def asarray(self, array):
+        if self._bound is not None:
+            return self._bound.asarray(array)
         array = np.asarray(array)
         return array.astype(np.float32, copy=False) if array.dtype.kind == "f" else array
 
     def to_numpy(self, array) -> np.ndarray:
+        if self._bound is not None:
+            return self._bound.to_numpy(array)
         return np.asarray(array)
 
-    def run(self, graph: str, **inputs) -> dict[str, np.ndarray]:
+    def run(self, graph: str, **inputs) -> dict:
         entry = self.manifest.graphs.get(graph)
         if entry is None:
             raise BackendError(f"unknown graph {graph!r}; graphs are {', '.join(self.manifest.graphs)}")
+        if self._bound is not None:
+            feeds = self._feeds(entry, inputs, self._bound.convert)
+            if not (graph == "unet" and self.pad_empty_edits and feeds["cross_alpha"].shape[1] == 0):
+                return self._bound.run(self.sessions[graph], [t.name for t in entry.outputs], feeds)
+            # the rare engine that cannot take K = 0: its padded call goes through the host
+            feeds = {k: self._bound.to_numpy(v) for k, v in feeds.items()}
+            return {k: self._bound.asarray(v) for k, v in self._run_unet_padded(feeds).items()}
         feeds = self._feeds(entry, inputs)
         if graph == "unet" and self.pad_empty_edits and feeds["cross_alpha"].shape[1] == 0:
             return self._run_unet_padded(feeds)
         names = [t.name for t in entry.outputs]
         return dict(zip(names, self.sessions[graph].run(names, feeds)))
 
-    def _feeds(self, entry, inputs: dict) -> dict[str, np.ndarray]:
-        """Inputs in the graph's dtypes, checked against the manifest's shapes and ranges."""
+    def _feeds(self, entry, inputs: dict, convert=None) -> dict:
+        """Inputs in the graph's dtypes, checked against the manifest's shapes and ranges.
+        ``convert(value, numpy dtype)``: to a contiguous array of that dtype (default: numpy)."""
         expected = [t.name for t in entry.inputs]
         if sorted(inputs) != sorted(expected):
             raise BackendError(f"the {entry.name} graph takes {expected}, got {sorted(inputs)}")
         feeds, bound, limits = {}, {}, self.limits[entry.name]
         for tensor in entry.inputs:
-            array = np.ascontiguousarray(np.asarray(inputs[tensor.name]), dtype=tensor.dtype)
+            value = inputs[tensor.name]
+            array = convert(value, tensor.dtype) if convert else np.ascontiguousarray(np.asarray(value), dtype=tensor.dtype)
             if array.ndim != len(tensor.shape):
                 raise BackendError(f"{entry.name}.{tensor.name} must have shape {list(tensor.shape)}, got {array.shape}")
             for size, dim in zip(array.shape, tensor.shape):
@@ -324,6 +351,7 @@ class OrtBackend:
         import onnxruntime as ort
 
         return {"backend": self.kind.value, "device": self.device, "onnxruntime": ort.__version__,
+                "io_binding": self.io_binding,
                 "providers": {name: s.get_providers()[0] for name, s in self.sessions.items()},
                 "graph_files": {name: f.relative_to(self.manifest.root).as_posix() for name, f in self.files.items()},
                 "precision": self.manifest.loaded_precision, "graph_precisions": dict(self.manifest.precision),
@@ -333,11 +361,78 @@ class OrtBackend:
                 **({"deployment": self.deployment.to_json()} if self.deployment is not None else {})}
 
 
+class _BoundArrays:
+    """The IO-binding path: arrays are torch tensors on the session's device; each call binds its
+    inputs by pointer and lets onnxruntime allocate the outputs on the device, which come back as
+    torch tensors through DLPack (no copy). Nothing crosses to the host unless the loop asks."""
+
+    def __init__(self, ort_device: str, index: int, torch_device):
+        self.ort_device, self.index, self.device = ort_device, index, torch_device
+
+    @classmethod
+    def make(cls, kind: OrtDevice, index: int, wanted: bool | None) -> "_BoundArrays | None":
+        on_cpu = kind is OrtDevice.CPU
+        if wanted is False or (wanted is None and on_cpu):
+            return None
+        try:
+            import torch
+        except ImportError:
+            if wanted:
+                raise BackendError("io_binding keeps the loop's arrays on the device as torch tensors, and torch is not "
+                                   "installed: pip install torch, or run without --io-binding") from None
+            return None  # numpy arrays, copied to the device by onnxruntime at each call
+        if not on_cpu and not torch.cuda.is_available():
+            if wanted:
+                raise BackendError("io_binding on a GPU needs a CUDA build of torch (torch.cuda.is_available() is False); "
+                                   "install one, or run with --no-io-binding")
+            return None
+        return cls("cpu" if on_cpu else "cuda", index, torch.device("cpu") if on_cpu else torch.device("cuda", index))
+
+    def asarray(self, array):
+        import torch
+
+        if isinstance(array, torch.Tensor):
+            tensor = array.to(self.device)
+        else:
+            array = np.asarray(array)
+            tensor = torch.as_tensor(array, device=self.device)
+        return tensor.float() if tensor.is_floating_point() else tensor
+
+    def to_numpy(self, array) -> np.ndarray:
+        import torch
+
+        if isinstance(array, torch.Tensor):
+            return array.detach().to("cpu").numpy()
+        return np.asarray(array)
+
+    def convert(self, value, dtype):
+        import torch
+
+        tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+        torch_dtype = getattr(torch, np.dtype(dtype).name)
+        return tensor.to(device=self.device, dtype=torch_dtype).contiguous()
+
+    def run(self, session, names: list[str], feeds: dict) -> dict:
+        import torch
+
+        binding = session.io_binding()
+        for name, tensor in feeds.items():
+            binding.bind_input(name, self.ort_device, self.index, np.dtype(str(tensor.dtype).removeprefix("torch.")),
+                               list(tensor.shape), tensor.data_ptr())
+        for name in names:
+            binding.bind_output(name, self.ort_device, self.index)
+        if self.ort_device == "cuda":  # inputs written on torch's stream must be there before onnxruntime reads
+            torch.cuda.current_stream(self.device).synchronize()
+        session.run_with_iobinding(binding)
+        return {name: torch.from_dlpack(value) for name, value in zip(names, binding.get_outputs())}
+
+
 def load_ort_backend(path, device: str = "cpu", self_max_queries: int | None = None,
                      verify_hashes: bool = True, precision: Precision | str = Precision.FP32, threads: int | None = None,
                      cpu_arena: bool = True, cpu_graphs: bool = True,
                      session_config: dict[str, str] | None = None,
-                     trt_cache: str | Path | bool | None = None, deployment: Deployment | None = None) -> OrtBackend:
+                     trt_cache: str | Path | bool | None = None, deployment: Deployment | None = None,
+                     io_binding: bool | None = None) -> OrtBackend:
     """Check the engine folder's manifest (for the graphs of ``precision``), then open them on ``device``."""
     try:
         import onnxruntime  # noqa: F401
@@ -350,4 +445,4 @@ def load_ort_backend(path, device: str = "cpu", self_max_queries: int | None = N
                            f"the controlled layers are compiled into the graph. Pass --self-max-queries {exported}, or "
                            f"re-export with `prism-export export … --self-max-queries {self_max_queries}`")
     return OrtBackend(manifest, device=device, threads=threads, cpu_arena=cpu_arena, cpu_graphs=cpu_graphs,
-                      session_config=session_config, trt_cache=trt_cache, deployment=deployment)
+                      session_config=session_config, trt_cache=trt_cache, deployment=deployment, io_binding=io_binding)
