@@ -44,8 +44,9 @@ def floats(text: str) -> tuple[float, ...]:
 
 def pair(text: str) -> tuple[str, str]:
     parts = [p.strip() for p in text.split(",")]
-    if len(parts) != 2 or not all(parts):
-        raise argparse.ArgumentTypeError(f"expected SRC_WORD,EDIT_WORD such as devices,devices; got {text!r}")
+    if len(parts) != 2 or not any(parts):
+        raise argparse.ArgumentTypeError(f"expected SRC_WORD,EDIT_WORD such as devices,devices (one side may be empty: "
+                                         f"Devices, for a removal); got {text!r}")
     return parts[0], parts[1]
 
 

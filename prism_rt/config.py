@@ -150,7 +150,8 @@ class ControlConfig:
     ``Engine.load(..., self_max_queries=...)``.)
     edit_weight: reweighting of the edit words (PRISM: 2.0); None or 1.0 = no reweighting.
     edit_words: the words reweighted; None = the words of each target not in the source.
-    blend_words: (source word, edit word) for LocalBlend; None = no LocalBlend.
+    blend_words: (source word, edit word) for LocalBlend; None = no LocalBlend. One may be "": that
+      side adds nothing to the mask (a removal: the edit has no word for what goes).
     blend_threshold / blend_start: LocalBlend mask threshold (0.3) and the fraction of steps
       after which the blend applies (0.2).
     noise_blend: LocalBlend with a mask from the noise predictions instead of the cross-attention
@@ -204,6 +205,9 @@ class ControlConfig:
                 raise SettingsError(f"self_replace values must be in [0, 1], got {s}")
         if self.mode not in ("refine", "replace"):
             raise SettingsError(f"mode must be refine or replace, got {self.mode!r}")
+        if self.blend_words is not None and (len(self.blend_words) != 2 or not any(w.strip() for w in self.blend_words)):
+            raise SettingsError(f"blend_words is (source word, edit word), one of them possibly empty (a removal: "
+                                f"('Devices', '')); got {self.blend_words!r}")
         if self.noise_blend and self.blend_words is not None:
             raise SettingsError("choose one LocalBlend mask: blend_words (attention maps) or noise_blend, not both")
         if not 0.0 < self.noise_blend_strength < 1.0:

@@ -187,7 +187,10 @@ def self_replace_schedule(steps: int, values: Sequence[float]) -> np.ndarray:
 
 
 def blend_token_weights(tokenizer: ClipTokenizer, text: str, word: str, max_len: int = MAX_LENGTH) -> np.ndarray:
-    """LocalBlend's ``alpha_layers`` row: float32 [77], 1 on the tokens of ``word``, else 0."""
+    """LocalBlend's ``alpha_layers`` row: float32 [77], 1 on the tokens of ``word``, else 0; all 0
+    for an empty word (that prompt adds nothing to the mask: :func:`prism_rt.blend.blend_mask`)."""
+    if not word.strip():
+        return np.zeros(max_len, dtype=np.float32)
     inds = tokenizer.word_token_indices(text, word)
     if not inds:
         raise PromptError(f"the LocalBlend word {word!r} is not in the prompt {text!r}; "

@@ -122,7 +122,8 @@ class Engine:
     def from_checkpoint(cls, path, *, unet_weights=None, config=None, allow_pickle: bool = False,
                         precision: Precision | str = Precision.FP32, device: str = "cpu",
                         self_max_queries: int | None = None, threads: int | None = None,
-                        blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL, cuda_graphs: bool | None = None) -> "Engine":
+                        blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL, cuda_graphs: bool | None = None,
+                        blend_downsample: int | None = None) -> "Engine":
         """A diffusers SD v1.x folder or single-file checkpoint on the PyTorch reference backend.
         ``unet_weights``: a fine-tuned UNet state dict (PRISM's ``model.safetensors``);
         ``config``: the SD folder giving configs and tokenizer for a single-file checkpoint;
@@ -131,7 +132,8 @@ class Engine:
         original prompt-to-prompt 16²); ``threads``: torch's intra-op threads (process-wide);
         ``blend_maps``: LocalBlend reads the cross-attention maps after control (the published
         controller's) or before; ``cuda_graphs``: replay the UNet call from CUDA graphs (default:
-        on for CUDA devices)."""
+        on for CUDA devices); ``blend_downsample``: LocalBlend's maps at 1/N of the latent side
+        (default a quarter, SD v1.5's 16×16; an engine folder has what it was exported with)."""
         from .tokenizer import ClipTokenizer
 
         precision = Precision.parse(precision)
@@ -150,14 +152,15 @@ class Engine:
 
         impl = load_torch_backend(path, unet_weights=unet_weights, allow_pickle=allow_pickle, config=config,
                                   device=device, self_max_queries=self_max_queries or 32 * 32,
-                                  precision=precision.value, blend_maps=BlendMaps(blend_maps), cuda_graphs=cuda_graphs)
+                                  precision=precision.value, blend_maps=BlendMaps(blend_maps), cuda_graphs=cuda_graphs,
+                                  blend_downsample=blend_downsample)
         return cls(impl, ClipTokenizer.from_folder(impl.info.tokenizer_dir), str(path))
 
     @classmethod
     def load(cls, path, backend: str | BackendKind | None = None, *, device: str = "cpu", precision="fp32",
              self_max_queries: int | None = None, unet_weights=None, config=None, allow_pickle: bool = False,
              threads: int | None = None, options: OrtOptions | None = None, blend_maps: BlendMaps | str | None = None,
-             cuda_graphs: bool | None = None, **ort_settings) -> "Engine":
+             cuda_graphs: bool | None = None, blend_downsample: int | None = None, **ort_settings) -> "Engine":
         """:meth:`from_dir` for an engine folder, :meth:`from_checkpoint` otherwise; ``backend``
         (optional) must agree with what ``path`` is. ``ort_settings``: :class:`OrtOptions` fields."""
         kind = (BackendKind.ONNXRUNTIME if is_engine_dir(path) else BackendKind.TORCH) if backend is None else BackendKind(backend)
@@ -173,8 +176,14 @@ class Engine:
                 raise BackendError("--cuda-graphs applies to the torch backend (a checkpoint as --model); onnxruntime "
                                    "engine folders run without it")
             options = replace(options or OrtOptions(), **({"threads": threads} if threads else {}), **ort_settings)
-            return cls.from_dir(path, precision=precision, device=device, options=options,
-                                self_max_queries=self_max_queries, blend_maps=blend_maps)
+            engine = cls.from_dir(path, precision=precision, device=device, options=options,
+                                  self_max_queries=self_max_queries, blend_maps=blend_maps)
+            exported = engine.backend.info.blend_downsample
+            if blend_downsample is not None and exported is not None and int(blend_downsample) != int(exported):
+                raise BackendError(f"the engine {path} returns LocalBlend maps at 1/{exported} of the latent side, not "
+                                   f"1/{blend_downsample}: re-export it with `prism-export export … --blend-downsample "
+                                   f"{blend_downsample}`")
+            return engine
         if kind is BackendKind.TORCH:
             if options is not None or any(v not in (None, False) and k in ("session_config", "trt_cache")
                                           for k, v in ort_settings.items()):
@@ -182,7 +191,7 @@ class Engine:
             return cls.from_checkpoint(path, unet_weights=unet_weights, config=config, allow_pickle=allow_pickle,
                                        precision=precision, device=device, self_max_queries=self_max_queries,
                                        threads=threads, blend_maps=blend_maps or BlendMaps.AFTER_CONTROL,
-                                       cuda_graphs=cuda_graphs)
+                                       cuda_graphs=cuda_graphs, blend_downsample=blend_downsample)
         raise BackendError(f"backend {kind.value!r} is not available in this version; engine folders run on onnxruntime "
                            "(--device tensorrt uses its TensorRT execution provider), checkpoints on torch")
 

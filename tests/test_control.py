@@ -8,7 +8,7 @@ from prism_rt.control import (
     ControlPlan, build_control_plan, blend_token_weights, cross_alpha_schedule, default_edit_words,
     equalizer, refinement_alignment, refinement_matrix, replacement_mapper, self_replace_schedule,
 )
-from prism_rt.errors import PromptError
+from prism_rt.errors import PromptError, SettingsError
 from prism_rt.tokenizer import ClipTokenizer
 
 
@@ -327,3 +327,25 @@ def test_plan_errors(tok):
         build_control_plan(tok, SOURCE, TARGETS, ControlConfig(edit_words=("efusion",)), 50)
     with pytest.raises(PromptError, match="LocalBlend word 'lung'"):
         build_control_plan(tok, SOURCE, TARGETS, ControlConfig(blend_words=("Devices", "lung")), 50)
+
+
+def test_an_empty_blend_word_adds_nothing_to_the_mask(tok):
+    """A removal's edit has no word for what goes: ("Devices", "") blends with the source's mask
+    alone (the edit row is all zero, so blend_mask's union is the source's mask)."""
+    import array_api_compat.numpy as xnp
+
+    from prism_rt.blend import blend_mask
+
+    plan = build_control_plan(tok, SOURCE, ["Chest X-ray showing No Finding"], ControlConfig(self_replace=(0.5,),
+                              blend_words=("Devices", "")), 10)
+    assert np.nonzero(plan.blend_words[0])[0].tolist() == [7] and not plan.blend_words[1].any()
+    maps = np.zeros((2, 77, 4, 4), np.float32)
+    maps[0, 7, 0, 0] = 1.0  # the source's "devices" attends to one corner
+    maps[1, :, 3, 3] = 1.0  # the edit attends elsewhere, to every token
+    mask = np.asarray(blend_mask(xnp, maps, plan.blend_words, (4, 4), 0.3))
+    expected = np.zeros((4, 4), np.float32)
+    expected[:2, :2] = 1.0  # the corner, 3×3 max-pooled
+    np.testing.assert_array_equal(mask[0, 0], expected)
+    np.testing.assert_array_equal(mask[1, 0], expected)
+    with pytest.raises(SettingsError, match="one of them possibly empty"):
+        ControlConfig(blend_words=("", " "))

@@ -58,3 +58,20 @@ def test_control_changes_edit_items_only(unets):
     torch.testing.assert_close(pinned[0], free[0], rtol=0, atol=1e-6)
     assert (pinned[1] - free[1]).abs().max() > 1e-3
     torch.testing.assert_close(twin_pinned, twin_free, rtol=1e-5, atol=1e-5)
+
+
+def test_blend_downsample_picks_the_layers_of_that_resolution(unets):
+    """``blend_downsample=2``: the maps of the half-side layers (two down, three up), 8×8 for a
+    16×16 latent, with the same outputs as the quarter-side default."""
+    _, quarter = unets
+    half = ControlledUNet(copy.deepcopy(quarter.unet), blend_downsample=2).eval()
+    assert half.blend_downsample == 2 and len(half.blend_layers) == 5
+    assert all(".1.attentions." in n or n.startswith("up_blocks.2.") for n in half.blend_layers), half.blend_layers
+    g = torch.Generator().manual_seed(3)
+    z, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        noise_q, maps_q = quarter(z, torch.tensor([401.0]), text, **neutral_controls(1, 1))
+        noise_h, maps_h = half(z, torch.tensor([401.0]), text, **neutral_controls(1, 1))
+    assert maps_q.shape[-2:] == (4, 4) and maps_h.shape[-2:] == (8, 8)
+    torch.testing.assert_close(noise_h, noise_q, rtol=0, atol=1e-6)
+    torch.testing.assert_close(maps_h.sum(2), torch.ones(1, 2, 8, 8), rtol=1e-5, atol=1e-5)

@@ -22,6 +22,10 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--blend-maps", choices=[m.value for m in BlendMaps], default=BlendMaps.AFTER_CONTROL.value,
                    help="the cross-attention maps the UNet returns for LocalBlend: after control (refine, reweight: "
                         "what the published prompt-to-prompt reads; default) or each item's own, before control")
+    p.add_argument("--blend-downsample", type=int, choices=(1, 2, 4, 8), default=None,
+                   help="LocalBlend reads the cross-attention maps at 1/N of the latent side (default 4: SD v1.5's 16×16 "
+                        "maps at 512 px; the nearest size the UNet has); small models whose quarter-side maps are "
+                        "coarser than 8×8 localise better at 2")
     p.add_argument("--max-edits", type=int, default=5,
                    help="edit items per image in one UNet call that TensorRT's profiles are built for (default 5: one "
                         "edit × five self values); recorded in the manifest, overridable at load (--trt-max-edits)")
@@ -167,7 +171,7 @@ def run_export(args) -> int:
         deployment = Deployment(max_edits=args.max_edits, max_groups=args.max_groups, max_batch=args.max_batch)
         out = export_engine(args.model, args.out, unet_weights=args.unet_weights, config=args.config,
                             allow_pickle=args.allow_pickle, self_max_queries=args.self_max_queries, opset=args.opset,
-                            blend_maps=args.blend_maps,
+                            blend_maps=args.blend_maps, blend_downsample=args.blend_downsample,
                             parity_tolerance=args.parity_tolerance, progress=lambda line: print(line, flush=True),
                             precisions=variants, variant_settings=settings, deployment=deployment)
     except PrismError as exc:

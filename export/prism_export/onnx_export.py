@@ -57,7 +57,7 @@ def export_engine(model, out, *, unet_weights=None, config=None, allow_pickle: b
                   self_max_queries: int = 32 * 32, opset: int = OPSET, blend_maps: str = "after-control",
                   parity_tolerance: float = DEFAULT_PARITY_TOLERANCE,
                   progress: Callable[[str], None] = print, precisions=(), variant_settings=None,
-                  deployment=None) -> Path:
+                  deployment=None, blend_downsample: int | None = None) -> Path:
     """Export ``model`` (anything ``load_checkpoint`` reads) into the engine folder ``out``;
     ``precisions`` (fp16, int8, int8-cpu) are then derived from the fp32 graphs, in the staging
     folder, so the engine appears complete or not at all."""
@@ -72,7 +72,7 @@ def export_engine(model, out, *, unet_weights=None, config=None, allow_pickle: b
     _check_out(out)
     components = load_checkpoint(model, unet_weights=unet_weights, allow_pickle=allow_pickle, config=config,
                                  device="cpu", dtype=torch.float32)
-    graphs = build_graphs(components, self_max_queries, blend_maps)
+    graphs = build_graphs(components, self_max_queries, blend_maps, blend_downsample)
     dims = ModelDims.from_components(components, graphs["unet"])
     specs = graph_specs(dims, self_max_queries)
     # staged beside out and renamed onto it whole (prism_rt.publish): a failure or a kill never

@@ -26,7 +26,7 @@ class TorchBackend:
 
     def __init__(self, components, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  self_max_queries: int = 32 * 32, blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, blend_downsample: int | None = None):
         """``dtype``: the graphs' precision. The loops (DDIM steps, CFG, blend, null-text's Adam)
         stay in float32: ``run`` casts a graph's float inputs to ``dtype`` and its outputs back.
         ``cuda_graphs``: replay the controlled UNet call from a CUDA graph per call shape
@@ -40,7 +40,7 @@ class TorchBackend:
         self.components = components
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self._graphed_unet = None
-        self.graphs = {name: module.to(self.device, dtype) for name, module in build_graphs(components, self_max_queries, blend_maps).items()}
+        self.graphs = {name: module.to(self.device, dtype) for name, module in build_graphs(components, self_max_queries, blend_maps, blend_downsample).items()}
         unet_cfg = components.unet.config
         te_cfg = components.text_encoder.config
         self.info = ModelInfo(
@@ -129,7 +129,8 @@ class TorchBackend:
 
 def load_torch_backend(model, *, unet_weights=None, allow_pickle=False, config=None, device="cpu",
                        self_max_queries: int = 32 * 32, precision: Precision | str = Precision.FP32,
-                       blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL, cuda_graphs: bool | None = None) -> TorchBackend:
+                       blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL, cuda_graphs: bool | None = None,
+                       blend_downsample: int | None = None) -> TorchBackend:
     from .checkpoint import load_checkpoint
 
     precision = Precision.parse(precision)
@@ -142,4 +143,4 @@ def load_torch_backend(model, *, unet_weights=None, allow_pickle=False, config=N
                                  device="cpu", dtype=torch.float32)
     dtype = torch.float16 if precision.half else torch.float32
     return TorchBackend(components, device=device, dtype=dtype, self_max_queries=self_max_queries, blend_maps=blend_maps,
-                        cuda_graphs=cuda_graphs)
+                        cuda_graphs=cuda_graphs, blend_downsample=blend_downsample)

@@ -41,11 +41,15 @@ class VaeDecoderGraph(nn.Module):
 
 
 def build_graphs(components, self_max_queries: int = 32 * 32,
-                 blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL) -> dict[str, nn.Module]:
+                 blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL,
+                 blend_downsample: int | None = None) -> dict[str, nn.Module]:
+    """``blend_downsample``: LocalBlend reads the cross-attention maps at 1/N of the latent side
+    (None: a quarter, SD v1.5's 16×16; the nearest size the UNet has)."""
     sf = components.scaling_factor
     return {
         "text_encoder": TextEncoderGraph(components.text_encoder).eval(),
         "vae_encoder": VaeEncoderGraph(components.vae, sf).eval(),
         "vae_decoder": VaeDecoderGraph(components.vae, sf).eval(),
-        "unet": ControlledUNet(components.unet, self_max_queries=self_max_queries, blend_maps=blend_maps).eval(),
+        "unet": ControlledUNet(components.unet, self_max_queries=self_max_queries, blend_maps=blend_maps,
+                               blend_downsample=blend_downsample or 4).eval(),
     }
