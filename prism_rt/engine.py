@@ -29,6 +29,7 @@ from .inversion import Inversion
 from .loop import (Counter, EditInputs, ddim_inversion, decode_latents, edit_loop_groups, encode_image, encode_prompts,
                    noise_difference_maps)
 from .manifest import MANIFEST_NAME
+from .nvtx import stage
 from .precision import Precision
 from .result import EditResult
 from .schedule import DDIMSchedule
@@ -244,20 +245,23 @@ class Engine:
         bar = Progress(progress, len(schedule.timesteps) * (2 if method is InversionMethod.NULL_TEXT else 1), "invert")
 
         start = time.perf_counter()
-        z0 = encode_image(self.backend, fitted)
-        source_embedding = encode_prompts(self.backend, self.tokenizer, [prompt])
+        with stage("encode"):
+            z0 = encode_image(self.backend, fitted)
+            source_embedding = encode_prompts(self.backend, self.tokenizer, [prompt])
         timings["encode_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        trajectory = ddim_inversion(self.backend, schedule, z0, source_embedding, counter, bar.update_one)
+        with stage("ddim_inversion"):
+            trajectory = ddim_inversion(self.backend, schedule, z0, source_embedding, counter, bar.update_one)
         timings["ddim_inversion_s"] = time.perf_counter() - start
         nulls = None
         if method is InversionMethod.NULL_TEXT:
             from .torch_backend.nulltext import null_text_inversion
 
             start = time.perf_counter()
-            null0 = encode_prompts(self.backend, self.tokenizer, [""], allow_empty=True)
-            found = null_text_inversion(self.backend, schedule, trajectory, source_embedding, null0, sampler.guidance,
-                                        inversion, counter, bar.update_one)
+            with stage("null_text"):
+                null0 = encode_prompts(self.backend, self.tokenizer, [""], allow_empty=True)
+                found = null_text_inversion(self.backend, schedule, trajectory, source_embedding, null0,
+                                            sampler.guidance, inversion, counter, bar.update_one)
             nulls = np.stack([self.backend.to_numpy(n) for n in found])
             timings["null_text_s"] = time.perf_counter() - start
         bar.close()
@@ -324,7 +328,8 @@ class Engine:
         for images, items in chunks:
             counter, start = Counter(), time.perf_counter()
             subs, inputs = zip(*(prepared[k].inputs(self.backend, items, control) for k in images))
-            outcomes = edit_loop_groups(self.backend, schedule, subs, inputs, counter, bar.update_one)
+            with stage("edit_loop"):
+                outcomes = edit_loop_groups(self.backend, schedule, subs, inputs, counter, bar.update_one)
             elapsed = time.perf_counter() - start
             for k, outcome in zip(images, outcomes):
                 run = runs[k]
@@ -346,7 +351,8 @@ class Engine:
         backend, xp = self.backend, self.backend.xp
         counter, timings = Counter(), {}
         start = time.perf_counter()
-        embeddings = encode_prompts(backend, self.tokenizer, [inversion.source_prompt, "", *targets], allow_empty=True)
+        with stage("encode"):
+            embeddings = encode_prompts(backend, self.tokenizer, [inversion.source_prompt, "", *targets], allow_empty=True)
         on_device = backend.asarray(inversion.trajectory)  # one copy, not one per step
         trajectory = [on_device[i] for i in range(int(on_device.shape[0]))]
         nulls = (xp.stack([backend.asarray(n) for n in inversion.null_embeddings])
@@ -355,10 +361,11 @@ class Engine:
         noise_maps = None
         if control.noise_blend and not control.legacy:
             start = time.perf_counter()
-            stacked = noise_difference_maps(
-                backend, schedule, trajectory[0], embeddings[0:1], embeddings[1:2], embeddings[2:],
-                inversion.sampler.guidance, counter, samples=control.noise_blend_samples,
-                strength=control.noise_blend_strength, max_batch=limits.max_batch)
+            with stage("noise_blend"):
+                stacked = noise_difference_maps(
+                    backend, schedule, trajectory[0], embeddings[0:1], embeddings[1:2], embeddings[2:],
+                    inversion.sampler.guidance, counter, samples=control.noise_blend_samples,
+                    strength=control.noise_blend_strength, max_batch=limits.max_batch)
             noise_maps = {t: stacked[i:i + 1] for i, t in enumerate(targets)}
             timings["noise_blend_s"] = time.perf_counter() - start
         return _Prepared(inversion, plan, embeddings, list(targets), trajectory, nulls, noise_maps, timings, counter)
@@ -369,7 +376,8 @@ class Engine:
         final = xp.concat([run["source"], *run["edits"]], axis=0)
         z0 = prepared.trajectory[0]
         recon_error = float(xp.linalg.vector_norm(final[:1] - z0) / xp.linalg.vector_norm(z0))
-        images = np.concatenate([decode_latents(backend, final[i:i + 1]) for i in range(final.shape[0])], axis=0)
+        with stage("decode"):
+            images = np.concatenate([decode_latents(backend, final[i:i + 1]) for i in range(final.shape[0])], axis=0)
         images[1:] = paste_kept(images[0], images[1:], prepared.kept)
         size = images.shape[-1]
         masks = [None if m is None else backend.to_numpy(nearest_resize(xp, m[0], (size, size))) for m in run["masks"]]

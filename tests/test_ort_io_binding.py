@@ -76,3 +76,18 @@ def test_io_binding_is_refused_where_it_cannot_apply(tiny_model_dir, monkeypatch
     with pytest.raises(BackendError, match="CUDA build of torch"):
         _BoundArrays.make(OrtDevice.CUDA, 0, True)
     assert _BoundArrays.make(OrtDevice.CUDA, 0, None) is None  # the default falls back to numpy arrays
+
+
+def test_each_stage_is_an_nvtx_range(monkeypatch):
+    """The engine's stages open NVTX ranges (recorded here in place of torch.cuda.nvtx), in order."""
+    import contextlib
+
+    import prism_rt.nvtx
+
+    opened = []
+    monkeypatch.setattr(prism_rt.nvtx, "_range", lambda name: opened.append(name) or contextlib.nullcontext())
+    engine = _engine(False)
+    inversion = engine.invert(IMAGE, SOURCE, method="direct", sampler=engine.sampler(steps=2))
+    engine.edit(inversion, [TARGET], ControlConfig(self_replace=(0.5,), noise_blend=True), RunLimits(max_batch=63))
+    assert opened == ["prism_rt.encode", "prism_rt.ddim_inversion", "prism_rt.encode", "prism_rt.noise_blend",
+                      "prism_rt.edit_loop", "prism_rt.decode"]
