@@ -93,6 +93,9 @@ def model_args(p: argparse.ArgumentParser, model_required: bool = True):
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="torch on CUDA: replay the UNet call of each loop from a CUDA graph (default: on for CUDA; "
                         "one capture per batch shape)")
+    g.add_argument("--channels-last", action="store_true",
+                   help="torch: NHWC memory layout for the UNet and VAE convolutions (same outputs; on CUDA possibly "
+                        "faster: benchmarks/gpu_check.sh measures it)")
     g.add_argument("--io-binding", action=argparse.BooleanOptionalAction, default=None,
                    help="onnxruntime: keep the loops' arrays on the device as torch tensors bound by pointer (no host "
                         "copy per step; default: on for cuda/tensorrt where torch is installed)")
@@ -172,6 +175,7 @@ def load_engine(args):
                        self_max_queries=args.self_max_queries, unet_weights=args.unet_weights, config=args.config,
                        allow_pickle=args.allow_pickle, threads=args.threads,
                        **({"cuda_graphs": args.cuda_graphs} if getattr(args, "cuda_graphs", None) is not None else {}),
+                       **({"channels_last": True} if getattr(args, "channels_last", False) else {}),
                        **({"options": options} if is_engine_args(args) else {}))
 
 

@@ -124,7 +124,7 @@ class Engine:
                         precision: Precision | str = Precision.FP32, device: str = "cpu",
                         self_max_queries: int | None = None, threads: int | None = None,
                         blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL, cuda_graphs: bool | None = None,
-                        blend_downsample: int | None = None) -> "Engine":
+                        blend_downsample: int | None = None, channels_last: bool = False) -> "Engine":
         """A diffusers SD v1.x folder or single-file checkpoint on the PyTorch reference backend.
         ``unet_weights``: a fine-tuned UNet state dict (PRISM's ``model.safetensors``);
         ``config``: the SD folder giving configs and tokenizer for a single-file checkpoint;
@@ -134,7 +134,8 @@ class Engine:
         ``blend_maps``: LocalBlend reads the cross-attention maps after control (the published
         controller's) or before; ``cuda_graphs``: replay the UNet call from CUDA graphs (default:
         on for CUDA devices); ``blend_downsample``: LocalBlend's maps at 1/N of the latent side
-        (default a quarter, SD v1.5's 16×16; an engine folder has what it was exported with)."""
+        (default a quarter, SD v1.5's 16×16; an engine folder has what it was exported with);
+        ``channels_last``: NHWC convolutions (same outputs; on CUDA possibly faster)."""
         from .tokenizer import ClipTokenizer
 
         precision = Precision.parse(precision)
@@ -154,14 +155,15 @@ class Engine:
         impl = load_torch_backend(path, unet_weights=unet_weights, allow_pickle=allow_pickle, config=config,
                                   device=device, self_max_queries=self_max_queries or 32 * 32,
                                   precision=precision.value, blend_maps=BlendMaps(blend_maps), cuda_graphs=cuda_graphs,
-                                  blend_downsample=blend_downsample)
+                                  blend_downsample=blend_downsample, channels_last=channels_last)
         return cls(impl, ClipTokenizer.from_folder(impl.info.tokenizer_dir), str(path))
 
     @classmethod
     def load(cls, path, backend: str | BackendKind | None = None, *, device: str = "cpu", precision="fp32",
              self_max_queries: int | None = None, unet_weights=None, config=None, allow_pickle: bool = False,
              threads: int | None = None, options: OrtOptions | None = None, blend_maps: BlendMaps | str | None = None,
-             cuda_graphs: bool | None = None, blend_downsample: int | None = None, **ort_settings) -> "Engine":
+             cuda_graphs: bool | None = None, blend_downsample: int | None = None, channels_last: bool = False,
+             **ort_settings) -> "Engine":
         """:meth:`from_dir` for an engine folder, :meth:`from_checkpoint` otherwise; ``backend``
         (optional) must agree with what ``path`` is. ``ort_settings``: :class:`OrtOptions` fields."""
         kind = (BackendKind.ONNXRUNTIME if is_engine_dir(path) else BackendKind.TORCH) if backend is None else BackendKind(backend)
@@ -173,9 +175,9 @@ class Engine:
             if not is_engine_dir(path):
                 raise BackendError(f"{path} is not an engine folder (no {MANIFEST_NAME}); onnxruntime runs engine folders "
                                    f"from `prism-export export --model {path} --out ENGINE`, or run the checkpoint on torch")
-            if cuda_graphs:
-                raise BackendError("--cuda-graphs applies to the torch backend (a checkpoint as --model); onnxruntime "
-                                   "engine folders run without it")
+            if cuda_graphs or channels_last:
+                raise BackendError("--cuda-graphs and --channels-last apply to the torch backend (a checkpoint as --model);"
+                                   " onnxruntime engine folders run without them")
             options = replace(options or OrtOptions(), **({"threads": threads} if threads else {}), **ort_settings)
             engine = cls.from_dir(path, precision=precision, device=device, options=options,
                                   self_max_queries=self_max_queries, blend_maps=blend_maps)
@@ -192,7 +194,8 @@ class Engine:
             return cls.from_checkpoint(path, unet_weights=unet_weights, config=config, allow_pickle=allow_pickle,
                                        precision=precision, device=device, self_max_queries=self_max_queries,
                                        threads=threads, blend_maps=blend_maps or BlendMaps.AFTER_CONTROL,
-                                       cuda_graphs=cuda_graphs, blend_downsample=blend_downsample)
+                                       cuda_graphs=cuda_graphs, blend_downsample=blend_downsample,
+                                       channels_last=channels_last)
         raise BackendError(f"backend {kind.value!r} is not available in this version; engine folders run on onnxruntime "
                            "(--device tensorrt uses its TensorRT execution provider), checkpoints on torch")
 

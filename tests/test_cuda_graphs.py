@@ -6,12 +6,17 @@ The capture itself needs CUDA: that test is marked ``gpu`` (unverified in the se
 it, which had no GPU)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from prism_rt.errors import BackendError  # noqa: E402
 from prism_rt.torch_backend.cuda_graphs import GraphedCall, capture_key  # noqa: E402
+
+ENGINE_DIR = Path(__file__).resolve().parents[1] / "engines" / "phantom-demo"
 
 ROOT_SEED = 0
 
@@ -104,3 +109,32 @@ def test_cli_cuda_graphs_flag_reaches_the_backend(tiny_model_dir):
     assert load_engine(args).backend.cuda_graphs is True
     args = parser.parse_args(["--model", str(tiny_model_dir), "--no-cuda-graphs"])
     assert load_engine(args).backend.cuda_graphs is False
+
+
+def test_channels_last_changes_the_layout_not_the_outputs(backends, tiny_model_dir):
+    """NHWC convolutions (``--channels-last``): the UNet's weights and 4-D inputs in channels-last
+    layout, the same noise, maps and decoded pixels as NCHW to float rounding, with CUDA graphs too."""
+    import argparse
+
+    from prism_rt.cli_args import load_engine, model_args
+
+    eager, _ = backends
+    parser = argparse.ArgumentParser()
+    model_args(parser)
+    nhwc = load_engine(parser.parse_args(["--model", str(tiny_model_dir), "--channels-last", "--cuda-graphs"])).backend
+    assert nhwc.channels_last and nhwc.describe()["channels_last"] is True
+    conv = nhwc.graphs["unet"].unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    inputs = _unet_inputs(eager, 12)
+    want, got = eager.run("unet", **inputs), nhwc.run("unet", **inputs)
+    for name in ("noise", "blend_maps"):
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5)
+    latents = inputs["latents"][:1]
+    torch.testing.assert_close(nhwc.run("vae_decoder", latents=latents)["pixels"],
+                               eager.run("vae_decoder", latents=latents)["pixels"], rtol=1e-4, atol=1e-4)
+    nhwc.use_channels_last(False)
+    assert nhwc.graphs["unet"].unet.conv_in.weight.is_contiguous()
+    with pytest.raises(BackendError, match="--channels-last apply to the torch backend"):
+        from prism_rt.engine import Engine
+
+        Engine.load(ENGINE_DIR, channels_last=True)

@@ -33,7 +33,8 @@ def test_gpu_check_dry_run_writes_json_and_table(tmp_path):
                 assert math.isfinite(value) or key == "psnr_db_min", (row, key)
     steps = by_what["controlled UNet CFG step"]
     assert {(r["precision"], r["batch"], r["mode"]) for r in steps} == {
-        ("fp16", 2, "eager"), ("fp16", 2, "cuda-graph"), ("fp16", 12, "eager"), ("fp16", 12, "cuda-graph"),
+        ("fp16", 2, "eager"), ("fp16", 2, "cuda-graph"), ("fp16", 2, "channels-last"), ("fp16", 12, "eager"), ("fp16", 12, "cuda-graph"),
+        ("fp16", 12, "channels-last"),
         ("fp32", 2, "eager"), ("fp32", 12, "eager")}
     assert all(r["median_ms"] > 0 and r["captured"] is False for r in steps)  # no CUDA: static buffers, no capture
     stock = by_what["diffusers stock UNet CFG step"]

@@ -3,7 +3,7 @@
     python -m prism_bench.gpu_check OUT_DIR [--steps 50] [--repeats 10] [--dry]
 
 Measures, in one run: the controlled UNet's guided step at batch 2 and at the edit batch
-2·(1+S) (one edit × S = 5 self-window values), fp16 eager and fp16 replayed from CUDA graphs,
+2·(1+S) (one edit × S = 5 self-window values), fp16 eager, fp16 replayed from CUDA graphs, fp16 channels-last (NHWC),
 fp32 eager; diffusers' stock fp16 UNet at the same batches and modes (the ratio controlled /
 stock is the price of the control); one full counterfactual (direct inversion + the batched
 five-value sweep, 50 steps) in fp16 eager, fp16 with CUDA graphs and fp32, with peak device
@@ -137,13 +137,14 @@ def main(argv=None) -> int:
             model = save_tiny_model(Path(tmp) / "model", TinySpec() if args.dry else SD15)
             report["build_model_s"] = round(time.perf_counter() - t0, 1)
         engines = {p: Engine.load(model, backend="torch", device=device, precision=p) for p in ("fp16", "fp32")}
-        modes = {"fp16": ("eager", "cuda-graph"), "fp32": ("eager",)}
+        modes = {"fp16": ("eager", "cuda-graph", "channels-last"), "fp32": ("eager",)}
         noise, step_ms = {}, {}
         for precision, engine in engines.items():
             for batch in (2, EDIT_BATCH):
                 inputs = graph_inputs(engine.backend, engine.tokenizer, "unet", batch, rng=np.random.default_rng(batch))
                 for mode in modes[precision]:
                     engine.backend.cuda_graphs = mode == "cuda-graph"
+                    engine.backend.use_channels_last(mode == "channels-last")
                     timing = timed(lambda: engine.backend.run("unet", **inputs))
                     out = engine.backend.to_numpy(engine.backend.run("unet", **inputs)["noise"])
                     noise.setdefault((precision, batch), out)
@@ -151,6 +152,7 @@ def main(argv=None) -> int:
                     report["rows"].append({"what": "controlled UNet CFG step", "precision": precision, "batch": batch,
                                            "mode": mode, "captured": mode == "cuda-graph" and device == "cuda", **timing})
             engine.backend.cuda_graphs = False
+            engine.backend.use_channels_last(False)
             save()
         report["rows"] += _stock_rows(engines["fp32"], device, timed, step_ms)
         for batch in (2, EDIT_BATCH):

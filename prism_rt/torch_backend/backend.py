@@ -26,13 +26,15 @@ class TorchBackend:
 
     def __init__(self, components, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  self_max_queries: int = 32 * 32, blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL,
-                 cuda_graphs: bool | None = None, blend_downsample: int | None = None):
+                 cuda_graphs: bool | None = None, blend_downsample: int | None = None, channels_last: bool = False):
         """``dtype``: the graphs' precision. The loops (DDIM steps, CFG, blend, null-text's Adam)
         stay in float32: ``run`` casts a graph's float inputs to ``dtype`` and its outputs back.
         ``cuda_graphs``: replay the controlled UNet call from a CUDA graph per call shape
         (``cuda_graphs.GraphedCall``; default: on for CUDA devices). Saves the launch overhead
         of every kernel of every step; costs one capture (and its static buffers) per shape.
-        ``True`` on the CPU runs the same static buffers without capture (tests)."""
+        ``True`` on the CPU runs the same static buffers without capture (tests).
+        ``channels_last``: the UNet's and VAE's convolutions in NHWC memory layout (tensor-core
+        convolutions on CUDA take NHWC; whether it pays is measured by benchmarks/gpu_check.sh)."""
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendError(f"device {device!r} asked for, but torch sees no CUDA device; use --device cpu")
         self.device, self.dtype = torch.device(device), dtype
@@ -41,6 +43,8 @@ class TorchBackend:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self._graphed_unet = None
         self.graphs = {name: module.to(self.device, dtype) for name, module in build_graphs(components, self_max_queries, blend_maps, blend_downsample).items()}
+        self.channels_last = False
+        self.use_channels_last(channels_last)
         unet_cfg = components.unet.config
         te_cfg = components.text_encoder.config
         self.info = ModelInfo(
@@ -81,10 +85,20 @@ class TorchBackend:
     def _out(self, x):
         return x.float() if x.is_floating_point() else x
 
+    def use_channels_last(self, on: bool) -> None:
+        """Put the convolutional graphs' weights in NHWC (``on``) or NCHW memory layout; their 4-D
+        inputs follow at each call. Outputs are the same values either way."""
+        layout = torch.channels_last if on else torch.contiguous_format
+        for name in ("unet", "vae_encoder", "vae_decoder"):
+            self.graphs[name].to(memory_format=layout)
+        self.channels_last = bool(on)
+        self._graphed_unet = None  # captured buffers hold the old layout
     @torch.no_grad()
     def run(self, graph: str, **inputs):
         if self.dtype != torch.float32:
             inputs = {k: self._in(v) for k, v in inputs.items()}
+        if self.channels_last and graph != "text_encoder":
+            inputs = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in inputs.items()}
         with self._lock, nvtx_range(f"prism_rt.{graph}"):
             outputs = self._run(graph, **inputs)
         return {k: self._out(v) for k, v in outputs.items()} if self.dtype != torch.float32 else outputs
@@ -123,14 +137,14 @@ class TorchBackend:
             "backend": self.kind.value, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
             "precision": {torch.float32: "fp32", torch.float16: "fp16"}.get(self.dtype, str(self.dtype)),
             "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(), "cuda_graphs": self.cuda_graphs,
+            "threads": torch.get_num_threads(), "cuda_graphs": self.cuda_graphs, "channels_last": self.channels_last,
         }
 
 
 def load_torch_backend(model, *, unet_weights=None, allow_pickle=False, config=None, device="cpu",
                        self_max_queries: int = 32 * 32, precision: Precision | str = Precision.FP32,
                        blend_maps: BlendMaps | str = BlendMaps.AFTER_CONTROL, cuda_graphs: bool | None = None,
-                       blend_downsample: int | None = None) -> TorchBackend:
+                       blend_downsample: int | None = None, channels_last: bool = False) -> TorchBackend:
     from .checkpoint import load_checkpoint
 
     precision = Precision.parse(precision)
@@ -143,4 +157,4 @@ def load_torch_backend(model, *, unet_weights=None, allow_pickle=False, config=N
                                  device="cpu", dtype=torch.float32)
     dtype = torch.float16 if precision.half else torch.float32
     return TorchBackend(components, device=device, dtype=dtype, self_max_queries=self_max_queries, blend_maps=blend_maps,
-                        cuda_graphs=cuda_graphs, blend_downsample=blend_downsample)
+                        cuda_graphs=cuda_graphs, blend_downsample=blend_downsample, channels_last=channels_last)
