@@ -218,6 +218,17 @@ class Engine:
                              "from a checkpoint whose scheduler config is SD v1.x's") from None
         return SamplerConfig(steps=steps, guidance=guidance, **model)
 
+    def call_limits(self, limits: RunLimits) -> dict[str, int]:
+        """The most a UNet call may hold: ``batch`` (items), and where the backend bounds them
+        (TensorRT's optimisation profiles) ``groups`` and ``edits``. ``limits.max_batch`` within
+        what the backend takes, so a run splits into calls the engine can run instead of failing."""
+        unet = (getattr(self.backend, "limits", None) or {}).get("unet", {})  # onnxruntime: per graph and dim
+        calls = {"batch": min(int(limits.max_batch), int(unet.get("batch", limits.max_batch)))}
+        for dim in ("groups", "edits"):
+            if unet.get(dim) is not None:
+                calls[dim] = int(unet[dim])
+        return calls
+
     def check_inversion_method(self, method: InversionMethod | str | None) -> InversionMethod:
         """The inversion method to run (None: :attr:`default_inversion`), refused early where the
         backend cannot run it."""
@@ -324,7 +335,9 @@ class Engine:
         for p, m in zip(prepared, masks) if any(masks) else ():  # a batch blends all its images or none
             region = m.region(fit_of(p.inversion), latent) if m else np.ones((1, 1, latent, latent), np.float32)
             p.region, p.kept = self.backend.asarray(region), m and m.kept_pixels(fit_of(p.inversion))
-        chunks = plan_chunks(first.method, len(inversions), len(plans[0].items), limits.max_batch)
+        calls = self.call_limits(limits)
+        chunks = plan_chunks(first.method, len(inversions), len(plans[0].items), calls["batch"], calls.get("groups"),
+                             calls.get("edits"))
         runs = [{"source": None, "edits": [], "masks": [], "chunks": 0, "groups": 0, "items": 0} for _ in inversions]
         bar = Progress(progress, len(chunks) * first.sampler.steps,
                        "edit" if len(inversions) == 1 else f"edit {len(inversions)} images")
@@ -368,7 +381,7 @@ class Engine:
                 stacked = noise_difference_maps(
                     backend, schedule, trajectory[0], embeddings[0:1], embeddings[1:2], embeddings[2:],
                     inversion.sampler.guidance, counter, samples=control.noise_blend_samples,
-                    strength=control.noise_blend_strength, max_batch=limits.max_batch)
+                    strength=control.noise_blend_strength, max_batch=self.call_limits(limits)["batch"])
             noise_maps = {t: stacked[i:i + 1] for i, t in enumerate(targets)}
             timings["noise_blend_s"] = time.perf_counter() - start
         return _Prepared(inversion, plan, embeddings, list(targets), trajectory, nulls, noise_maps, timings, counter)

@@ -93,7 +93,8 @@ def noise_difference_maps(backend, schedule: DDIMSchedule, z0, source_embedding,
     per_draw = 2 + targets  # uncond, source, targets
     if per_draw > max_batch:
         raise SettingsError(f"the noise blend needs {per_draw} UNet items per noise draw (2 + {targets} target captions) "
-                            f"but --max-batch is {max_batch}; raise --max-batch to at least {per_draw} or edit fewer captions at once")
+                            f"but a UNet call takes at most {max_batch} (--max-batch, and on TensorRT the profile's batch); raise it to "
+                            f"at least {per_draw} (--max-batch, --trt-max-edits) or edit fewer captions at once")
     t = min(int(round(strength * schedule.config.num_train_timesteps)), schedule.config.num_train_timesteps - 1)
     alpha = float(schedule.alphas_cumprod[t])
     rng = np.random.default_rng(seed)

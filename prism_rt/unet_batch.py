@@ -126,17 +126,19 @@ def edits_per_chunk(method: InversionMethod | str, max_batch: int) -> int:
     return per
 
 
-def plan_chunks(method: InversionMethod | str, images: int, edits: int, max_batch: int
-                ) -> list[tuple[list[int], list[int]]]:
+def plan_chunks(method: InversionMethod | str, images: int, edits: int, max_batch: int,
+                max_groups: int | None = None, max_edits: int | None = None) -> list[tuple[list[int], list[int]]]:
     """How ``images`` images of ``edits`` items each are split into UNet calls of at most
-    ``max_batch`` items: a list of (image indices, edit item indices) chunks. Whole images are
-    grouped as many to a call as fit; an image whose own items do not fit in one call is run
-    alone, its items split into chunks (each chunk repeats the source item)."""
+    ``max_batch`` items (and at most ``max_groups`` images and ``max_edits`` edit items per image,
+    where the backend has such limits: TensorRT's profiles): a list of (image indices, edit item
+    indices) chunks. Whole images are grouped as many to a call as fit; an image whose own items
+    do not fit in one call is run alone, its items split into chunks (each chunk repeats the
+    source item)."""
     one = UNetBatch.for_method(method, 1, edits)
-    per_call = max_batch // one.size
-    if per_call >= 1:
+    per_call = min(max_batch // one.size, max_groups or images)
+    if per_call >= 1 and (max_edits is None or edits <= max_edits):
         return [(list(range(i, min(i + per_call, images))), list(range(edits))) for i in range(0, images, per_call)]
-    per = edits_per_chunk(method, max_batch)
+    per = min(edits_per_chunk(method, max_batch), max_edits or edits)
     return [([image], list(range(k, min(k + per, edits)))) for image in range(images) for k in range(0, edits, per)]
 
 

@@ -93,3 +93,47 @@ def test_padding_an_empty_edit_call_round_trips():
     out = unpad_outputs(feeds, padded["latents"], maps)
     np.testing.assert_array_equal(out["noise"], feeds["latents"])
     assert out["blend_maps"].shape == (2, 1, 4, 1, 1)
+
+
+def test_plan_chunks_respect_the_backends_group_and_edit_limits():
+    """TensorRT's profiles bound the images (G) and edit items (K) of a call, not only N."""
+    assert plan_chunks("direct", 5, 5, 32, max_groups=1) == [([i], list(range(5))) for i in range(5)]
+    assert plan_chunks("direct", 2, 10, 63, max_groups=1, max_edits=5) == [
+        ([0], list(range(5))), ([0], list(range(5, 10))), ([1], list(range(5))), ([1], list(range(5, 10)))]
+    assert plan_chunks("direct", 3, 5, 63, max_groups=2, max_edits=5) == [([0, 1], list(range(5))), ([2], list(range(5)))]
+
+
+def test_engine_splits_its_calls_to_fit_the_backends_profile(monkeypatch):
+    """An engine whose backend takes at most G = 1, K = 5, N = 12 (the default TensorRT
+    deployment) runs two images × two targets × five values in calls that fit, with the results
+    of one unbounded batch."""
+    from pathlib import Path
+
+    from prism_rt.config import ControlConfig, OrtOptions, RunLimits
+    from prism_rt.engine import Engine
+
+    engine_dir = Path(__file__).resolve().parents[1] / "engines" / "phantom-demo"
+    engine = Engine.load(engine_dir, options=OrtOptions(threads=1))
+    source = "Chest X-ray showing No Finding, Support Devices"
+    targets = ["Chest X-ray showing No Finding", "Chest X-ray showing Pleural Effusion, Support Devices"]
+    inversions = [engine.invert(engine_dir / "images" / name, source, method="direct", sampler=engine.sampler(steps=3))
+                  for name in ("phantom-1000003.png", "phantom-1000005.png")]
+    control = ControlConfig(noise_blend=True)
+    free = engine.edit_many(inversions, [targets] * 2, control, RunLimits(max_batch=63))
+    calls = []
+    run = engine.backend.run
+
+    def bounded(graph, **inputs):
+        if graph == "unet":
+            calls.append((int(inputs["latents"].shape[0]), *map(int, inputs["cross_alpha"].shape[:2])))
+        return run(graph, **inputs)
+
+    monkeypatch.setattr(engine.backend, "limits", dict(engine.backend.limits, unet={"batch": 12, "groups": 1, "edits": 5}))
+    monkeypatch.setattr(engine.backend, "run", bounded)
+    assert engine.call_limits(RunLimits(max_batch=32)) == {"batch": 12, "groups": 1, "edits": 5}
+    bounded_results = engine.edit_many(inversions, [targets] * 2, control, RunLimits(max_batch=32))
+    assert calls and all(n <= 12 and g <= 1 and k <= 5 for n, g, k in calls), set(calls)
+    for a, b in zip(free, bounded_results):
+        assert [i.name for i in a.items] == [i.name for i in b.items]
+        for x, y in zip(a.edits, b.edits):
+            np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
