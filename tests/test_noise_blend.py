@@ -26,7 +26,7 @@ def engine(tiny_model_dir):
 def inversion(engine, dicom_path):
     from prism_rt.imageio import load_image
 
-    return engine.invert(load_image(dicom_path), SOURCE, method="direct", sampler=engine.sampler(steps=8))
+    return engine.invert(load_image(dicom_path), SOURCE, method="direct", sampler=engine.sampler(steps=4))
 
 
 def _reference_masks(tiny_model_dir, z0, embeddings, guidance, samples, strength, threshold):
