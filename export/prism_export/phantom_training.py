@@ -49,6 +49,11 @@ class TrainConfig:
     cls_lr: float = 2e-3
     n_examples: int = 4
     log_every: int = 50
+    # word grounding (prism_export.attention_grounding): weight of the loss on the attribute words'
+    # cross-attention outside their regions; 0 = plain denoising (the model before grounding)
+    attention_loss: float = 0.0
+    # a trained phantom model whose VAE (and classifier) to reuse instead of training them again
+    vae_from: str | None = None
 
 
 def log_line(msg: str) -> None:
@@ -64,21 +69,25 @@ def lr_at(step: int, total: int, base: float, warmup: int = 50, floor: float = 0
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-def render_set(seeds, size: int, prevalence: float, with_masks: bool = False):
+def render_set(seeds, size: int, prevalence: float, with_masks: bool = False, all_masks: bool = False):
     """(images float32 N×size×size in [0,1], label matrix N×3 in :data:`LABEL_NAMES` order,
-    captions, optional device masks)."""
+    captions, optional masks: the device masks, or with ``all_masks`` every attribute's
+    [N, len(ATTRIBUTES), size, size] bool, in ``phantom.ATTRIBUTES`` order)."""
     import numpy as np
 
-    from .phantom import render, render_image, sample_attributes, sample_patient
+    from .phantom import ATTRIBUTES, render, render_image, sample_attributes, sample_patient
 
     images, labels, captions, masks = [], [], [], []
     for s in seeds:
         p = sample_patient(int(s))
         at = sample_attributes(int(s), prevalence)
-        if with_masks:
+        if with_masks or all_masks:
             ph = render(p, at, size)
             img, lab, cap = ph.image, ph.labels, ph.caption
-            masks.append(ph.masks["devices"] if at.devices else np.zeros_like(ph.masks["devices"]))
+            if all_masks:
+                masks.append(np.stack([ph.masks[name] for name in ATTRIBUTES]))
+            else:
+                masks.append(ph.masks["devices"] if at.devices else np.zeros_like(ph.masks["devices"]))
         else:
             img = render_image(p, at, size)
             lab = at.labels()
@@ -87,4 +96,4 @@ def render_set(seeds, size: int, prevalence: float, with_masks: bool = False):
         labels.append([lab[n] for n in LABEL_NAMES])
         captions.append(cap)
     return (np.stack(images), np.asarray(labels, dtype=np.float32), captions,
-            np.stack(masks) if with_masks else None)
+            np.stack(masks) if (with_masks or all_masks) else None)

@@ -125,7 +125,11 @@ def encode_latents(vae, images, batch: int = 32):
     return torch.cat(out)
 
 
-def train_unet(cfg: TrainConfig, unet, text_encoder, tokenizer, latents, captions, held_latents, held_captions, log=log_line):
+def train_unet(cfg: TrainConfig, unet, text_encoder, tokenizer, latents, captions, held_latents, held_captions, log=log_line,
+               region_masks=None, held_region_masks=None):
+    """``region_masks`` [N, A, h, w] (each attribute's region at the latent size, ``A`` =
+    ``phantom.ATTRIBUTES``): with ``cfg.attention_loss`` > 0 the attribute words' attention is
+    trained into them (:mod:`.attention_grounding`)."""
     import copy
 
     import numpy as np
@@ -151,6 +155,14 @@ def train_unet(cfg: TrainConfig, unet, text_encoder, tokenizer, latents, caption
     live_params = params_u + params_t
     for p in ema_params:
         p.requires_grad_(False)
+    grounding = cfg.attention_loss > 0 and region_masks is not None
+    if grounding:
+        from . import attention_grounding as ag
+        from .phantom import ATTRIBUTES
+
+        recorder = ag.install(unet)
+        vocab_tokens = ag.word_token_weights(tokenizer, vocab, tuple(ATTRIBUTES))
+        ground_losses = []
     unet.train()
     text_encoder.train()
 
@@ -172,8 +184,15 @@ def train_unet(cfg: TrainConfig, unet, text_encoder, tokenizer, latents, caption
         emb = text_encoder(ids[used])[0][inverse]
         t = torch.randint(0, 1000, (cfg.unet_batch,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
+        if grounding:
+            recorder.on, recorder.maps = True, []
         pred = unet(noised(z0, t, noise), t, encoder_hidden_states=emb).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
+        if grounding:
+            recorder.on = False
+            ground = ag.grounding_loss(recorder.maps, vocab_tokens[cidx], region_masks[idx])
+            ground_losses.append(ground.item())
+            loss = loss + cfg.attention_loss * ground
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(live_params, 1.0)
@@ -184,7 +203,8 @@ def train_unet(cfg: TrainConfig, unet, text_encoder, tokenizer, latents, caption
         losses.append(loss.item())
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.unet_steps:
             dt = (time.perf_counter() - t0) / (step + 1)
-            log(f"unet step {step + 1}/{cfg.unet_steps} loss {np.mean(losses[-cfg.log_every:]):.4f} lr {lr:.2e} "
+            extra = f" grounding {np.mean(ground_losses[-cfg.log_every:]):.3f}" if grounding else ""
+            log(f"unet step {step + 1}/{cfg.unet_steps} loss {np.mean(losses[-cfg.log_every:]):.4f}{extra} lr {lr:.2e} "
                 f"{dt:.3f} s/step, eta {(cfg.unet_steps - step - 1) * dt / 60:.1f} min")
     # held-out denoising loss of the EMA model at fixed timesteps and noise
     gv = torch.Generator().manual_seed(12345)
@@ -197,6 +217,25 @@ def train_unet(cfg: TrainConfig, unet, text_encoder, tokenizer, latents, caption
             noise = torch.randn(held_latents[:n].shape, generator=gv)
             pred = ema_u(noised(held_latents[:n], t, noise), t, encoder_hidden_states=emb_all[held_index[:n]]).sample
             val[str(tv)] = float(torch.nn.functional.mse_loss(pred, noise))
+    if held_region_masks is not None:  # how much of each word's attention falls in its region (EMA model)
+        from . import attention_grounding as ag
+        from .phantom import ATTRIBUTES
+
+        rec = ag.install(ema_u)
+        held_tokens = ag.word_token_weights(tokenizer, vocab, tuple(ATTRIBUTES))[held_index[:n]]
+        shares = {}
+        with torch.no_grad():
+            for tv in (250, 500, 750):
+                t = torch.full((n,), tv)
+                noise = torch.randn(held_latents[:n].shape, generator=gv)
+                rec.on, rec.maps = True, []
+                ema_u(noised(held_latents[:n], t, noise), t, encoder_hidden_states=emb_all[held_index[:n]])
+                rec.on = False
+                shares[str(tv)] = round(1.0 - float(ag.grounding_loss(rec.maps, held_tokens, held_region_masks[:n])), 4)
+        ag.uninstall(ema_u)
+        val["word_attention_in_region"] = shares
+    if grounding:
+        ag.uninstall(unet)
     unet.eval()
     text_encoder.eval()
     return ema_u, ema_t, losses, val
@@ -248,15 +287,25 @@ def run(cfg: TrainConfig, log=log_line) -> Path:
 
     t = time.perf_counter()
     log(f"rendering {cfg.n_train} training + {cfg.n_heldout} held-out phantoms at {cfg.size} px")
-    images, labels, captions, _ = render_set(range(cfg.n_train), cfg.size, cfg.prevalence)
+    images, labels, captions, train_regions = render_set(range(cfg.n_train), cfg.size, cfg.prevalence,
+                                                         all_masks=cfg.attention_loss > 0)
     held, held_labels, held_captions, held_masks = render_set(range(HELDOUT_SEED0, HELDOUT_SEED0 + cfg.n_heldout),
                                                               cfg.size, cfg.prevalence, with_masks=True)
+    held_regions = render_set(range(HELDOUT_SEED0, HELDOUT_SEED0 + min(cfg.n_heldout, 64)), cfg.size, cfg.prevalence,
+                              all_masks=True)[3]
     record["prevalence"] = {n: float(labels[:, k].mean()) for k, n in enumerate(LABEL_NAMES)}
     record["captions"] = {c: captions.count(c) for c in sorted(set(captions))}
     log(f"prevalence {record['prevalence']}")
     t = stage("render", t)
 
-    if cfg.cls_steps > 0:
+    if cfg.vae_from:
+        import shutil
+
+        shutil.copy2(Path(cfg.vae_from) / "classifier.onnx", out / "classifier.onnx")
+        previous = json.loads((Path(cfg.vae_from) / "training.json").read_text())
+        record["classifier"] = dict(previous.get("classifier", {}), copied_from=str(cfg.vae_from))
+        log(f"classifier copied from {cfg.vae_from}")
+    elif cfg.cls_steps > 0:
         model, acc, cls_losses = train_classifier(cfg, images, labels, held, held_labels, log)
         export_classifier(model, out / "classifier.onnx", cfg.size)
         record["classifier"] = {"heldout_accuracy": acc, "mean_accuracy": float(np.mean(list(acc.values()))),
@@ -275,9 +324,17 @@ def run(cfg: TrainConfig, log=log_line) -> Path:
                               for k, m in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))}
     log(f"parameters (M): {record['parameters_M']}")
 
-    vae_losses, psnr, dev_err = train_vae(cfg, vae, images, held, held_masks, log)
-    record["vae"] = {"heldout_psnr_db": round(psnr, 2), "heldout_device_mae": dev_err,
-                     "final_l1": float(np.mean(vae_losses[-25:])), "l1_curve": vae_losses[:: max(1, len(vae_losses) // 100)]}
+    if cfg.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(Path(cfg.vae_from) / "vae").eval()
+        psnr, dev_err = _psnr(vae, held, held_masks)
+        record["vae"] = {"heldout_psnr_db": round(psnr, 2), "heldout_device_mae": dev_err, "copied_from": str(cfg.vae_from)}
+    else:
+        vae_losses, psnr, dev_err = train_vae(cfg, vae, images, held, held_masks, log)
+        record["vae"] = {"heldout_psnr_db": round(psnr, 2), "heldout_device_mae": dev_err,
+                         "final_l1": float(np.mean(vae_losses[-25:])),
+                         "l1_curve": vae_losses[:: max(1, len(vae_losses) // 100)]}
     log(f"vae held-out PSNR {psnr:.2f} dB, device-region MAE {dev_err}")
     means = encode_latents(vae, images)
     scale = float(round(1.0 / means[: min(len(means), 1024)].std().item(), 5))
@@ -292,8 +349,15 @@ def run(cfg: TrainConfig, log=log_line) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         # from_pretrained: the plain constructor silently builds an empty vocabulary in transformers 5
         tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(Path(tmp)))
+        latent_side = int(latents.shape[-1])
+
+        def regions(masks):  # each attribute's region at the latent size (the fraction of each cell)
+            return None if masks is None else torch.nn.functional.adaptive_avg_pool2d(
+                torch.from_numpy(masks).float(), latent_side)
+
         ema_u, ema_t, unet_losses, val = train_unet(cfg, unet, text_encoder, tokenizer, latents, captions,
-                                                    held_latents, held_captions, log)
+                                                    held_latents, held_captions, log, regions(train_regions),
+                                                    regions(held_regions))
         record["unet"] = {"final_loss": float(np.mean(unet_losses[-50:])), "heldout_loss_by_t": val,
                           "loss_curve": unet_losses[:: max(1, len(unet_losses) // 200)], "ema": cfg.ema}
         log(f"unet held-out eps-MSE by t: {val}")
@@ -334,6 +398,11 @@ def add_train_phantom_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--text-width", type=int, default=d.text_width)
     p.add_argument("--n-examples", type=int, default=d.n_examples, help="held-out phantoms written to examples/")
     p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--attention-loss", type=float, default=d.attention_loss,
+                   help="weight of the word-grounding loss: each attribute word's cross-attention trained into its "
+                        "region, so that LocalBlend's word maps localise (default %(default)s: none)")
+    p.add_argument("--vae-from", type=Path, help="a trained phantom model whose VAE and classifier are reused (no VAE "
+                                                 "or classifier training)")
     return p
 
 
@@ -346,6 +415,7 @@ def run_train_phantom(args) -> int:
                       vae_steps=args.vae_steps, unet_steps=args.unet_steps, cls_steps=args.cls_steps,
                       vae_batch=args.vae_batch, unet_batch=args.unet_batch, unet_channels=args.unet_channels,
                       vae_channels=args.vae_channels, text_width=args.text_width, n_examples=args.n_examples,
-                      log_every=args.log_every)
+                      log_every=args.log_every, attention_loss=args.attention_loss,
+                      vae_from=str(args.vae_from) if args.vae_from else None)
     run(cfg)
     return 0
