@@ -78,7 +78,8 @@ def _control(config: str, case: EditCase, sweep, noise_threshold=NOISE_BLEND_THR
     blend = None
     if config.endswith("+blend"):
         word = WORD[case.edit.split("-")[0]]
-        blend = (word, "showing") if case.direction == "remove" else ("showing", word)
+        # the attribute's word in the prompt that names it; the other prompt adds nothing to the mask
+        blend = (word, "") if case.direction == "remove" else ("", word)
     return ControlConfig(self_replace=tuple(sweep), blend_words=blend)
 
 

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     bundle.add_argument("--out", type=Path, default=Path("engines/phantom-demo"))
     bundle.add_argument("--precision", default="fp32,int8-cpu", help="variants to bundle (default fp32,int8-cpu)")
     bundle.add_argument("--calibration-steps", type=int, default=50)
+    bundle.add_argument("--blend-downsample", type=int, choices=(1, 2, 4, 8), default=None,
+                        help="LocalBlend's maps at 1/N of the latent side (default 4: a quarter, as SD v1.5)")
     args = parser.parse_args(argv)
     if args.command == "export":
         return run_export(args)
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             out = bundle_demo(args.model, args.out, tuple(p for p in args.precision.split(",") if p),
-                              calibration_steps=args.calibration_steps, progress=lambda line: print(line, flush=True))
+                              calibration_steps=args.calibration_steps, progress=lambda line: print(line, flush=True),
+                              blend_downsample=args.blend_downsample)
         except PrismError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return exc.exit_code

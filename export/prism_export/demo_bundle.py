@@ -23,6 +23,13 @@ from .variant_config import VariantSettings
 DEMO_IMAGES = 3
 
 
+def _demo_edit_args(training: dict | None) -> list[str]:
+    """How the demo edits: the noise-prediction mask and a difference composite. Measured on
+    held-out phantoms (benchmarks/RESULTS.md), attention LocalBlend on "Devices" removes the device
+    less often on this model, even trained with word grounding, whose word maps are coarse (4×4)."""
+    return ["--noise-blend", "--composite", ",".join(f"{t:g}" for t in COMPOSITE_THRESHOLDS)]
+
+
 def _demo_seeds(count: int) -> list[int]:
     """Held-out patients that carry support devices (the demo removes them)."""
     from . import phantom
@@ -66,7 +73,7 @@ def _compact_tokenizer_view(model: Path, folder: Path) -> Path:
 
 
 def bundle_demo(model: Path, out: Path, precisions=("int8-cpu",), calibration_count: int = 4,
-                calibration_steps: int = 50, progress=print) -> Path:
+                calibration_steps: int = 50, progress=print, blend_downsample: int | None = None) -> Path:
     model, out = Path(model), Path(out)
     classifier = model / "classifier.onnx"
     if not classifier.is_file():
@@ -79,7 +86,7 @@ def bundle_demo(model: Path, out: Path, precisions=("int8-cpu",), calibration_co
     try:
         with staged_dir(out, marker=MANIFEST_NAME) as staging:
             _bundle(model, staging, classifier, calibration, view_folder, precisions, calibration_count,
-                    calibration_steps, progress)
+                    calibration_steps, progress, blend_downsample)
     finally:
         shutil.rmtree(calibration, ignore_errors=True)
         shutil.rmtree(view_folder, ignore_errors=True)
@@ -87,7 +94,7 @@ def bundle_demo(model: Path, out: Path, precisions=("int8-cpu",), calibration_co
 
 
 def _bundle(model: Path, staging: Path, classifier: Path, calibration: Path, view_folder: Path, precisions,
-            calibration_count: int, calibration_steps: int, progress) -> None:
+            calibration_count: int, calibration_steps: int, progress, blend_downsample: int | None = None) -> None:
     """The demo engine's contents, into ``staging``."""
     from . import phantom
 
@@ -97,19 +104,18 @@ def _bundle(model: Path, staging: Path, classifier: Path, calibration: Path, vie
                                calibration_steps=calibration_steps, calibration_samples=64)
     view = _compact_tokenizer_view(model, view_folder)
     export_engine(view, staging, progress=progress, precisions=tuple(p for p in map(Precision.parse, precisions) if not p.is_reference),
-                  variant_settings=settings)
+                  variant_settings=settings, blend_downsample=blend_downsample)
     shutil.copy2(classifier, staging / "classifier.onnx")
     seeds = _demo_seeds(DEMO_IMAGES)
     phantom.write_phantom_set(staging / "images", seeds, size)
     first = json.loads((staging / "images" / "phantoms.json").read_text())["phantoms"][0]
+    training = json.loads((model / "training.json").read_text()) if (model / "training.json").is_file() else None
     (staging / "demo.json").write_text(json.dumps({
         "image": f"images/{first['file']}", "prompt": first["caption"], "targets": [first["cf_devices_caption"]],
         "classifier": "classifier.onnx", "truth": f"images/{first['cf_devices']}",
         "mask": f"images/{first['mask_devices']}",
         "about": "held-out phantom patient (never trained on); the edit removes the support devices; "
                  "images/ holds its mask and true counterfactual",
-        # this small model's cross-attention does not localise words (LocalBlend's attention mask
-        # covers the whole image), so the demo blends with the noise-prediction mask
-        "edit_args": ["--noise-blend", "--composite", ",".join(f"{t:g}" for t in COMPOSITE_THRESHOLDS)],
-        "training": json.loads((model / "training.json").read_text()) if (model / "training.json").is_file() else None,
+        "edit_args": _demo_edit_args(training),
+        "training": training,
     }, indent=1) + "\n")
