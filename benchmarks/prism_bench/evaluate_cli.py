@@ -238,6 +238,8 @@ def add_evaluate_parser(sub):
                    help="the checkpoint --model was exported from (diffusers layout), run on torch for the inversions "
                         "that need gradients (null-text); --model then edits them (e.g. on onnxruntime, far faster)")
     p.add_argument("--threads", type=int, help="onnxruntime / torch threads (default: all cores)")
+    p.add_argument("--blend-downsample", type=int, choices=(1, 2, 4, 8),
+                   help="a checkpoint on torch: LocalBlend's maps at 1/N of the latent side (default 4)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=run_evaluate)
     return p
@@ -272,7 +274,8 @@ def run_evaluate(args) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise SettingsError(f"--out {args.out} is a file; give a folder")
     classifier = Classifier.load(args.classifier)
-    engine = Engine.load(args.model, backend=args.backend, precision=args.precision, threads=args.threads)
+    engine = Engine.load(args.model, backend=args.backend, precision=args.precision, threads=args.threads,
+                         blend_downsample=args.blend_downsample)
     inverter = None
     if args.invert_model is not None:  # its weights are checked by evaluate()
         inverter = Engine.from_checkpoint(args.invert_model, threads=args.threads)
