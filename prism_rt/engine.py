@@ -12,7 +12,6 @@ any model work, with a typed error; callers (CLI, batch jobs, services) only par
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,9 +30,10 @@ from .loop import (Counter, EditInputs, ddim_inversion, decode_latents, edit_loo
 from .manifest import MANIFEST_NAME
 from .nvtx import stage
 from .precision import Precision
+from .progress import Progress
 from .result import EditResult
 from .schedule import DDIMSchedule
-from .unet_batch import plan_chunks
+from .unet_batch import call_limits, plan_chunks
 from .user_masks import fit_of, masks_for, paste_kept
 
 __all__ = ["EditResult", "Engine", "is_engine_dir"]
@@ -219,15 +219,8 @@ class Engine:
         return SamplerConfig(steps=steps, guidance=guidance, **model)
 
     def call_limits(self, limits: RunLimits) -> dict[str, int]:
-        """The most a UNet call may hold: ``batch`` (items), and where the backend bounds them
-        (TensorRT's optimisation profiles) ``groups`` and ``edits``. ``limits.max_batch`` within
-        what the backend takes, so a run splits into calls the engine can run instead of failing."""
-        unet = (getattr(self.backend, "limits", None) or {}).get("unet", {})  # onnxruntime: per graph and dim
-        calls = {"batch": min(int(limits.max_batch), int(unet.get("batch", limits.max_batch)))}
-        for dim in ("groups", "edits"):
-            if unet.get(dim) is not None:
-                calls[dim] = int(unet[dim])
-        return calls
+        """:func:`prism_rt.unet_batch.call_limits` of this engine's backend."""
+        return call_limits(self.backend, limits.max_batch)
 
     def check_inversion_method(self, method: InversionMethod | str | None) -> InversionMethod:
         """The inversion method to run (None: :attr:`default_inversion`), refused early where the
@@ -446,31 +439,3 @@ def _source_meta(source) -> dict:
     if source is None:
         return {"kind": "array"}
     return {"path": source.path, "kind": source.kind, "sha256": source.sha256, "bit_depth": source.bit_depth, **source.meta}
-
-
-class Progress:
-    """Progress over steps when asked: a tqdm bar on a terminal; elsewhere (a log file, a service)
-    one line on stderr at every tenth of the work, so a long run is never silent."""
-
-    def __init__(self, enabled: bool, total: int, desc: str, stream=None):
-        self.bar, self.total, self.desc, self.done = None, max(int(total), 1), desc, 0
-        self.stream = stream or sys.stderr
-        self.enabled, self.start, self.next_report = bool(enabled), time.perf_counter(), 0.1
-        if self.enabled and getattr(self.stream, "isatty", lambda: False)():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="step", leave=False, file=self.stream)
-
-    def update_one(self):
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(1)
-        elif self.enabled and self.done / self.total >= self.next_report - 1e-9:
-            elapsed = time.perf_counter() - self.start
-            print(f"{self.desc}: {self.done}/{self.total} steps, {elapsed:.0f} s", file=self.stream, flush=True)
-            while self.next_report <= self.done / self.total + 1e-9:
-                self.next_report += 0.1
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()

@@ -126,6 +126,18 @@ def edits_per_chunk(method: InversionMethod | str, max_batch: int) -> int:
     return per
 
 
+def call_limits(backend, max_batch: int) -> dict[str, int]:
+    """The most a UNet call may hold: ``batch`` (items), and where the backend bounds them
+    (TensorRT's optimisation profiles) ``groups`` and ``edits``. ``max_batch`` within what the
+    backend takes, so a run splits into calls the engine can run instead of failing."""
+    unet = (getattr(backend, "limits", None) or {}).get("unet", {})  # onnxruntime: per graph and dim
+    calls = {"batch": min(int(max_batch), int(unet.get("batch", max_batch)))}
+    for dim in ("groups", "edits"):
+        if unet.get(dim) is not None:
+            calls[dim] = int(unet[dim])
+    return calls
+
+
 def plan_chunks(method: InversionMethod | str, images: int, edits: int, max_batch: int,
                 max_groups: int | None = None, max_edits: int | None = None) -> list[tuple[list[int], list[int]]]:
     """How ``images`` images of ``edits`` items each are split into UNet calls of at most

@@ -94,7 +94,7 @@ def test_info_prints_a_summary_not_the_manifest(capsys):
 def test_progress_goes_to_a_log_as_lines():
     import io
 
-    from prism_rt.engine import Progress
+    from prism_rt.progress import Progress
 
     log = io.StringIO()
     bar = Progress(True, 50, "edit", stream=log)

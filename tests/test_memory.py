@@ -104,10 +104,17 @@ def test_info_memory_of_a_variant_reads_the_variant_graphs(recorded, capsys):
     assert got["graphs"]["unet"]["precision"] == "int8-cpu" and got["graphs"]["unet"]["weight_bytes"] == variant["bytes"]
 
 
-def test_an_engine_without_the_record_names_the_command_that_adds_it(capsys):
+def test_an_engine_without_the_record_names_the_command_that_adds_it(tmp_path, capsys):
+    """An engine exported before export recorded activations (the record removed from a copy)."""
     from prism_rt.cli import main
 
-    assert main(["info", str(DEMO), "--memory"]) != 0
+    engine = tmp_path / "demo"
+    shutil.copytree(DEMO, engine, ignore=shutil.ignore_patterns("images", "trt-cache"))
+    manifest = json.loads((engine / "manifest.json").read_text())
+    for graph in manifest["graphs"].values():
+        graph.pop("memory", None)
+    (engine / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["info", str(engine), "--memory"]) != 0
     err = capsys.readouterr().err
     assert err.startswith("error:") and "prism-export memory --engine" in err
     assert main(["info", "--model", "some/checkpoint.safetensors", "--memory"]) != 0  # no manifest to read
