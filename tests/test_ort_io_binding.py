@@ -65,13 +65,14 @@ def test_bound_inputs_are_checked_like_numpy_ones():
         engine.backend.run("vae_decoder", latents=torch.zeros(1, 4, 16))
 
 
-def test_io_binding_is_refused_where_it_cannot_apply(tiny_model_dir, monkeypatch, capsys):
+def test_io_binding_is_refused_where_it_cannot_apply(tiny_model_dir, monkeypatch, capsys, tmp_path):
     from prism_rt import cli
     from prism_rt.ort_backend import OrtDevice, _BoundArrays
 
     code = cli.main(["edit", "--model", str(tiny_model_dir), "--image", str(IMAGE), "--prompt", SOURCE,
-                     "--target", TARGET, "--out", "unused", "--io-binding"])
+                     "--target", TARGET, "--out", str(tmp_path / "out"), "--io-binding"])
     assert code != 0 and "--io-binding applies to engine folders" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(BackendError, match="CUDA build of torch"):
         _BoundArrays.make(OrtDevice.CUDA, 0, True)
@@ -85,7 +86,7 @@ def test_each_stage_is_an_nvtx_range(monkeypatch):
     import prism_rt.nvtx
 
     opened = []
-    monkeypatch.setattr(prism_rt.nvtx, "_range", lambda name: opened.append(name) or contextlib.nullcontext())
+    monkeypatch.setattr(prism_rt.nvtx, "nvtx_range", lambda name: opened.append(name) or contextlib.nullcontext())
     engine = _engine(False)
     inversion = engine.invert(IMAGE, SOURCE, method="direct", sampler=engine.sampler(steps=2))
     engine.edit(inversion, [TARGET], ControlConfig(self_replace=(0.5,), noise_blend=True), RunLimits(max_batch=63))

@@ -23,11 +23,10 @@ from .variant_config import VariantSettings
 DEMO_IMAGES = 3
 
 
-def _demo_edit_args(training: dict | None) -> list[str]:
-    """How the demo edits: the noise-prediction mask and a difference composite. Measured on
-    held-out phantoms (benchmarks/RESULTS.md), attention LocalBlend on "Devices" removes the device
-    less often on this model, even trained with word grounding, whose word maps are coarse (4×4)."""
-    return ["--noise-blend", "--composite", ",".join(f"{t:g}" for t in COMPOSITE_THRESHOLDS)]
+# How the demo edits: the noise-prediction mask and a difference composite. Measured on held-out
+# phantoms (benchmarks/RESULTS.md), attention LocalBlend on "Devices" removes the device less often
+# on this model, even trained with word grounding, whose word maps are coarse (4×4).
+DEMO_EDIT_ARGS = ("--noise-blend", "--composite", ",".join(f"{t:g}" for t in COMPOSITE_THRESHOLDS))
 
 
 def _demo_seeds(count: int) -> list[int]:
@@ -116,6 +115,6 @@ def _bundle(model: Path, staging: Path, classifier: Path, calibration: Path, vie
         "mask": f"images/{first['mask_devices']}",
         "about": "held-out phantom patient (never trained on); the edit removes the support devices; "
                  "images/ holds its mask and true counterfactual",
-        "edit_args": _demo_edit_args(training),
+        "edit_args": list(DEMO_EDIT_ARGS),
         "training": training,
     }, indent=1) + "\n")

@@ -69,10 +69,10 @@ def lr_at(step: int, total: int, base: float, warmup: int = 50, floor: float = 0
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-def render_set(seeds, size: int, prevalence: float, with_masks: bool = False, all_masks: bool = False):
+def render_set(seeds, size: int, prevalence: float, with_masks: bool = False):
     """(images float32 N×size×size in [0,1], label matrix N×3 in :data:`LABEL_NAMES` order,
-    captions, optional masks: the device masks, or with ``all_masks`` every attribute's
-    [N, len(ATTRIBUTES), size, size] bool, in ``phantom.ATTRIBUTES`` order)."""
+    captions, and with ``with_masks`` every attribute's region: where toggling it changes the
+    image, [N, len(ATTRIBUTES), size, size] bool in ``phantom.ATTRIBUTES`` order; else None)."""
     import numpy as np
 
     from .phantom import ATTRIBUTES, render, render_image, sample_attributes, sample_patient
@@ -81,13 +81,10 @@ def render_set(seeds, size: int, prevalence: float, with_masks: bool = False, al
     for s in seeds:
         p = sample_patient(int(s))
         at = sample_attributes(int(s), prevalence)
-        if with_masks or all_masks:
+        if with_masks:
             ph = render(p, at, size)
             img, lab, cap = ph.image, ph.labels, ph.caption
-            if all_masks:
-                masks.append(np.stack([ph.masks[name] for name in ATTRIBUTES]))
-            else:
-                masks.append(ph.masks["devices"] if at.devices else np.zeros_like(ph.masks["devices"]))
+            masks.append(np.stack([ph.masks[name] for name in ATTRIBUTES]))
         else:
             img = render_image(p, at, size)
             lab = at.labels()
@@ -96,4 +93,4 @@ def render_set(seeds, size: int, prevalence: float, with_masks: bool = False, al
         labels.append([lab[n] for n in LABEL_NAMES])
         captions.append(cap)
     return (np.stack(images), np.asarray(labels, dtype=np.float32), captions,
-            np.stack(masks) if (with_masks or all_masks) else None)
+            np.stack(masks) if with_masks else None)

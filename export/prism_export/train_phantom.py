@@ -156,12 +156,13 @@ def train_unet(cfg: TrainConfig, unet, text_encoder, tokenizer, latents, caption
     for p in ema_params:
         p.requires_grad_(False)
     grounding = cfg.attention_loss > 0 and region_masks is not None
-    if grounding:
+    if grounding or held_region_masks is not None:
         from . import attention_grounding as ag
         from .phantom import ATTRIBUTES
 
+        vocab_tokens = ag.word_token_weights(tokenizer, vocab, tuple(ATTRIBUTES))  # [captions, A, 77]
+    if grounding:
         recorder = ag.install(unet)
-        vocab_tokens = ag.word_token_weights(tokenizer, vocab, tuple(ATTRIBUTES))
         ground_losses = []
     unet.train()
     text_encoder.train()
@@ -218,11 +219,8 @@ def train_unet(cfg: TrainConfig, unet, text_encoder, tokenizer, latents, caption
             pred = ema_u(noised(held_latents[:n], t, noise), t, encoder_hidden_states=emb_all[held_index[:n]]).sample
             val[str(tv)] = float(torch.nn.functional.mse_loss(pred, noise))
     if held_region_masks is not None:  # how much of each word's attention falls in its region (EMA model)
-        from . import attention_grounding as ag
-        from .phantom import ATTRIBUTES
-
         rec = ag.install(ema_u)
-        held_tokens = ag.word_token_weights(tokenizer, vocab, tuple(ATTRIBUTES))[held_index[:n]]
+        held_tokens = vocab_tokens[held_index[:n]]
         shares = {}
         with torch.no_grad():
             for tv in (250, 500, 750):
@@ -264,7 +262,7 @@ def run(cfg: TrainConfig, log=log_line) -> Path:
     from transformers import CLIPTokenizer
 
     from .clip_vocab import write_clip_tokenizer_files
-    from .phantom import write_phantom_set
+    from .phantom import ATTRIBUTES, write_phantom_set
     from .phantom_patient import HELDOUT_SEED0
     from .tiny import TinySpec, build_tiny_components
 
@@ -288,11 +286,12 @@ def run(cfg: TrainConfig, log=log_line) -> Path:
     t = time.perf_counter()
     log(f"rendering {cfg.n_train} training + {cfg.n_heldout} held-out phantoms at {cfg.size} px")
     images, labels, captions, train_regions = render_set(range(cfg.n_train), cfg.size, cfg.prevalence,
-                                                         all_masks=cfg.attention_loss > 0)
-    held, held_labels, held_captions, held_masks = render_set(range(HELDOUT_SEED0, HELDOUT_SEED0 + cfg.n_heldout),
-                                                              cfg.size, cfg.prevalence, with_masks=True)
-    held_regions = render_set(range(HELDOUT_SEED0, HELDOUT_SEED0 + min(cfg.n_heldout, 64)), cfg.size, cfg.prevalence,
-                              all_masks=True)[3]
+                                                         with_masks=cfg.attention_loss > 0)
+    held, held_labels, held_captions, held_regions = render_set(range(HELDOUT_SEED0, HELDOUT_SEED0 + cfg.n_heldout),
+                                                                cfg.size, cfg.prevalence, with_masks=True)
+    # the devices' masks of the patients that have them (the VAE's device-region error)
+    has_devices = held_labels[:, LABEL_NAMES.index("Support Devices")] > 0
+    held_masks = held_regions[:, list(ATTRIBUTES).index("devices")] & has_devices[:, None, None]
     record["prevalence"] = {n: float(labels[:, k].mean()) for k, n in enumerate(LABEL_NAMES)}
     record["captions"] = {c: captions.count(c) for c in sorted(set(captions))}
     log(f"prevalence {record['prevalence']}")
@@ -357,7 +356,7 @@ def run(cfg: TrainConfig, log=log_line) -> Path:
 
         ema_u, ema_t, unet_losses, val = train_unet(cfg, unet, text_encoder, tokenizer, latents, captions,
                                                     held_latents, held_captions, log, regions(train_regions),
-                                                    regions(held_regions))
+                                                    regions(held_regions[:64]))
         record["unet"] = {"final_loss": float(np.mean(unet_losses[-50:])), "heldout_loss_by_t": val,
                           "loss_curve": unet_losses[:: max(1, len(unet_losses) // 200)], "ema": cfg.ema}
         log(f"unet held-out eps-MSE by t: {val}")

@@ -12,7 +12,8 @@ from ..backend import BackendKind, ModelInfo
 from ..config import BlendMaps
 from ..errors import BackendError
 from ..precision import TORCH_PRECISIONS, Precision
-from .cuda_graphs import GraphedCall, nvtx_range
+from ..nvtx import nvtx_range
+from .cuda_graphs import GraphedCall
 from .graphs import build_graphs
 
 
@@ -93,6 +94,7 @@ class TorchBackend:
             self.graphs[name].to(memory_format=layout)
         self.channels_last = bool(on)
         self._graphed_unet = None  # captured buffers hold the old layout
+
     @torch.no_grad()
     def run(self, graph: str, **inputs):
         if self.dtype != torch.float32:

@@ -17,7 +17,6 @@ by ``torch.cuda.is_available()`` and the tests run the same buffers and keys wit
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -91,9 +90,3 @@ def _clone(outputs):
         return outputs.clone()
     return type(outputs)(_clone(o) for o in outputs)
 
-
-def nvtx_range(name: str):
-    """An NVTX range on CUDA (visible in Nsight Systems), nothing elsewhere."""
-    if torch.cuda.is_available():
-        return torch.cuda.nvtx.range(name)
-    return contextlib.nullcontext()
