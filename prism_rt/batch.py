@@ -23,7 +23,8 @@ from .config import InversionConfig, InversionMethod, RunLimits
 from .errors import OutputError
 
 SETTING_KEYS = ("inversion", "steps", "guidance", "fit", "null_inner_steps", "max_pixels", "mode", "cross_replace",
-                "self_replace", "edit_weight", "edit_words", "blend_words", "blend_threshold", "noise_blend",
+                "self_replace", "edit_weight", "edit_words", "blend_words", "blend_threshold", "blend_dilation",
+                "noise_blend",
                 "noise_blend_threshold", "composite", "legacy", "seed", "select", "figure", "extras", "keep_mask",
                 "edit_mask")
 """The arguments that change a job's outputs, recorded in ``job.json`` (speed-only ones are not:

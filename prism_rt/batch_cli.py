@@ -56,6 +56,7 @@ def add_batch_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--edit-words", type=words, help="words to reweight (default: the new words of each target)")
     e.add_argument("--blend-words", type=pair, help="SRC_WORD,EDIT_WORD: LocalBlend from the attention maps")
     e.add_argument("--blend-threshold", type=float, default=default(ControlConfig, "blend_threshold"))
+    e.add_argument("--blend-dilation", type=int, default=default(ControlConfig, "blend_dilation"))
     e.add_argument("--noise-blend", action="store_true", help="LocalBlend from the noise predictions (DiffEdit)")
     e.add_argument("--noise-blend-threshold", type=floats, default=NOISE_BLEND_THRESHOLDS)
     e.add_argument("--composite", type=floats, default=(), metavar="T[,T…]", help="difference composite(s)")

@@ -22,9 +22,9 @@ ENGINE_KEYS = ("backend", "device", "precision", "threads", "self_max_queries", 
                "trt_cache", "unet_weights", "config", "allow_pickle")
 SAMPLER_KEYS = ("inversion", "steps", "guidance", "fit", "null_inner_steps", "max_pixels")
 CONTROL_KEYS = ("mode", "cross_replace", "self_replace", "edit_weight", "edit_words", "blend_words", "blend_threshold",
-                "noise_blend", "noise_blend_threshold", "composite", "legacy")
+                "blend_dilation", "noise_blend", "noise_blend_threshold", "composite", "legacy")
 EDIT_KEYS = SAMPLER_KEYS + CONTROL_KEYS + ("max_batch",)
-WHOLE_KEYS = ("steps", "null_inner_steps", "max_pixels", "max_batch", "threads", "self_max_queries")
+WHOLE_KEYS = ("blend_dilation", "steps", "null_inner_steps", "max_pixels", "max_batch", "threads", "self_max_queries")
 NUMBER_KEYS = ("guidance", "cross_replace", "edit_weight", "blend_threshold")
 TUPLE_KEYS = ("self_replace", "edit_words", "blend_words", "noise_blend_threshold", "composite")
 

@@ -42,6 +42,9 @@ def _edit_args(edit: argparse.ArgumentParser):
     g.add_argument("--blend-words", type=pair, help="SRC_WORD,EDIT_WORD: LocalBlend from the attention maps")
     g.add_argument("--blend-threshold", type=float, default=default(ControlConfig, "blend_threshold"),
                    help="LocalBlend mask threshold, in (0, 1]")
+    g.add_argument("--blend-dilation", type=int, default=default(ControlConfig, "blend_dilation"),
+                   help="LocalBlend: max-pool radius in map cells before the threshold (published: 1, a 3×3 pool; "
+                        "0 = none, for maps as fine as the latent)")
     g.add_argument("--noise-blend", action="store_true",
                    help="LocalBlend with a mask from the noise predictions under the source vs the target caption "
                         "(DiffEdit) instead of the attention maps; needs no --blend-words")

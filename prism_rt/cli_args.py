@@ -155,7 +155,8 @@ def common_args(p: argparse.ArgumentParser):
 def control_from_args(args) -> ControlConfig:
     return ControlConfig(cross_replace=args.cross_replace, self_replace=tuple(args.self_replace),
                          edit_weight=args.edit_weight, edit_words=args.edit_words, blend_words=args.blend_words,
-                         blend_threshold=args.blend_threshold, noise_blend=args.noise_blend,
+                         blend_threshold=args.blend_threshold,
+                         blend_dilation=args.blend_dilation, noise_blend=args.noise_blend,
                          noise_blend_threshold=args.noise_blend_threshold, composite=tuple(args.composite),
                          mode=args.mode, legacy=args.legacy)
 

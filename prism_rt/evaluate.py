@@ -183,6 +183,27 @@ def ground_truth_check(source01: np.ndarray, reconstruction01: np.ndarray, count
             "change_iou": float((changed & region).sum() / union) if union else None}
 
 
+def blend_mask_overlap(blend_mask: np.ndarray, attribute_mask: np.ndarray, cell: int) -> dict:
+    """How a LocalBlend mask (image size, > 0.5 = editable; it is constant over each latent cell of
+    ``cell`` × ``cell`` pixels) covers the attribute's mask. ``iou_latent``: IoU on the latent grid,
+    where the attribute's cells are those holding any of its pixels — the best a mask on that grid
+    can do is 1 (a pixel IoU cannot reach 1: a 2-pixel lead fills its 8-pixel cells); ``iou``: the
+    same in pixels; ``recall``: the share of the attribute's pixels the mask leaves editable;
+    ``cover``: the share of the image it leaves editable."""
+    editable, attribute = np.asarray(blend_mask) > 0.5, np.asarray(attribute_mask, bool)
+    h, w = attribute.shape
+    if h % cell or w % cell or editable.shape != attribute.shape:
+        raise ValueError(f"masks {editable.shape} / {attribute.shape} are not whole {cell}-pixel latent cells")
+
+    def cells(m):
+        return m.reshape(h // cell, cell, w // cell, cell)
+
+    mask_cells, attribute_cells = cells(editable).mean(axis=(1, 3)) > 0.5, cells(attribute).any(axis=(1, 3))
+    iou = lambda a, b: float((a & b).sum() / (a | b).sum()) if (a | b).any() else None  # noqa: E731
+    return {"iou_latent": iou(mask_cells, attribute_cells), "iou": iou(editable, attribute),
+            "recall": float(editable[attribute].mean()) if attribute.any() else None, "cover": float(editable.mean())}
+
+
 def select(rows: list[dict]) -> dict:
     """PRISM's filter over one edit's candidates (self-window values, noise-blend thresholds):
     among the counterfactuals that flip the attribute, the one with the best identity to the

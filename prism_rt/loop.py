@@ -163,6 +163,7 @@ class EditInputs:
     guidance: float = 7.5
     blend_threshold: float = 0.3
     blend_start: float = 0.2
+    blend_dilation: int = 1
     fixed_masks: Any | None = None  # [1+K,1,h,w] LocalBlend masks known before the loop (noise_blend)
     region: Any | None = None  # [1,1,h,w] user masks (prism_rt.user_masks): 1 where the edit may change, every step
 
@@ -238,7 +239,7 @@ class _LocalBlend:
         self.from_attention = plans[0].blend_words is not None and not self.fixed
         self.weights = [backend.asarray(p.blend_words) for p in plans] if self.from_attention else None
         self.start = int(first.blend_start * steps)
-        self.threshold = first.blend_threshold
+        self.threshold, self.dilation = first.blend_threshold, first.blend_dilation
         self.latent_hw = tuple(int(d) for d in first.latents_T.shape[2:])
         self.maps_sum: list = [None] * batch.groups
         self.masks: list = [None] * batch.groups
@@ -258,7 +259,8 @@ class _LocalBlend:
             mask = None
             if local and i >= self.start:
                 mask = (self.inputs[g].fixed_masks if self.fixed else
-                        blend_mask(xp, self.maps_sum[g], self.weights[g], self.latent_hw, self.threshold))
+                        blend_mask(xp, self.maps_sum[g], self.weights[g], self.latent_hw, self.threshold,
+                                   self.dilation))
             if self.regions[g] is not None:
                 mask = self.regions[g] if mask is None else mask * self.regions[g]
             if mask is not None:

@@ -40,7 +40,7 @@ OUTPUTS = (("counterfactuals", np.uint16, (-1, -1, -1)), ("result", bytes, (1,))
 
 SAMPLER_KEYS = ("inversion", "steps", "guidance", "fit", "null_inner_steps")
 CONTROL_KEYS = ("mode", "cross_replace", "self_replace", "edit_weight", "edit_words", "blend_words",
-                "blend_threshold", "noise_blend", "noise_blend_threshold", "composite", "legacy")
+                "blend_threshold", "blend_dilation", "noise_blend", "noise_blend_threshold", "composite", "legacy")
 PARAM_KEYS = SAMPLER_KEYS + CONTROL_KEYS + ("seed",)
 """The ``params`` keys: ``prism-rt edit``'s flags with underscores (``--self-replace`` →
 ``self_replace``); ``seed`` is recorded only (every step is deterministic)."""
@@ -94,7 +94,7 @@ def parse_params(text: str, engine) -> EditSettings:
     if control.get("blend_words") is not None and len(control["blend_words"]) != 2:
         raise RequestError(f"params: blend_words is [source word, edit word], got {json.dumps(raw['blend_words'])}")
     try:
-        for key in ("steps", "null_inner_steps", "seed"):
+        for key in ("steps", "null_inner_steps", "seed", "blend_dilation"):
             if key in raw and (isinstance(raw[key], bool) or not isinstance(raw[key], int)):
                 raise SettingsError(f"{key} must be a whole number, got {raw[key]!r}")
         for key in ("guidance", "cross_replace", "edit_weight", "blend_threshold"):

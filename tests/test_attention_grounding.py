@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from prism_export.attention_grounding import grounding_loss, install, uninstall, word_token_weights
+from prism_export.attention_grounding import grounding_loss, install, pixel_loss, uninstall, word_token_weights
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,33 @@ def test_grounding_loss_is_the_share_of_attention_outside_the_region():
     flat_small = torch.full((2, 4, 5), 0.2)
     assert grounding_loss([flat, flat_small], tokens, masks).item() == pytest.approx(0.75)
     assert grounding_loss([flat], torch.zeros(2, 2, 5), masks).item() == 0.0  # nothing named: no loss
+
+
+def test_pixel_loss_is_the_cross_entropy_of_each_location_against_the_region():
+    tokens = torch.zeros(2, 2, 5)
+    tokens[0, 0, 1] = 1
+    masks = torch.zeros(2, 2, 4, 4)
+    masks[0, 0, :2, :2] = 1.0
+    exact = torch.zeros(2, 16, 5)
+    exact[:, :, 0] = 1.0
+    exact[0, [0, 1, 4, 5], 0], exact[0, [0, 1, 4, 5], 1] = 0.0, 1.0  # the region attends only to the word
+    assert pixel_loss([exact], tokens, masks).item() == pytest.approx(0.0, abs=1e-5)
+    # concentrated in one cell of the region (what the token loss accepts): 3 region cells at p = 0
+    one = torch.zeros(2, 16, 5)
+    one[:, :, 0] = 1.0
+    one[0, 0, 0], one[0, 0, 1] = 0.0, 1.0
+    assert grounding_loss([one], tokens, masks).item() == pytest.approx(0.0)
+    assert pixel_loss([one], tokens, masks).item() == pytest.approx(-3 * np.log(1e-6) / 16, rel=1e-4)
+    # the map divided by its peak: half the region's share everywhere else costs what half costs
+    half = exact.clone()
+    half[0, [0, 1, 4, 5], 0], half[0, [0, 1, 4, 5], 1] = 0.6, 0.4  # the region: 0.4 on the word, the peak
+    half[0, [2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], 0] = 0.8
+    half[0, [2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], 1] = 0.2  # elsewhere 0.2: half the peak
+    expected = -(4 * np.log(1 - 1e-6) + 12 * np.log(0.5)) / 16
+    assert pixel_loss([half], tokens, masks).item() == pytest.approx(expected, rel=1e-5)
+    flat = torch.full((2, 16, 5), 0.2)  # the same share everywhere: every location is at the peak
+    assert pixel_loss([flat], tokens, masks).item() == pytest.approx(-12 * np.log(1e-6) / 16, rel=2e-3)  # float32 clamp
+    assert pixel_loss([flat], torch.zeros(2, 2, 5), masks).item() == 0.0  # nothing named: no loss
 
 
 def test_recording_processors_keep_the_unet_outputs(tiny_model_dir):

@@ -76,7 +76,8 @@ class ReferenceController:
         side = int(round(self.blend["queries"] ** 0.5))
         maps = self.attention_store.reshape(self.n_items, -1, side, side, 77)
         maps = (maps * self.blend["alpha_layers"][:, None, None, None, :]).sum(-1).mean(1, keepdim=True)
-        maps = F.max_pool2d(maps, (3, 3), (1, 1), padding=(1, 1))
+        k = self.blend.get("k", 1)  # the published LocalBlend's pool radius (k=1: 3×3)
+        maps = F.max_pool2d(maps, (k * 2 + 1, k * 2 + 1), (1, 1), padding=(k, k))
         mask = F.interpolate(maps, size=latents.shape[2:])
         mask = mask / mask.amax(dim=(2, 3), keepdim=True)
         mask = mask.gt(self.blend["threshold"])
@@ -147,7 +148,8 @@ def _run_both(engine, targets, config: ControlConfig, cross_fn_factory, steps: i
     emb = encode_prompts(backend, tok, [SOURCE, "", *targets], allow_empty=True)
     inputs = EditInputs(method=InversionMethod.DDIM, latents_T=latents_T, source_embedding=emb[:1],
                         target_embeddings=emb[2:], null_embedding=emb[1:2], guidance=7.5,
-                        blend_threshold=config.blend_threshold, blend_start=config.blend_start)
+                        blend_threshold=config.blend_threshold, blend_start=config.blend_start,
+                        blend_dilation=config.blend_dilation)
     outcome = edit_loop(backend, schedule, plan, inputs, Counter())
 
     unet = backend.graphs["unet"].unet
@@ -155,7 +157,7 @@ def _run_both(engine, targets, config: ControlConfig, cross_fn_factory, steps: i
     if config.blend_words is not None:
         side = latent_side // 4
         blend = dict(queries=side * side, alpha_layers=torch.as_tensor(plan.blend_words), threshold=config.blend_threshold,
-                     start=int(config.blend_start * steps))
+                     start=int(config.blend_start * steps), k=config.blend_dilation)
     s = config.self_replace[0]
     controller = ReferenceController(1 + len(targets), torch.as_tensor(plan.cross_alpha), cross_fn_factory(plan),
                                      (0, int(steps * s)), backend.info.self_max_queries, blend, after_control)
@@ -184,12 +186,12 @@ def refine_reweight(engine, source, targets, weight):
     return factory
 
 
-@pytest.mark.parametrize("blend", [False, True])
-def test_refine_reweight_self_blend_match_reference(engine, blend):
+@pytest.mark.parametrize("blend, dilation", [(False, 1), (True, 1), (True, 0)])
+def test_refine_reweight_self_blend_match_reference(engine, blend, dilation):
     targets = ["chest x-ray of a patient without support devices",
                "chest x-ray of a patient with pleural effusion and support devices"]
     config = ControlConfig(cross_replace=0.8, self_replace=(0.6,), edit_weight=2.0,
-                           blend_words=("devices", "devices") if blend else None)
+                           blend_words=("devices", "devices") if blend else None, blend_dilation=dilation)
     ours, ref = _run_both(engine, targets, config, refine_reweight(engine, SOURCE, targets, 2.0))
     assert ours.shape == ref.shape
     # the control must actually change the edit items (the check could otherwise pass vacuously)

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from prism_rt.blend import apply_blend, blend_mask, max_pool3, nearest_resize
 
 
-def torch_reference(maps_sum, weights, size, threshold):
+def torch_reference(maps_sum, weights, size, threshold, k=1):
     maps = (maps_sum * weights[:, :, None, None]).sum(1, keepdim=True)
-    maps = F.max_pool2d(maps, (3, 3), (1, 1), padding=(1, 1))
+    maps = F.max_pool2d(maps, (k * 2 + 1, k * 2 + 1), (1, 1), padding=(k, k))  # the published code's pool
     mask = F.interpolate(maps, size=size)
     mask = mask / mask.amax(dim=(2, 3), keepdim=True)
     mask = mask.gt(threshold)
@@ -30,6 +30,20 @@ def test_blend_mask_matches_torch(xp, conv, size):
     ref = torch_reference(torch.as_tensor(maps), torch.as_tensor(weights), size, 0.3)
     np.testing.assert_array_equal(np.asarray(ours), ref.numpy())
     assert 0 < float(np.asarray(ours).mean()) < 1
+
+
+@pytest.mark.parametrize("xp,conv", [(xnp, np.asarray), (xtorch, torch.as_tensor)])
+@pytest.mark.parametrize("dilation", [0, 2])
+def test_blend_dilation_is_the_pool_radius(xp, conv, dilation):
+    rng = np.random.default_rng(1)
+    maps = (0.1 * rng.random((2, 77, 8, 8))).astype(np.float32)
+    maps[:, :, 3, 3:6] += 1.0  # a thin bar: the pool widens it
+    weights = np.zeros((2, 77), np.float32)
+    weights[:, 4] = 1
+    ours = np.asarray(blend_mask(xp, conv(maps), conv(weights), (16, 16), 0.3, dilation))
+    ref = torch_reference(torch.as_tensor(maps), torch.as_tensor(weights), (16, 16), 0.3, dilation).numpy()
+    np.testing.assert_array_equal(ours, ref)
+    assert ours[0].sum() == {0: 3 * 4, 2: 5 * 7 * 4}[dilation]  # the bar's 3 cells, or grown by 2 on every side
 
 
 def test_max_pool_and_resize_by_hand():

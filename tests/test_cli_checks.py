@@ -25,6 +25,7 @@ def _args(tmp_path, *extra):
     ("--guidance", "1e30"), ("--guidance", "nan"), ("--guidance", "inf"), ("--guidance", "0.5"),
     ("--edit-weight", "1e30"), ("--edit-weight", "-3"), ("--edit-weight", "nan"),
     ("--blend-threshold", "nan"), ("--blend-threshold", "0"), ("--blend-threshold", "inf"),
+    ("--blend-dilation", "-1"), ("--blend-dilation", "9"),
     ("--noise-blend-threshold", "nan"), ("--noise-blend-threshold", "inf"), ("--noise-blend-threshold", "-1"),
     ("--cross-replace", "nan"), ("--self-replace", "1.5"), ("--steps", "0"), ("--max-batch", "0"),
     ("--threads", "0"), ("--composite", "nan"),

@@ -349,3 +349,10 @@ def test_an_empty_blend_word_adds_nothing_to_the_mask(tok):
     np.testing.assert_array_equal(mask[1, 0], expected)
     with pytest.raises(SettingsError, match="one of them possibly empty"):
         ControlConfig(blend_words=("", " "))
+
+
+@pytest.mark.parametrize("bad", [-1, 5, 1.0, True, "1"])
+def test_blend_dilation_is_a_whole_number_of_cells(bad):
+    assert ControlConfig(blend_dilation=0).blend_dilation == 0
+    with pytest.raises(SettingsError, match="blend_dilation"):
+        ControlConfig(blend_dilation=bad)

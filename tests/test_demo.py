@@ -92,3 +92,26 @@ def test_evaluate_scores_composite_from_the_same_edit(monkeypatch):
     assert plain["success"], plain  # the demo patient: the devices go at 10 steps too
     assert composited["success"] and composited["identity"]["ssim"] >= plain["identity"]["ssim"]
     assert composited["identity_outside_mask"]["l1"] < plain["identity_outside_mask"]["l1"]
+
+
+def test_evaluate_passes_the_blend_settings_and_scores_the_blend_mask():
+    """`prism-rt evaluate --guidance --blend-threshold --blend-dilation`: the +blend configuration's
+    mask is the one those settings give (no dilation: a subset of the published 3×3 pool's mask),
+    and every row scores it against the attribute's mask; configurations without a mask have none."""
+    from prism_rt.engine import Engine
+    from prism_rt.evaluate import Classifier
+    from prism_bench.evaluate_cli import evaluate, phantom_cases, summarize
+
+    engine = Engine.load(DEMO, backend="onnxruntime", threads=1)
+    classifier = Classifier.load(DEMO / "classifier.onnx")
+    cases = phantom_cases(1, ["devices-remove"], engine.backend.info.image_size, seed0=1_000_003)
+    rows = {}
+    for dilation in (0, 1):
+        rows[dilation] = evaluate(engine, classifier, cases, ["direct", "direct+blend"], steps=10, sweep=(0.6,),
+                                  progress=None, guidance=3.0, blend={"blend_threshold": 0.3, "blend_dilation": dilation})
+    plain, tight = rows[0]
+    wide = rows[1][1]
+    assert plain["blend_mask"] is None and summarize([plain])[0]["mask_iou_latent"] is None
+    assert 0 < tight["blend_mask"]["cover"] < wide["blend_mask"]["cover"] < 1
+    assert tight["blend_mask"]["recall"] <= wide["blend_mask"]["recall"]
+    assert rows[0][0] == {**rows[1][0], "seconds": rows[0][0]["seconds"]}  # "direct" ignores the blend settings

@@ -147,3 +147,27 @@ def test_ground_truth_check_by_hand():
     assert check["change_iou"] == pytest.approx(8 / (16 + 4))  # changed: 8 inside + 4 outside; union 20
     assert ground_truth_check(source, source, source, source, None) == {"left": None, "success": None,
                                                                          "change_iou": None}
+
+
+def test_blend_mask_overlap_by_hand():
+    """A 16×16 image of 4-pixel latent cells; a 1-pixel-wide lead down column 5 (rows 0–7) lies in
+    cells (0,1) and (1,1)."""
+    from prism_rt.evaluate import blend_mask_overlap
+
+    lead = np.zeros((16, 16), bool)
+    lead[0:8, 5] = True
+    exact = np.zeros((16, 16), np.float32)
+    exact[0:8, 4:8] = 1.0  # exactly the lead's two cells
+    got = blend_mask_overlap(exact, lead, 4)
+    assert got == {"iou_latent": 1.0, "iou": pytest.approx(8 / 32), "recall": 1.0, "cover": 32 / 256}
+    wide = np.zeros((16, 16), np.float32)
+    wide[0:12, 4:12] = 1.0  # six cells, two of them the lead's
+    got = blend_mask_overlap(wide, lead, 4)
+    assert got["iou_latent"] == pytest.approx(2 / 6) and got["recall"] == 1.0 and got["cover"] == 96 / 256
+    half = np.zeros((16, 16), np.float32)
+    half[0:4, 4:8] = 1.0  # one of the two cells: half the lead
+    got = blend_mask_overlap(half, lead, 4)
+    assert got["iou_latent"] == 0.5 and got["recall"] == 0.5
+    assert blend_mask_overlap(np.zeros((16, 16)), np.zeros((16, 16), bool), 4)["iou_latent"] is None
+    with pytest.raises(ValueError, match="latent cells"):
+        blend_mask_overlap(exact, lead, 5)

@@ -70,17 +70,20 @@ def phantom_cases(patients: int, edits, size: int, seed0: int | None = None) -> 
     return cases
 
 
-def _control(config: str, case: EditCase, sweep, noise_threshold=NOISE_BLEND_THRESHOLDS) -> ControlConfig:
+def _control(config: str, case: EditCase, sweep, noise_threshold=NOISE_BLEND_THRESHOLDS,
+             blend: dict | None = None) -> ControlConfig:
+    """The configuration's control settings; ``blend``: the attention LocalBlend's settings
+    (``blend_threshold``, ``blend_dilation``) for ``…+blend``."""
     if config == "legacy":
         return ControlConfig(legacy=True, self_replace=(0.0,))
     if config.endswith("+noise-blend"):
         return ControlConfig(self_replace=tuple(sweep), noise_blend=True, noise_blend_threshold=noise_threshold)
-    blend = None
-    if config.endswith("+blend"):
-        word = WORD[case.edit.split("-")[0]]
-        # the attribute's word in the prompt that names it; the other prompt adds nothing to the mask
-        blend = (word, "") if case.direction == "remove" else ("", word)
-    return ControlConfig(self_replace=tuple(sweep), blend_words=blend)
+    if not config.endswith("+blend"):
+        return ControlConfig(self_replace=tuple(sweep))
+    word = WORD[case.edit.split("-")[0]]
+    # the attribute's word in the prompt that names it; the other prompt adds nothing to the mask
+    words = (word, "") if case.direction == "remove" else ("", word)
+    return ControlConfig(self_replace=tuple(sweep), blend_words=words, **(blend or {}))
 
 
 def same_weights(engine, inverter) -> None:
@@ -100,15 +103,17 @@ def same_weights(engine, inverter) -> None:
 
 def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, sweep, group: int = 4,
              progress=print, noise_threshold=NOISE_BLEND_THRESHOLDS, composite=COMPOSITE_THRESHOLDS,
-             inverter=None) -> list[dict]:
+             inverter=None, guidance: float = 7.5, blend: dict | None = None) -> list[dict]:
     """Every case under every configuration; cases of one edit kind are inverted one by one and
     edited ``group`` at a time in one batch (``Engine.edit_many``). A ``…+composite``
     configuration composites the counterfactuals of the same edit without it at ``composite``
     (several thresholds: more candidates of the filter), so both cost one edit. ``inverter``: an
     engine on the same weights with gradients (torch) that makes the null-text inversions, which
-    ``engine`` (e.g. ONNX Runtime) then edits — as ``prism-rt invert --save`` + ``edit --inversion``."""
+    ``engine`` (e.g. ONNX Runtime) then edits — as ``prism-rt invert --save`` + ``edit --inversion``.
+    ``guidance``: the sampler's; ``blend``: the attention LocalBlend's settings (``blend_threshold``,
+    ``blend_dilation``) for the ``…+blend`` configurations."""
     from prism_rt.composite import composite_result
-    from prism_rt.evaluate import edit_metrics, select, to01
+    from prism_rt.evaluate import blend_mask_overlap, edit_metrics, select, to01
 
     if inverter is not None:
         same_weights(engine, inverter)
@@ -123,7 +128,7 @@ def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, swe
             chunk = same[start_index:start_index + group]
             for method in methods:
                 by = inverter if inverter is not None and method == "null-text" else engine
-                inversions = [by.invert(c.source01, c.prompt, method=method, sampler=engine.sampler(steps=steps))
+                inversions = [by.invert(c.source01, c.prompt, method=method, sampler=engine.sampler(steps=steps, guidance=guidance))
                               for c in chunk]
                 edited: dict[str, tuple] = {}
                 for config in configs:
@@ -133,7 +138,7 @@ def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, swe
                     if base not in edited:
                         t0 = time.perf_counter()
                         edited[base] = (engine.edit_many(inversions, [[c.target] for c in chunk],
-                                                         _control(base, chunk[0], sweep, noise_threshold), RunLimits(max_batch=63)),
+                                                         _control(base, chunk[0], sweep, noise_threshold, blend), RunLimits(max_batch=63)),
                                         (time.perf_counter() - t0) / len(chunk))
                     results, seconds = edited[base]
                     if config != base:
@@ -144,12 +149,15 @@ def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, swe
                                                    to01(image), case.mask, case.truth01) for image in result.edits]
                         chosen = select(candidates)
                         index = chosen["selected"] if chosen["selected"] is not None else chosen["best_cpg_index"]
+                        blend_mask = result.masks[index]
+                        overlap = None if blend_mask is None else blend_mask_overlap(
+                            blend_mask.reshape(case.mask.shape), case.mask, engine.backend.info.latent_downsample)
                         rows.append({"patient": case.patient, "edit": case.edit, "config": config, "prompt": case.prompt,
                                      "target": case.target, "self_replace": result.items[index].self_replace,
                                      "blend_threshold": result.items[index].blend_threshold,
                                      "composite": result.items[index].composite,
                                      "success": chosen["flipped"], "reconstruction_error": result.reconstruction_error,
-                                     "mask_fraction": float(case.mask.mean()), "seconds": seconds,
+                                     "mask_fraction": float(case.mask.mean()), "seconds": seconds, "blend_mask": overlap,
                                      **candidates[index]})
             done += len(chunk)
             if progress:
@@ -162,7 +170,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     keys = list(dict.fromkeys((r["edit"], r["config"]) for r in rows))
     for edit, config in keys:
         sel = [r for r in rows if r["edit"] == edit and r["config"] == config]
-        mean = lambda f: float(np.mean([v for v in map(f, sel) if v is not None])) if sel else None  # noqa: E731
+        def mean(f):  # over the edits that have the measure (None: none has, e.g. no blend mask)
+            values = [v for v in map(f, sel) if v is not None]
+            return float(np.mean(values)) if values else None
         table.append({
             "edit": edit, "config": config, "n": len(sel),
             "success_rate": mean(lambda r: float(r["success"])),
@@ -179,6 +189,9 @@ def summarize(rows: list[dict]) -> list[dict]:
                                       else float(r["truth"]["success"] and r["success"])),
             "attribute_left": mean(lambda r: r["truth"]["left"]),
             "change_iou": mean(lambda r: r["truth"]["change_iou"]),
+            "mask_iou_latent": mean(lambda r: r["blend_mask"] and r["blend_mask"]["iou_latent"]),
+            "mask_recall": mean(lambda r: r["blend_mask"] and r["blend_mask"]["recall"]),
+            "mask_cover": mean(lambda r: r["blend_mask"] and r["blend_mask"]["cover"]),
             "vae_psnr_db": mean(lambda r: r["vae"]["psnr_db"]),
             "reconstruction_error": mean(lambda r: r["reconstruction_error"]),
         })
@@ -195,19 +208,23 @@ def markdown(table: list[dict], meta: dict) -> str:
              "the attribute's probability in the edit's direction; identity: the chosen counterfactual against the "
              "source's reconstruction, outside the attribute's mask; truth: L1 to the true counterfactual; "
              "left: of the attribute's pixels, the share still as in the source (truth success: ≤ 10 %); change "
-             "IoU: the pixels the edit changed against the attribute's mask. "
+             "IoU: the pixels the edit changed against the attribute's mask; mask IoU: the blend mask's latent "
+             "cells against the cells that hold the attribute; mask recall / cover: the share of the attribute's "
+             "pixels / of the image the blend mask leaves editable (– without a blend mask). "
              f"+composite: the same edit's counterfactuals, composited onto the reconstruction where they change "
              f"by more than each of {meta.get('composite')} of the intensity range (0: not composited), are the "
              "candidates.", "",
-             "| edit | configuration | n | success | truth success | both | left | change IoU | CPG | L1 outside | "
+             "| edit | configuration | n | success | truth success | both | left | change IoU | mask IoU | mask recall | "
+             "mask cover | CPG | L1 outside | "
              "PSNR outside dB | PSNR≥30 | success & PSNR≥30 | SSIM outside | truth L1 in | truth L1 out | "
              "latent recon. error |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     f = lambda v, s="{:.3f}": "–" if v is None else s.format(v)  # noqa: E731
     for r in table:
         lines.append(f"| {r['edit']} | {r['config']} | {r['n']} | {f(r['success_rate'], '{:.0%}')} | "
                      f"{f(r['truth_success_rate'], '{:.0%}')} | {f(r['both_success_rate'], '{:.0%}')} | "
-                     f"{f(r['attribute_left'], '{:.0%}')} | {f(r['change_iou'], '{:.2f}')} | {f(r['cpg'])} | "
+                     f"{f(r['attribute_left'], '{:.0%}')} | {f(r['change_iou'], '{:.2f}')} | {f(r['mask_iou_latent'], '{:.2f}')} | "
+                     f"{f(r['mask_recall'], '{:.0%}')} | {f(r['mask_cover'], '{:.0%}')} | {f(r['cpg'])} | "
                      f"{f(r['l1_outside_mask'], '{:.4f}')} | {f(r['psnr_outside_mask_db'], '{:.1f}')} | "
                      f"{f(r['psnr30_rate'], '{:.0%}')} | {f(r['success_psnr30_rate'], '{:.0%}')} | {f(r['ssim_outside_mask'])} | {f(r['truth_l1_inside'], '{:.4f}')} | "
                      f"{f(r['truth_l1_outside'], '{:.4f}')} | {f(r['reconstruction_error'], '{:.2e}')} |")
@@ -227,6 +244,10 @@ def add_evaluate_parser(sub):
                    help=f"comma-separated subset of {','.join(CONFIGS)} (null-text needs --backend torch "
                         "or --invert-model)")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default %(default)s, PRISM's)")
+    p.add_argument("--blend-threshold", type=float, default=0.3, help="the +blend configurations' LocalBlend threshold")
+    p.add_argument("--blend-dilation", type=int, default=1,
+                   help="the +blend configurations' max-pool radius in map cells (published 1 = 3×3; 0 = none)")
     p.add_argument("--self-replace", default=",".join(map(str, SELF_REPLACE_SWEEP)))
     p.add_argument("--noise-blend-threshold", default=",".join(map(str, NOISE_BLEND_THRESHOLDS)),
                    help="the +noise-blend configurations' mask threshold(s) (× the mean prediction difference), "
@@ -267,6 +288,8 @@ def run_evaluate(args) -> int:
         raise SettingsError(f"--self-replace, --noise-blend-threshold and --composite take numbers such as 0.4,0.6 "
                             f"(--composite: distinct, in [0, 1)); got {args.self_replace!r}, "
                             f"{args.noise_blend_threshold!r}, {args.composite!r} ({exc})") from None
+    blend = {"blend_threshold": args.blend_threshold, "blend_dilation": args.blend_dilation}
+    ControlConfig(**blend)  # checked before any work
     try:
         import skimage  # noqa: F401
     except ImportError:
@@ -283,12 +306,13 @@ def run_evaluate(args) -> int:
     print(f"evaluating {len(cases)} edits × {len(configs)} configurations …", flush=True)
     start = time.perf_counter()
     rows = evaluate(engine, classifier, cases, configs, args.steps, sweep, noise_threshold=thresholds, composite=composite,
-                    inverter=inverter)
+                    inverter=inverter, guidance=args.guidance, blend=blend)
     table = summarize(rows)
     meta = {"patients": args.patients, "steps": args.steps, "sweep": list(sweep), "model": str(args.model),
             "backend": engine.backend.kind.value, "precision": args.precision, "classifier": str(args.classifier),
             "seed0": args.seed0, "invert_model": str(args.invert_model) if inverter else None,
-            "noise_blend_threshold": list(thresholds), "composite": list(composite),
+            "noise_blend_threshold": list(thresholds), "composite": list(composite), "guidance": args.guidance,
+            **blend,
             "seconds": time.perf_counter() - start, "libraries": library_versions()}
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = args.out / ".evaluation.json.tmp"

@@ -1,6 +1,17 @@
-"""Word grounding for the phantom model's training: a loss that puts each attribute word's
-cross-attention inside that attribute's region (TokenCompose's token loss, Wang et al., CVPR 2024:
-``1 − Σ_x A_w(x)·M(x) / Σ_x A_w(x)``, the share of word ``w``'s attention outside its mask).
+"""Word grounding for the phantom model's training: losses that put each attribute word's
+cross-attention inside that attribute's region, TokenCompose's two (Wang et al., CVPR 2024):
+
+- the token loss ``1 − Σ_x A_w(x)·M(x) / Σ_x A_w(x)``, the share of word ``w``'s attention outside
+  its mask (:func:`grounding_loss`): it concentrates the attention but lets it leave part of the
+  region empty (a device's thin leads, when the box holds it all);
+- the pixel loss, the binary cross-entropy between the word's map and ``M(x)``
+  (:func:`pixel_loss`): every cell of the region attends to the word and no other cell does — what
+  LocalBlend's thresholded maps need. TokenCompose takes ``A_w(x)`` itself (the share of location
+  ``x``'s attention on the word); here the map is divided by its peak, as LocalBlend divides it,
+  so the loss shapes where the word is read, not how much of each location's attention it takes.
+  Trained on the absolute share (measured on the phantom), the region's attention went almost all
+  to the attribute's words, and an edit that drops them (refine: the removed word's attention is
+  not carried over) no longer changed an effusion: removal 75 % → 12 % successful.
 
 A large model trained on web captions learns word maps that localise (what LocalBlend relies on);
 the phantom model, trained on eight template captions, learns to read its captions globally: the
@@ -91,4 +102,23 @@ def grounding_loss(maps: list[torch.Tensor], tokens: torch.Tensor, masks: torch.
         word = torch.einsum("bqt,bat->baq", probs, tokens)  # [B, A, Q]
         share_in = (word * region).sum(-1) / word.sum(-1).clamp_min(1e-8)
         losses.append((1.0 - share_in)[present].mean())
+    return torch.stack(losses).mean()
+
+
+def pixel_loss(maps: list[torch.Tensor], tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean over the supervised layers and the (item, attribute) pairs that the caption names of
+    the binary cross-entropy between the attribute words' map (their share of each location's
+    attention, divided by its peak over the locations) and the attribute's region (pooled to each layer's size, binarised as in :func:`grounding_loss`).
+    Arguments as :func:`grounding_loss`."""
+    present = tokens.sum(-1) > 0  # [B, A]
+    if not present.any():
+        return maps[0].sum() * 0.0
+    losses = []
+    for probs in maps:
+        side = int(round(probs.shape[1] ** 0.5))
+        region = (F.adaptive_avg_pool2d(masks, side) > 0).flatten(2).float()  # [B, A, Q]
+        word = torch.einsum("bqt,bat->baq", probs, tokens)  # [B, A, Q]
+        word = (word / word.amax(-1, keepdim=True).clamp_min(1e-8)).clamp(1e-6, 1 - 1e-6)
+        bce = F.binary_cross_entropy(word, region, reduction="none").mean(-1)  # [B, A]
+        losses.append(bce[present].mean())
     return torch.stack(losses).mean()

@@ -11,7 +11,6 @@ import os
 import shutil
 from pathlib import Path
 
-from prism_rt.config import COMPOSITE_THRESHOLDS
 from prism_rt.manifest import MANIFEST_NAME
 from prism_rt.precision import Precision
 from prism_rt.publish import staged_dir
@@ -23,10 +22,13 @@ from .variant_config import VariantSettings
 DEMO_IMAGES = 3
 
 
-# How the demo edits: the noise-prediction mask and a difference composite. Measured on held-out
-# phantoms (benchmarks/RESULTS.md), attention LocalBlend on "Devices" removes the device less often
-# on this model, even trained with word grounding, whose word maps are coarse (4×4).
-DEMO_EDIT_ARGS = ("--noise-blend", "--composite", ",".join(f"{t:g}" for t in COMPOSITE_THRESHOLDS))
+# How the demo edits: PRISM's own attention LocalBlend on "Devices" (the edit prompt has no word
+# for what goes: ""), its maps at the latent's size (the engine is exported with --blend-downsample
+# 1) taken without the published 3×3 pool, which would widen every lead by a cell on each side, at
+# threshold 0.2 of the peak (0.3 published; 0.2 keeps the leads' faint ends), and
+# classifier-free guidance 4 instead of SD's 7.5 (this small model's edits stay plausible there).
+# Chosen on held-out phantoms 1000100–1000107 and measured on 1000200–1000249 (benchmarks/RESULTS.md).
+DEMO_EDIT_ARGS = ("--guidance", "4", "--blend-words", "Devices,", "--blend-dilation", "0", "--blend-threshold", "0.2")
 
 
 def _demo_seeds(count: int) -> list[int]:

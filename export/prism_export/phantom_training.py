@@ -52,8 +52,13 @@ class TrainConfig:
     # word grounding (prism_export.attention_grounding): weight of the loss on the attribute words'
     # cross-attention outside their regions; 0 = plain denoising (the model before grounding)
     attention_loss: float = 0.0
+    # weight of TokenCompose's pixel loss on the same maps (every cell of the region attends to the word)
+    attention_pixel_loss: float = 0.0
     # a trained phantom model whose VAE (and classifier) to reuse instead of training them again
     vae_from: str | None = None
+    # a trained phantom model whose UNet and text encoder to start from (fine-tuning, e.g. with the
+    # pixel grounding loss) instead of a fresh initialisation; needs vae_from (the latents must match)
+    unet_from: str | None = None
 
 
 def log_line(msg: str) -> None:

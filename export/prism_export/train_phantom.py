@@ -155,7 +155,7 @@ def train_unet(cfg: TrainConfig, unet, text_encoder, tokenizer, latents, caption
     live_params = params_u + params_t
     for p in ema_params:
         p.requires_grad_(False)
-    grounding = cfg.attention_loss > 0 and region_masks is not None
+    grounding = (cfg.attention_loss > 0 or cfg.attention_pixel_loss > 0) and region_masks is not None
     if grounding or held_region_masks is not None:
         from . import attention_grounding as ag
         from .phantom import ATTRIBUTES
@@ -191,9 +191,11 @@ def train_unet(cfg: TrainConfig, unet, text_encoder, tokenizer, latents, caption
         loss = torch.nn.functional.mse_loss(pred, noise)
         if grounding:
             recorder.on = False
-            ground = ag.grounding_loss(recorder.maps, vocab_tokens[cidx], region_masks[idx])
+            words, regions = vocab_tokens[cidx], region_masks[idx]
+            ground = (cfg.attention_loss * ag.grounding_loss(recorder.maps, words, regions)
+                      + cfg.attention_pixel_loss * ag.pixel_loss(recorder.maps, words, regions))
             ground_losses.append(ground.item())
-            loss = loss + cfg.attention_loss * ground
+            loss = loss + ground
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(live_params, 1.0)
@@ -286,7 +288,7 @@ def run(cfg: TrainConfig, log=log_line) -> Path:
     t = time.perf_counter()
     log(f"rendering {cfg.n_train} training + {cfg.n_heldout} held-out phantoms at {cfg.size} px")
     images, labels, captions, train_regions = render_set(range(cfg.n_train), cfg.size, cfg.prevalence,
-                                                         with_masks=cfg.attention_loss > 0)
+                                                         with_masks=cfg.attention_loss > 0 or cfg.attention_pixel_loss > 0)
     held, held_labels, held_captions, held_regions = render_set(range(HELDOUT_SEED0, HELDOUT_SEED0 + cfg.n_heldout),
                                                                 cfg.size, cfg.prevalence, with_masks=True)
     # the devices' masks of the patients that have them (the VAE's device-region error)
@@ -335,6 +337,14 @@ def run(cfg: TrainConfig, log=log_line) -> Path:
                          "final_l1": float(np.mean(vae_losses[-25:])),
                          "l1_curve": vae_losses[:: max(1, len(vae_losses) // 100)]}
     log(f"vae held-out PSNR {psnr:.2f} dB, device-region MAE {dev_err}")
+    if cfg.unet_from:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(Path(cfg.unet_from) / "unet")
+        text_encoder = CLIPTextModel.from_pretrained(Path(cfg.unet_from) / "text_encoder")
+        record["unet_from"] = str(cfg.unet_from)
+        log(f"UNet and text encoder start from {cfg.unet_from}")
     means = encode_latents(vae, images)
     scale = float(round(1.0 / means[: min(len(means), 1024)].std().item(), 5))
     vae.register_to_config(scaling_factor=scale)
@@ -392,6 +402,7 @@ def add_train_phantom_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--cls-steps", type=int, default=d.cls_steps, help="classifier steps (default %(default)s)")
     p.add_argument("--vae-batch", type=int, default=d.vae_batch)
     p.add_argument("--unet-batch", type=int, default=d.unet_batch)
+    p.add_argument("--unet-lr", type=float, default=d.unet_lr, help="peak learning rate (default %(default)s)")
     p.add_argument("--unet-channels", type=_channels, default=d.unet_channels, help="e.g. 32,64,64,64")
     p.add_argument("--vae-channels", type=_channels, default=d.vae_channels, help="e.g. 16,32,64,64")
     p.add_argument("--text-width", type=int, default=d.text_width)
@@ -400,8 +411,13 @@ def add_train_phantom_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--attention-loss", type=float, default=d.attention_loss,
                    help="weight of the word-grounding loss: each attribute word's cross-attention trained into its "
                         "region, so that LocalBlend's word maps localise (default %(default)s: none)")
+    p.add_argument("--attention-pixel-loss", type=float, default=d.attention_pixel_loss,
+                   help="weight of the pixel-level grounding loss: every location of the region attends to its "
+                        "words, none outside (TokenCompose's second loss; default %(default)s: none)")
     p.add_argument("--vae-from", type=Path, help="a trained phantom model whose VAE and classifier are reused (no VAE "
                                                  "or classifier training)")
+    p.add_argument("--unet-from", type=Path, help="a trained phantom model whose UNet and text encoder training starts "
+                                                  "from (fine-tuning; needs --vae-from, usually the same model)")
     return p
 
 
@@ -410,11 +426,17 @@ def run_train_phantom(args) -> int:
     if out.exists() and any(out.iterdir()):
         print(f"error: --out {out} exists and is not empty; choose a new folder", file=sys.stderr)
         return 2
+    if args.unet_from and not args.vae_from:
+        print("error: --unet-from needs --vae-from (the UNet was trained on that VAE's latents); give the same model "
+              "to both", file=sys.stderr)
+        return 2
     cfg = TrainConfig(out=out, seed=args.seed, threads=args.threads, n_train=args.n_train, n_heldout=args.n_heldout,
                       vae_steps=args.vae_steps, unet_steps=args.unet_steps, cls_steps=args.cls_steps,
-                      vae_batch=args.vae_batch, unet_batch=args.unet_batch, unet_channels=args.unet_channels,
+                      vae_batch=args.vae_batch, unet_batch=args.unet_batch, unet_lr=args.unet_lr, unet_channels=args.unet_channels,
                       vae_channels=args.vae_channels, text_width=args.text_width, n_examples=args.n_examples,
                       log_every=args.log_every, attention_loss=args.attention_loss,
-                      vae_from=str(args.vae_from) if args.vae_from else None)
+                      attention_pixel_loss=args.attention_pixel_loss,
+                      vae_from=str(args.vae_from) if args.vae_from else None,
+                      unet_from=str(args.unet_from) if args.unet_from else None)
     run(cfg)
     return 0
