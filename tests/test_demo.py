@@ -25,7 +25,7 @@ def test_bundle_is_small_and_complete():
     from prism_rt.manifest import load_manifest
 
     size = sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file())
-    assert size <= 42 * 2**20, f"the bundled demo is {size / 2**20:.1f} MiB"  # 40.4 MiB (2026-12-07)
+    assert size <= 42 * 2**20, f"the bundled demo is {size / 2**20:.1f} MiB"  # 40.4 MiB (2026-12-07, the pixel-grounded phantom)
     manifest = load_manifest(DEMO)  # every hash checked
     for precision in manifest.precisions[1:]:
         load_manifest(DEMO, precision=precision)
@@ -57,9 +57,9 @@ def test_demo_removes_the_devices(demo_run):
     before = np.abs(source - truth)[mask].mean()
     after = np.abs(edited - truth)[mask].mean()
     assert after < 0.6 * before, (before, after)
-    # outside it, the anatomy stays: PSNR against the reconstruction ≥ 30 dB (measured 41.4 dB on this
-    # patient with the demo's noise-prediction blend and difference composite, the filter choosing
-    # threshold 1.7 composited at 0.08; inside the mask 75 % of the way to the true counterfactual)
+    # outside it, the anatomy stays: PSNR against the reconstruction ≥ 30 dB (measured 37.4 dB on this
+    # patient with the demo's attention LocalBlend, the filter choosing self window 0.4; inside the
+    # mask 85 % of the way to the true counterfactual)
     mse = np.mean((edited - recon)[~mask] ** 2)
     assert 10 * np.log10(1 / mse) >= 30.0
     # and far closer to the reconstruction outside the mask than inside it
