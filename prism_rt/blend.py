@@ -44,8 +44,8 @@ def blend_mask(xp, maps_sum, token_weights, latent_hw: tuple[int, int], threshol
     maps_sum: cross-attention maps accumulated over the steps so far, [1+K, T, hb, wb] (already
     averaged over heads and blend layers); token_weights: [1+K, T], 1 on the blend word's tokens
     (the source word for item 0, the edit word for each edit). Sum over the word's tokens, 3×3
-    max-pool (``dilation`` 1; (2·dilation+1)², 0 = none), upsample to the latent size, divide by each item's maximum, threshold, and take the
-    union with the source's mask.
+    max-pool (``dilation`` 1; (2·dilation+1)², 0 = none), upsample to the latent size, divide by
+    each item's maximum, threshold, and take the union with the source's mask.
     """
     maps = xp.sum(maps_sum * token_weights[:, :, None, None], axis=1)  # [1+K, hb, wb]
     maps = nearest_resize(xp, max_pool3(xp, maps, dilation), latent_hw)

@@ -156,8 +156,8 @@ class ControlConfig:
       after which the blend applies (0.2).
     blend_dilation: the radius, in map cells, of the max-pool that grows the word map before the
       threshold; the published 3 × 3 is 1, 0 = none. On maps as fine as the latent (a small
-      model's, ``blend_downsample`` 1) one cell is an eighth of the image's width around every
-      thin structure (a device's leads).
+      model's, ``blend_downsample`` 1) the published pool triples the width of every thin
+      structure (a device's leads: one latent cell added on each side).
     noise_blend: LocalBlend with a mask from the noise predictions instead of the cross-attention
       maps (DiffEdit, Couairon et al. 2022): the source latent noised to ``noise_blend_strength``
       of the diffusion time with ``noise_blend_samples`` noise draws, the guided noise predicted
@@ -200,7 +200,8 @@ class ControlConfig:
             _finite_in("edit_weight", self.edit_weight, *EDIT_WEIGHT_RANGE, hint="PRISM uses 2.0; 1 = no reweighting")
         _finite_in("blend_threshold", self.blend_threshold, 0.0, 1.0, open_low=True,
                    hint="a fraction of each item's peak attention; the published value is 0.3")
-        if isinstance(self.blend_dilation, bool) or not isinstance(self.blend_dilation, int) or not 0 <= self.blend_dilation <= 4:
+        dilation = self.blend_dilation
+        if isinstance(dilation, bool) or not isinstance(dilation, int) or not 0 <= dilation <= 4:
             raise SettingsError(f"blend_dilation must be a whole number of map cells in 0…4 (the published 3×3 "
                                 f"max-pool is 1; 0 = none), got {self.blend_dilation!r}")
         _finite_in("blend_start", self.blend_start, 0.0, 1.0, hint="a fraction of the steps; the published value is 0.2")

@@ -74,7 +74,8 @@ class _Prepared:
             target_embeddings=xp.concat([rows[it.target] for it in sub.items], axis=0),
             null_embedding=self.embeddings[1:2], null_embeddings=self.nulls, trajectory=self.trajectory,
             guidance=self.inversion.sampler.guidance, blend_threshold=control.blend_threshold,
-            blend_start=control.blend_start, blend_dilation=control.blend_dilation, fixed_masks=fixed, region=self.region)
+            blend_start=control.blend_start, blend_dilation=control.blend_dilation, fixed_masks=fixed,
+            region=self.region)
 
 
 class Engine:

@@ -9,7 +9,7 @@
 #   ~13 s per image), edited by the engine on ONNX Runtime.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODEL=${MODEL:-runs/phantom/model}          # what `prism-export train-phantom` wrote (scripts/build_demo.sh)
+MODEL=${MODEL:-runs/phantom/pixel}          # the checkpoint scripts/build_demo.sh exported (its last train-phantom)
 OUT=${OUT:-runs/phantom-eval}
 CLS=engines/phantom-demo/classifier.onnx
 .venv/bin/prism-rt evaluate --model engines/phantom-demo --backend onnxruntime --classifier "$CLS" \

@@ -128,8 +128,8 @@ def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, swe
             chunk = same[start_index:start_index + group]
             for method in methods:
                 by = inverter if inverter is not None and method == "null-text" else engine
-                inversions = [by.invert(c.source01, c.prompt, method=method, sampler=engine.sampler(steps=steps, guidance=guidance))
-                              for c in chunk]
+                sampler = engine.sampler(steps=steps, guidance=guidance)
+                inversions = [by.invert(c.source01, c.prompt, method=method, sampler=sampler) for c in chunk]
                 edited: dict[str, tuple] = {}
                 for config in configs:
                     if ("direct" if config == "legacy" else config.split("+")[0]) != method:
@@ -157,7 +157,8 @@ def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, swe
                                      "blend_threshold": result.items[index].blend_threshold,
                                      "composite": result.items[index].composite,
                                      "success": chosen["flipped"], "reconstruction_error": result.reconstruction_error,
-                                     "mask_fraction": float(case.mask.mean()), "seconds": seconds, "blend_mask": overlap,
+                                     "mask_fraction": float(case.mask.mean()), "seconds": seconds,
+                                     "blend_mask": overlap,
                                      **candidates[index]})
             done += len(chunk)
             if progress:
@@ -244,7 +245,8 @@ def add_evaluate_parser(sub):
                    help=f"comma-separated subset of {','.join(CONFIGS)} (null-text needs --backend torch "
                         "or --invert-model)")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default %(default)s, PRISM's)")
+    p.add_argument("--guidance", type=float, default=7.5,
+                   help="classifier-free guidance (default %(default)s, PRISM's)")
     p.add_argument("--blend-threshold", type=float, default=0.3, help="the +blend configurations' LocalBlend threshold")
     p.add_argument("--blend-dilation", type=int, default=1,
                    help="the +blend configurations' max-pool radius in map cells (published 1 = 3×3; 0 = none)")

@@ -108,7 +108,8 @@ def grounding_loss(maps: list[torch.Tensor], tokens: torch.Tensor, masks: torch.
 def pixel_loss(maps: list[torch.Tensor], tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Mean over the supervised layers and the (item, attribute) pairs that the caption names of
     the binary cross-entropy between the attribute words' map (their share of each location's
-    attention, divided by its peak over the locations) and the attribute's region (pooled to each layer's size, binarised as in :func:`grounding_loss`).
+    attention, divided by its peak over the locations) and the attribute's region (pooled to each
+    layer's size, binarised as in :func:`grounding_loss`).
     Arguments as :func:`grounding_loss`."""
     present = tokens.sum(-1) > 0  # [B, A]
     if not present.any():

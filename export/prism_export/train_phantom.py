@@ -432,7 +432,8 @@ def run_train_phantom(args) -> int:
         return 2
     cfg = TrainConfig(out=out, seed=args.seed, threads=args.threads, n_train=args.n_train, n_heldout=args.n_heldout,
                       vae_steps=args.vae_steps, unet_steps=args.unet_steps, cls_steps=args.cls_steps,
-                      vae_batch=args.vae_batch, unet_batch=args.unet_batch, unet_lr=args.unet_lr, unet_channels=args.unet_channels,
+                      vae_batch=args.vae_batch, unet_batch=args.unet_batch, unet_lr=args.unet_lr,
+                      unet_channels=args.unet_channels,
                       vae_channels=args.vae_channels, text_width=args.text_width, n_examples=args.n_examples,
                       log_every=args.log_every, attention_loss=args.attention_loss,
                       attention_pixel_loss=args.attention_pixel_loss,
