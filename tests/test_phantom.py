@@ -173,3 +173,19 @@ def test_train_phantom_end_to_end(tmp_path):
     assert engine is not None
     assert (out / "examples" / "phantoms.csv").exists()
     assert main(["train-phantom", "--out", str(out)]) == 2  # refuses a non-empty folder
+
+    # the pixel-grounding fine-tune: UNet and text encoder start from the trained ones (one step with
+    # lr ≈ 0 keeps them), VAE and classifier are reused
+    tuned = tmp_path / "tuned"
+    assert main(["train-phantom", "--out", str(tuned), "--unet-from", str(out)]) == 2 and not tuned.exists()
+    assert main(["train-phantom", "--out", str(tuned), "--threads", "1", "--n-train", "48", "--n-heldout", "8",
+                 "--unet-steps", "1", "--n-examples", "0", "--vae-from", str(out), "--unet-from", str(out),
+                 "--attention-loss", "0.1", "--attention-pixel-loss", "1.0", "--unet-lr", "1e-12"]) == 0
+    tuned_record = json.loads((tuned / "training.json").read_text())
+    assert tuned_record["unet_from"] == str(out) and tuned_record["config"]["attention_pixel_loss"] == 1.0
+    from safetensors.numpy import load_file
+
+    for part in ("unet", "text_encoder"):
+        before, after = (load_file(next((m / part).glob("*.safetensors"))) for m in (out, tuned))
+        assert before.keys() == after.keys()
+        assert max(float(np.abs(before[k] - after[k]).max()) for k in before) < 1e-6
