@@ -78,6 +78,9 @@ def test_peak_matches_usr_bin_time_of_the_same_configuration_alone(coordinator_h
 def test_no_isolate_reports_no_per_configuration_peak(coordinator_holding_300_mib):
     from prism_bench.memory import SHARED_NOTE, peak_rss_mb, reset_peak_rss, rss_mb, run_shared
 
+    import gc
+
+    gc.collect()  # earlier tests' garbage freed now, not while the configuration runs (it would hide its 50 MiB)
     transient = np.ones(200 * MIB, np.uint8)  # this process's peak: held 300 + 200 MiB
     del transient
     base = rss_mb()  # the pytest process's own size (larger when other tests ran before)
