@@ -86,40 +86,40 @@ def word_token_weights(tokenizer, captions: list[str], attributes: tuple[str, ..
     return out
 
 
+def _per_layer_loss(maps, tokens, masks, loss_of) -> torch.Tensor:
+    """Mean over the layers and the (item, attribute) pairs that the caption names of
+    ``loss_of(word, region)`` → [B, A], where ``word`` [B, A, Q] is the attribute words' share of
+    each location's attention and ``region`` [B, A, Q] the attribute's region pooled to the layer's
+    size and binarised (any part of the region)."""
+    present = tokens.sum(-1) > 0  # [B, A]
+    if not present.any():
+        return maps[0].sum() * 0.0
+    losses = []
+    for probs in maps:
+        side = int(round(probs.shape[1] ** 0.5))
+        region = (F.adaptive_avg_pool2d(masks, side) > 0).flatten(2).float()
+        word = torch.einsum("bqt,bat->baq", probs, tokens)
+        losses.append(loss_of(word, region)[present].mean())
+    return torch.stack(losses).mean()
+
+
 def grounding_loss(maps: list[torch.Tensor], tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Mean over the supervised layers and the (item, attribute) pairs that the caption names of
     the share of the attribute words' attention outside the attribute's region.
 
     maps: per layer [B, Q, T] (Q = h·w); tokens: [B, A, T] word weights; masks: [B, A, H, W] in
     [0, 1] at the latent size, pooled to each layer's size and binarised (any part of the region)."""
-    present = tokens.sum(-1) > 0  # [B, A]
-    if not present.any():
-        return maps[0].sum() * 0.0
-    losses = []
-    for probs in maps:
-        side = int(round(probs.shape[1] ** 0.5))
-        region = (F.adaptive_avg_pool2d(masks, side) > 0).flatten(2).float()  # [B, A, Q]
-        word = torch.einsum("bqt,bat->baq", probs, tokens)  # [B, A, Q]
-        share_in = (word * region).sum(-1) / word.sum(-1).clamp_min(1e-8)
-        losses.append((1.0 - share_in)[present].mean())
-    return torch.stack(losses).mean()
+    return _per_layer_loss(maps, tokens, masks,
+                           lambda word, region: 1.0 - (word * region).sum(-1) / word.sum(-1).clamp_min(1e-8))
 
 
 def pixel_loss(maps: list[torch.Tensor], tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Mean over the supervised layers and the (item, attribute) pairs that the caption names of
     the binary cross-entropy between the attribute words' map (their share of each location's
     attention, divided by its peak over the locations) and the attribute's region (pooled to each
-    layer's size, binarised as in :func:`grounding_loss`).
-    Arguments as :func:`grounding_loss`."""
-    present = tokens.sum(-1) > 0  # [B, A]
-    if not present.any():
-        return maps[0].sum() * 0.0
-    losses = []
-    for probs in maps:
-        side = int(round(probs.shape[1] ** 0.5))
-        region = (F.adaptive_avg_pool2d(masks, side) > 0).flatten(2).float()  # [B, A, Q]
-        word = torch.einsum("bqt,bat->baq", probs, tokens)  # [B, A, Q]
+    layer's size, binarised as in :func:`grounding_loss`). Arguments as :func:`grounding_loss`."""
+    def bce(word, region):
         word = (word / word.amax(-1, keepdim=True).clamp_min(1e-8)).clamp(1e-6, 1 - 1e-6)
-        bce = F.binary_cross_entropy(word, region, reduction="none").mean(-1)  # [B, A]
-        losses.append(bce[present].mean())
-    return torch.stack(losses).mean()
+        return F.binary_cross_entropy(word, region, reduction="none").mean(-1)
+
+    return _per_layer_loss(maps, tokens, masks, bce)
