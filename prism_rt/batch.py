@@ -24,7 +24,7 @@ from .errors import OutputError
 
 SETTING_KEYS = ("inversion", "steps", "guidance", "fit", "null_inner_steps", "max_pixels", "mode", "cross_replace",
                 "self_replace", "edit_weight", "edit_words", "blend_words", "blend_threshold", "blend_dilation",
-                "noise_blend",
+                "edit_negative", "noise_blend",
                 "noise_blend_threshold", "composite", "legacy", "seed", "select", "figure", "extras", "keep_mask",
                 "edit_mask")
 """The arguments that change a job's outputs, recorded in ``job.json`` (speed-only ones are not:
@@ -97,6 +97,7 @@ class BatchJob:
         self.engine = load(args)
         self.load_s = time.perf_counter() - start
         self.method = self.engine.check_inversion_method(args.inversion)
+        self.control.check_inversion(self.method)
         self.sampler = self.engine.sampler(steps=args.steps, guidance=args.guidance)
         self.inversion_config = InversionConfig(null_inner_steps=args.null_inner_steps)
         self.identity = model_identity(self.engine, args.precision)

@@ -46,7 +46,7 @@ def add_batch_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-pixels", type=positive, default=DEFAULT_MAX_PIXELS,
                    help="larger images fail (checked from the header)")
     e = p.add_argument_group("edit (as prism-rt edit; defaults are PRISM's)")
-    from .config import NOISE_BLEND_THRESHOLDS, ControlConfig
+    from .config import EDIT_NEGATIVES, NOISE_BLEND_THRESHOLDS, ControlConfig
 
     e.add_argument("--mode", default=default(ControlConfig, "mode"), choices=["refine", "replace"])
     e.add_argument("--cross-replace", type=float, default=default(ControlConfig, "cross_replace"))
@@ -57,6 +57,8 @@ def add_batch_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--blend-words", type=pair, help="SRC_WORD,EDIT_WORD: LocalBlend from the attention maps")
     e.add_argument("--blend-threshold", type=float, default=default(ControlConfig, "blend_threshold"))
     e.add_argument("--blend-dilation", type=int, default=default(ControlConfig, "blend_dilation"))
+    e.add_argument("--edit-negative", default=default(ControlConfig, "edit_negative"), choices=EDIT_NEGATIVES,
+                   help="what the edits' guidance steers away from: empty (published) or source (the source caption)")
     e.add_argument("--noise-blend", action="store_true", help="LocalBlend from the noise predictions (DiffEdit)")
     e.add_argument("--noise-blend-threshold", type=floats, default=NOISE_BLEND_THRESHOLDS)
     e.add_argument("--composite", type=floats, default=(), metavar="T[,T…]", help="difference composite(s)")

@@ -22,7 +22,7 @@ ENGINE_KEYS = ("backend", "device", "precision", "threads", "self_max_queries", 
                "trt_cache", "unet_weights", "config", "allow_pickle")
 SAMPLER_KEYS = ("inversion", "steps", "guidance", "fit", "null_inner_steps", "max_pixels")
 CONTROL_KEYS = ("mode", "cross_replace", "self_replace", "edit_weight", "edit_words", "blend_words", "blend_threshold",
-                "blend_dilation", "noise_blend", "noise_blend_threshold", "composite", "legacy")
+                "blend_dilation", "edit_negative", "noise_blend", "noise_blend_threshold", "composite", "legacy")
 EDIT_KEYS = SAMPLER_KEYS + CONTROL_KEYS + ("max_batch",)
 WHOLE_KEYS = ("blend_dilation", "steps", "null_inner_steps", "max_pixels", "max_batch", "threads", "self_max_queries")
 NUMBER_KEYS = ("guidance", "cross_replace", "edit_weight", "blend_threshold")
@@ -116,7 +116,7 @@ def edit(engine: Engine, image_path: str | None, pixels, height: int, width: int
     control = _checked(lambda: ControlConfig(**o), what)
     if isinstance(targets, str) or not targets:
         raise SettingsError("give at least one edited caption (target)")
-    _checked(lambda: engine.check_inversion_method(method), what)
+    _checked(lambda: control.check_inversion(engine.check_inversion_method(method)), what)
     inversion = engine.invert(image, source, method=method, sampler=sampler, inversion=inversion_config, fit=fit)
     result = engine.edit(inversion, list(targets), control, limits)
     images = [to_uint(x, 16) for x in result.images("input")]

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .cli_args import (Formatter, Parser, common_args, control_from_args, default, floats, invert_args, load_engine,
                        model_args, pair, path, positive, words)
-from .config import COMPOSITE_THRESHOLDS, NOISE_BLEND_THRESHOLDS, ControlConfig, InversionConfig, RunLimits, SamplerConfig
+from .config import (COMPOSITE_THRESHOLDS, EDIT_NEGATIVES, NOISE_BLEND_THRESHOLDS, ControlConfig, InversionConfig,
+                     RunLimits, SamplerConfig)
 from .errors import PrismError, PromptError
 from .precision import CHOICES as PRECISIONS
 
@@ -45,6 +46,10 @@ def _edit_args(edit: argparse.ArgumentParser):
     g.add_argument("--blend-dilation", type=int, default=default(ControlConfig, "blend_dilation"),
                    help="LocalBlend: max-pool radius in map cells before the threshold (published: 1, a 3×3 pool; "
                         "0 = none, for maps as fine as the latent)")
+    g.add_argument("--edit-negative", default=default(ControlConfig, "edit_negative"), choices=EDIT_NEGATIVES,
+                   help="what the edits' guidance steers away from: empty (the published method) or source (the source caption: "
+                        "the edit follows the difference between its caption and the source's, which removes more of "
+                        "what it drops); source needs direct or negative-prompt inversion")
     g.add_argument("--noise-blend", action="store_true",
                    help="LocalBlend with a mask from the noise predictions under the source vs the target caption "
                         "(DiffEdit) instead of the attention maps; needs no --blend-words")
@@ -198,8 +203,7 @@ def cmd_edit(args) -> int:
     load_s = time.perf_counter() - start
     steps = saved.sampler.steps if saved else args.steps
     engine.plan(saved.source_prompt if saved else args.prompt, args.target, control, steps)  # prompt errors before work
-    if saved is None:
-        engine.check_inversion_method(args.inversion)
+    control.check_inversion(saved.method if saved else engine.check_inversion_method(args.inversion))
     inversion = saved or _invert(engine, args, load_image(args.image, max_pixels=args.max_pixels))
     result = engine.edit(inversion, args.target, control, RunLimits(max_batch=args.max_batch), progress=not args.no_progress,
                          keep_mask=masks and masks.keep, edit_mask=masks and masks.edit)

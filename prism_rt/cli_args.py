@@ -158,7 +158,7 @@ def control_from_args(args) -> ControlConfig:
                          blend_threshold=args.blend_threshold,
                          blend_dilation=args.blend_dilation, noise_blend=args.noise_blend,
                          noise_blend_threshold=args.noise_blend_threshold, composite=tuple(args.composite),
-                         mode=args.mode, legacy=args.legacy)
+                         mode=args.mode, legacy=args.legacy, edit_negative=args.edit_negative)
 
 
 def load_engine(args):

@@ -137,6 +137,10 @@ def _floats(value) -> tuple[float, ...]:
     return (float(value),) if isinstance(value, (int, float)) else tuple(float(v) for v in value or ())
 
 
+EDIT_NEGATIVES = ("empty", "source")
+"""``ControlConfig.edit_negative``'s values."""
+
+
 @dataclass(frozen=True)
 class ControlConfig:
     """Prompt-to-prompt attention control (PRISM_METHOD §5).
@@ -177,6 +181,13 @@ class ControlConfig:
       ``legacy``.
     legacy: reproduce the published PRISM code (no attention control, no blend: null-text +
       plain prompt swap).
+    edit_negative: what the edit items' classifier-free guidance steers away from. ``"empty"``
+      (default, the published method): the embedding of "" — each edit is guided toward its
+      caption from nothing. ``"source"``: the source caption — each edit is guided along the
+      difference between its caption and the source's (Miyake et al.'s negative prompt, applied
+      to the edit items only), so what the edit drops (a device) is pushed out and the rest is
+      left to the source's path. For direct inversion (the source item has no unconditional
+      half; its path stays exact) and negative-prompt (where it is already so).
     """
 
     cross_replace: float = 0.8
@@ -194,8 +205,15 @@ class ControlConfig:
     composite: tuple[float, ...] = ()
     mode: str = "refine"
     legacy: bool = False
+    edit_negative: str = "empty"
 
     def __post_init__(self):
+        if self.edit_negative not in EDIT_NEGATIVES:
+            raise SettingsError(f"edit_negative must be one of {', '.join(EDIT_NEGATIVES)} (the caption the edits' "
+                                f"guidance steers away from), got {self.edit_negative!r}")
+        if self.legacy and self.edit_negative != "empty":
+            raise SettingsError("legacy reproduces the published code (null-text, guidance from the empty caption); "
+                                "drop edit_negative or legacy")
         if self.edit_weight is not None:
             _finite_in("edit_weight", self.edit_weight, *EDIT_WEIGHT_RANGE, hint="PRISM uses 2.0; 1 = no reweighting")
         _finite_in("blend_threshold", self.blend_threshold, 0.0, 1.0, open_low=True,
@@ -232,6 +250,16 @@ class ControlConfig:
             raise SettingsError(f"composite thresholds must be distinct values in [0, 1) (a fraction of the intensity "
                              f"range, 0 = the plain counterfactual; {COMPOSITE_THRESHOLDS} is the default), "
                              f"got {self.composite}")
+
+
+    def check_inversion(self, method: "InversionMethod | str") -> None:
+        """Raise ``SettingsError`` unless these settings can edit an inversion made with ``method``
+        (checked before any work: an inversion may take minutes)."""
+        method = InversionMethod(method)
+        if self.edit_negative == "source" and method in (InversionMethod.NULL_TEXT, InversionMethod.DDIM):
+            raise SettingsError(f"edit_negative 'source' needs direct or negative-prompt inversion, not {method.value}: "
+                                f"{method.value}'s source item is guided too, and its unconditional half is what keeps "
+                                f"its path; use --inversion direct, or drop --edit-negative")
 
 
 @dataclass(frozen=True)

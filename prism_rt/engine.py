@@ -75,7 +75,7 @@ class _Prepared:
             null_embedding=self.embeddings[1:2], null_embeddings=self.nulls, trajectory=self.trajectory,
             guidance=self.inversion.sampler.guidance, blend_threshold=control.blend_threshold,
             blend_start=control.blend_start, blend_dilation=control.blend_dilation, fixed_masks=fixed,
-            region=self.region)
+            region=self.region, edit_negative=control.edit_negative)
 
 
 class Engine:
@@ -317,6 +317,7 @@ class Engine:
             return []
         per_image = _targets_per_image(targets, len(inversions))
         first = inversions[0]
+        control.check_inversion(first.method)
         for inv in inversions:
             self._check_inversion(inv)
             if inv.method != first.method or inv.sampler != first.sampler:

@@ -166,6 +166,7 @@ class EditInputs:
     blend_dilation: int = 1
     fixed_masks: Any | None = None  # [1+K,1,h,w] LocalBlend masks known before the loop (noise_blend)
     region: Any | None = None  # [1,1,h,w] user masks (prism_rt.user_masks): 1 where the edit may change, every step
+    edit_negative: str = "empty"  # ControlConfig.edit_negative: "source" guides the edit items away from the source caption
 
 
 def edit_loop(backend, schedule: DDIMSchedule, plan, inputs: EditInputs, counter: Counter,
@@ -215,10 +216,12 @@ def edit_loop_groups(backend, schedule: DDIMSchedule, plans: Sequence, inputs: S
 
 def _uncond_embedding(inputs: EditInputs, step: int):
     """The unconditional half's text at a step: null-text's ∅_i, the source caption for
-    negative-prompt, else the embedding of ""."""
+    negative-prompt (and for direct with ``edit_negative`` "source": direct's source item has no
+    unconditional half, so only the edit items are guided from it), else the embedding of ""."""
     if inputs.method == InversionMethod.NULL_TEXT:
         return inputs.null_embeddings[step]
-    if inputs.method == InversionMethod.NEGATIVE_PROMPT:
+    if inputs.method == InversionMethod.NEGATIVE_PROMPT or (
+            inputs.method == InversionMethod.DIRECT and inputs.edit_negative == "source"):
         return inputs.source_embedding
     return inputs.null_embedding
 

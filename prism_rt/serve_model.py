@@ -40,7 +40,8 @@ OUTPUTS = (("counterfactuals", np.uint16, (-1, -1, -1)), ("result", bytes, (1,))
 
 SAMPLER_KEYS = ("inversion", "steps", "guidance", "fit", "null_inner_steps")
 CONTROL_KEYS = ("mode", "cross_replace", "self_replace", "edit_weight", "edit_words", "blend_words",
-                "blend_threshold", "blend_dilation", "noise_blend", "noise_blend_threshold", "composite", "legacy")
+                "blend_threshold", "blend_dilation", "edit_negative", "noise_blend", "noise_blend_threshold", "composite",
+                "legacy")
 PARAM_KEYS = SAMPLER_KEYS + CONTROL_KEYS + ("seed",)
 """The ``params`` keys: ``prism-rt edit``'s flags with underscores (``--self-replace`` →
 ``self_replace``); ``seed`` is recorded only (every step is deterministic)."""
@@ -104,6 +105,7 @@ def parse_params(text: str, engine) -> EditSettings:
         SamplerConfig(steps=steps, guidance=guidance)
         InversionConfig(null_inner_steps=raw.get("null_inner_steps", InversionConfig.null_inner_steps))
         method = engine.check_inversion_method(raw.get("inversion"))
+        ControlConfig(**control).check_inversion(method)
         fit = Fit(raw.get("fit", Fit.RESIZE.value))
         settings = EditSettings(method=method, steps=steps, guidance=guidance, fit=fit,
                                 null_inner_steps=raw.get("null_inner_steps", InversionConfig.null_inner_steps),

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from prism_rt.config import COMPOSITE_THRESHOLDS, NOISE_BLEND_THRESHOLDS, SELF_REPLACE_SWEEP, ControlConfig, RunLimits
+from prism_rt.config import (COMPOSITE_THRESHOLDS, EDIT_NEGATIVES, NOISE_BLEND_THRESHOLDS, SELF_REPLACE_SWEEP,
+                             ControlConfig, RunLimits)
 from prism_rt.errors import MissingExtraError, SettingsError
 from prism_rt.precision import CHOICES as PRECISIONS
 
@@ -71,19 +72,21 @@ def phantom_cases(patients: int, edits, size: int, seed0: int | None = None) -> 
 
 
 def _control(config: str, case: EditCase, sweep, noise_threshold=NOISE_BLEND_THRESHOLDS,
-             blend: dict | None = None) -> ControlConfig:
+             blend: dict | None = None, edit_negative: str = "empty") -> ControlConfig:
     """The configuration's control settings; ``blend``: the attention LocalBlend's settings
-    (``blend_threshold``, ``blend_dilation``) for ``…+blend``."""
+    (``blend_threshold``, ``blend_dilation``) for ``…+blend``; ``edit_negative``: every
+    configuration's but legacy (the published code's)."""
     if config == "legacy":
         return ControlConfig(legacy=True, self_replace=(0.0,))
+    common = {"self_replace": tuple(sweep), "edit_negative": edit_negative}
     if config.endswith("+noise-blend"):
-        return ControlConfig(self_replace=tuple(sweep), noise_blend=True, noise_blend_threshold=noise_threshold)
+        return ControlConfig(noise_blend=True, noise_blend_threshold=noise_threshold, **common)
     if not config.endswith("+blend"):
-        return ControlConfig(self_replace=tuple(sweep))
+        return ControlConfig(**common)
     word = WORD[case.edit.split("-")[0]]
     # the attribute's word in the prompt that names it; the other prompt adds nothing to the mask
     words = (word, "") if case.direction == "remove" else ("", word)
-    return ControlConfig(self_replace=tuple(sweep), blend_words=words, **(blend or {}))
+    return ControlConfig(blend_words=words, **common, **(blend or {}))
 
 
 def same_weights(engine, inverter) -> None:
@@ -103,7 +106,8 @@ def same_weights(engine, inverter) -> None:
 
 def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, sweep, group: int = 4,
              progress=print, noise_threshold=NOISE_BLEND_THRESHOLDS, composite=COMPOSITE_THRESHOLDS,
-             inverter=None, guidance: float = 7.5, blend: dict | None = None) -> list[dict]:
+             inverter=None, guidance: float = 7.5, blend: dict | None = None,
+             edit_negative: str = "empty") -> list[dict]:
     """Every case under every configuration; cases of one edit kind are inverted one by one and
     edited ``group`` at a time in one batch (``Engine.edit_many``). A ``…+composite``
     configuration composites the counterfactuals of the same edit without it at ``composite``
@@ -111,7 +115,8 @@ def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, swe
     engine on the same weights with gradients (torch) that makes the null-text inversions, which
     ``engine`` (e.g. ONNX Runtime) then edits — as ``prism-rt invert --save`` + ``edit --inversion``.
     ``guidance``: the sampler's; ``blend``: the attention LocalBlend's settings (``blend_threshold``,
-    ``blend_dilation``) for the ``…+blend`` configurations."""
+    ``blend_dilation``) for the ``…+blend`` configurations; ``edit_negative``:
+    ``ControlConfig.edit_negative`` of every configuration but legacy."""
     from prism_rt.composite import composite_result
     from prism_rt.evaluate import blend_mask_overlap, edit_metrics, select, to01
 
@@ -138,7 +143,8 @@ def evaluate(engine, classifier, cases: list[EditCase], configs, steps: int, swe
                     if base not in edited:
                         t0 = time.perf_counter()
                         edited[base] = (engine.edit_many(inversions, [[c.target] for c in chunk],
-                                                         _control(base, chunk[0], sweep, noise_threshold, blend), RunLimits(max_batch=63)),
+                                                         _control(base, chunk[0], sweep, noise_threshold, blend, edit_negative),
+                                                         RunLimits(max_batch=63)),
                                         (time.perf_counter() - t0) / len(chunk))
                     results, seconds = edited[base]
                     if config != base:
@@ -202,7 +208,9 @@ def summarize(rows: list[dict]) -> list[dict]:
 def markdown(table: list[dict], meta: dict) -> str:
     lines = [f"# Phantom evaluation ({meta['patients']} held-out patients, {meta['steps']} steps, sweep {meta['sweep']})",
              "", f"engine {meta['model']} ({meta['backend']}, {meta['precision']}); classifier {meta['classifier']}; "
-             f"{meta['seconds']:.0f} s."
+             f"{meta['seconds']:.0f} s. Guidance {meta.get('guidance')}; LocalBlend threshold "
+             f"{meta.get('blend_threshold')}, dilation {meta.get('blend_dilation')}; edit negative "
+             f"{meta.get('edit_negative', 'empty')}."
              + (f" Null-text inversions: {meta['invert_model']} on torch (the same weights)." if meta.get("invert_model") else ""),
              "", "success: the classifier flips the attribute (PRISM's filter picks one candidate — self-window value, "
              "noise-blend threshold — by flip, then whole-image identity to the reconstruction); CPG: gain in "
@@ -250,6 +258,9 @@ def add_evaluate_parser(sub):
     p.add_argument("--blend-threshold", type=float, default=0.3, help="the +blend configurations' LocalBlend threshold")
     p.add_argument("--blend-dilation", type=int, default=1,
                    help="the +blend configurations' max-pool radius in map cells (published 1 = 3×3; 0 = none)")
+    p.add_argument("--edit-negative", default="empty", choices=EDIT_NEGATIVES,
+                   help="what the edits' guidance steers away from, in every configuration but legacy: empty "
+                        "(published) or source (the source caption; not with null-text)")
     p.add_argument("--self-replace", default=",".join(map(str, SELF_REPLACE_SWEEP)))
     p.add_argument("--noise-blend-threshold", default=",".join(map(str, NOISE_BLEND_THRESHOLDS)),
                    help="the +noise-blend configurations' mask threshold(s) (× the mean prediction difference), "
@@ -292,6 +303,9 @@ def run_evaluate(args) -> int:
                             f"{args.noise_blend_threshold!r}, {args.composite!r} ({exc})") from None
     blend = {"blend_threshold": args.blend_threshold, "blend_dilation": args.blend_dilation}
     ControlConfig(**blend)  # checked before any work
+    for config in configs:
+        if config != "legacy":
+            ControlConfig(edit_negative=args.edit_negative).check_inversion(config.split("+")[0])
     try:
         import skimage  # noqa: F401
     except ImportError:
@@ -308,13 +322,13 @@ def run_evaluate(args) -> int:
     print(f"evaluating {len(cases)} edits × {len(configs)} configurations …", flush=True)
     start = time.perf_counter()
     rows = evaluate(engine, classifier, cases, configs, args.steps, sweep, noise_threshold=thresholds, composite=composite,
-                    inverter=inverter, guidance=args.guidance, blend=blend)
+                    inverter=inverter, guidance=args.guidance, blend=blend, edit_negative=args.edit_negative)
     table = summarize(rows)
     meta = {"patients": args.patients, "steps": args.steps, "sweep": list(sweep), "model": str(args.model),
             "backend": engine.backend.kind.value, "precision": args.precision, "classifier": str(args.classifier),
             "seed0": args.seed0, "invert_model": str(args.invert_model) if inverter else None,
             "noise_blend_threshold": list(thresholds), "composite": list(composite), "guidance": args.guidance,
-            **blend,
+            **blend, "edit_negative": args.edit_negative,
             "seconds": time.perf_counter() - start, "libraries": library_versions()}
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = args.out / ".evaluation.json.tmp"

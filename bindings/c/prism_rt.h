@@ -69,7 +69,8 @@ PRISM_API prism_engine* prism_engine_load(const char* path, const char* options_
  * options_json keys: inversion ("direct", "negative-prompt", "ddim", "null-text" on torch), steps,
  * guidance, fit ("resize", "crop", "pad"), null_inner_steps, max_pixels, mode, cross_replace,
  * self_replace (a number or a list), edit_weight, edit_words, blend_words ([src, edit]),
- * blend_threshold, blend_dilation, noise_blend, noise_blend_threshold, composite, legacy, max_batch.
+ * blend_threshold, blend_dilation, edit_negative ("empty" or "source"), noise_blend, noise_blend_threshold,
+ * composite, legacy, max_batch.
  * On PRISM_OK *out holds a result the caller frees with prism_result_free; on error *out is NULL. */
 PRISM_API int prism_edit(prism_engine* engine, const char* image_path, const void* pixels, int height, int width,
                          int bits, const char* source_caption, const char* const* targets, int n_targets,
