@@ -28,7 +28,7 @@ def _args(tmp_path, *extra):
     ("--blend-dilation", "-1"), ("--blend-dilation", "9"),
     ("--noise-blend-threshold", "nan"), ("--noise-blend-threshold", "inf"), ("--noise-blend-threshold", "-1"),
     ("--cross-replace", "nan"), ("--self-replace", "1.5"), ("--steps", "0"), ("--max-batch", "0"),
-    ("--threads", "0"), ("--composite", "nan"),
+    ("--threads", "0"), ("--composite", "nan"), ("--edit-negative", "none"),
 ])
 def test_values_that_cannot_be_right_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, flag, value):
     import prism_rt.engine
@@ -75,6 +75,19 @@ def test_an_engine_folder_runs_with_no_backend_or_inversion_flag(tmp_path, capsy
     assert result["settings"]["backend"] == "onnxruntime"
     assert result["reconstruction_error"] <= 1e-4  # direct inversion pins the source: exact
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"edit-1-s0.50.png", "result.json", "figure.png"}
+
+
+def test_source_negative_on_ddim_is_refused_before_the_inversion(tmp_path, capsys, monkeypatch):
+    import prism_rt.engine
+
+    def no_inversion(*args, **kwargs):  # the refusal must come before this
+        raise AssertionError("the image was inverted before the settings were checked")
+
+    monkeypatch.setattr(prism_rt.engine.Engine, "invert", no_inversion)
+    code = _exit_code(_args(tmp_path, "--inversion", "ddim", "--edit-negative", "source"))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "needs direct or negative-prompt" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_null_text_on_an_engine_folder_is_refused_before_work(tmp_path, capsys):

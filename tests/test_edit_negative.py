@@ -88,3 +88,20 @@ def test_source_negative_refused_on_a_ddim_inversion_before_any_unet_call(engine
 def test_bad_edit_negative_is_refused(kwargs):
     with pytest.raises(SettingsError, match="edit_negative"):
         ControlConfig(**kwargs)
+
+
+def test_the_c_abi_options_carry_edit_negative_and_refuse_it_before_inverting(monkeypatch):
+    """``prism_edit``'s options JSON (the C ABI's Python side): the setting reaches the edit, and a
+    source negative on a ddim inversion is refused before the image is inverted."""
+    from prism_rt import c_api
+
+    engine = Engine.load(DEMO, threads=1)
+    image = str(DEMO / "images" / "phantom-1000003.png")
+    seen = []
+    monkeypatch.setattr(engine, "edit", lambda inversion, targets, control, limits: seen.append(control) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        c_api.edit(engine, image, None, 0, 0, 0, SOURCE, [TARGET], '{"steps": 2, "edit_negative": "source"}')
+    assert seen[0].edit_negative == "source"
+    monkeypatch.setattr(engine, "invert", lambda *a, **k: pytest.fail("inverted before the options were checked"))
+    with pytest.raises(SettingsError, match="needs direct or negative-prompt"):
+        c_api.edit(engine, image, None, 0, 0, 0, SOURCE, [TARGET], '{"inversion": "ddim", "edit_negative": "source"}')

@@ -187,6 +187,8 @@ def test_the_stub_gets_this_interpreters_libpython_and_a_numpy_below_2(monkeypat
     ('{"inversion": "null-text"}', "null-text inversion needs gradients"),
     ('{"steps": 2.5}', "steps must be a whole number"),
     ('{"guidance": 99}', "guidance must be in [1, 30]"),
+    ('{"edit_negative": "none"}', "edit_negative must be one of empty, source"),
+    ('{"inversion": "ddim", "edit_negative": "source"}', "needs direct or negative-prompt inversion"),
     ("[1]", "params must be a JSON object, got list"),
 ])
 def test_params_are_checked_as_prism_rt_edits_flags(text, message):
@@ -197,5 +199,6 @@ def test_params_are_checked_as_prism_rt_edits_flags(text, message):
         parse_params(text, engine)
     settings = parse_params('{"self_replace": 0.5, "composite": [0, 0.08], "edit_words": "devices"}', engine)
     assert settings.control.self_replace == (0.5,) and settings.control.edit_words == ("devices",)
+    assert parse_params('{"edit_negative": "source"}', engine).control.edit_negative == "source"
     assert settings.group_key(2) == parse_params('{"self_replace": [0.5], "composite": [0, 0.08], "edit_words": '
                                                  '["devices"], "seed": 7, "fit": "pad"}', engine).group_key(2)
