@@ -251,7 +251,6 @@ class ControlConfig:
                              f"range, 0 = the plain counterfactual; {COMPOSITE_THRESHOLDS} is the default), "
                              f"got {self.composite}")
 
-
     def check_inversion(self, method: "InversionMethod | str") -> None:
         """Raise ``SettingsError`` unless these settings can edit an inversion made with ``method``
         (checked before any work: an inversion may take minutes)."""
