@@ -9,8 +9,8 @@ import time
 from .batch import BatchJob, groups, stale_masks
 from .batch_csv import BatchInputError, EditSpec, ImageTask, attach_masks, read_chexpert_csv, read_image_folder
 from .batch_store import JobStore
-from .cli_args import (Formatter, common_args, control_from_args, default, floats, load_engine, model_args, pair, path,
-                       positive, words)
+from .cli_args import (Formatter, common_args, control_from_args, default, floats, is_engine_args, load_engine,
+                       model_args, pair, path, positive, words)
 from .config import Fit, InversionConfig, InversionMethod, RunLimits, SamplerConfig
 
 
@@ -110,11 +110,14 @@ def _tasks(args) -> list[ImageTask]:
     return tasks
 
 
-
 def cmd_batch(args) -> int:
     tasks = _tasks(args)
     if args.ray_actors and args.ray is None:
         raise BatchInputError("--ray-actors goes with --ray")
+    # the control settings against the inversion (its default: direct on an engine folder, null-text on a
+    # checkpoint) before OUT is made
+    method = args.inversion or (InversionMethod.DIRECT if is_engine_args(args) else InversionMethod.NULL_TEXT)
+    control_from_args(args).check_inversion(method)
     store = JobStore(args.out, args.cache)
     store.check_out()
     store.lock()

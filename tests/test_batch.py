@@ -216,7 +216,8 @@ def test_refusals_before_any_work(tmp_path, capsys, dataset):
              ["--csv", labels, "--edit", "Devices=remove"],
              ["--csv", labels],
              ["--csv", labels, "--edit", "Cardiomegaly=remove", "--images", root / "imgs"],
-             ["--images", root / "imgs", "--prompt", "Chest X-ray showing Cardiomegaly"]]
+             ["--images", root / "imgs", "--prompt", "Chest X-ray showing Cardiomegaly"],
+             ["--csv", labels, "--edit", "Support Devices=remove", "--inversion", "ddim", "--edit-negative", "source"]]
     for argv in cases:
         code, _, err = _run(capsys, *argv, "--out", tmp_path / "out", *FAST)
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
