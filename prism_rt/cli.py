@@ -47,9 +47,9 @@ def _edit_args(edit: argparse.ArgumentParser):
                    help="LocalBlend: max-pool radius in map cells before the threshold (published: 1, a 3×3 pool; "
                         "0 = none, for maps as fine as the latent)")
     g.add_argument("--edit-negative", default=default(ControlConfig, "edit_negative"), choices=EDIT_NEGATIVES,
-                   help="what the edits' guidance steers away from: empty (the published method) or source (the source caption: "
-                        "the edit follows the difference between its caption and the source's, which removes more of "
-                        "what it drops); source needs direct or negative-prompt inversion")
+                   help="what the edits' guidance steers away from: empty (the published method) or source (the "
+                        "source caption: the edit follows the difference between its caption and the source's, which "
+                        "removes more of what it drops); source needs direct or negative-prompt inversion")
     g.add_argument("--noise-blend", action="store_true",
                    help="LocalBlend with a mask from the noise predictions under the source vs the target caption "
                         "(DiffEdit) instead of the attention maps; needs no --blend-words")
