@@ -97,7 +97,6 @@ class BatchJob:
         self.engine = load(args)
         self.load_s = time.perf_counter() - start
         self.method = self.engine.check_inversion_method(args.inversion)
-        self.control.check_inversion(self.method)
         self.sampler = self.engine.sampler(steps=args.steps, guidance=args.guidance)
         self.inversion_config = InversionConfig(null_inner_steps=args.null_inner_steps)
         self.identity = model_identity(self.engine, args.precision)

@@ -9,7 +9,7 @@ def _clamped_shift_indices(n: int, shift: int) -> np.ndarray:
     return np.clip(np.arange(n) + shift, 0, n - 1)
 
 
-def max_pool3(xp, maps, radius: int = 1):
+def max_pool(xp, maps, radius: int = 1):
     """(2·radius+1)² max-pool (3×3 by default), stride 1, on the last two axes; radius 0 returns
     ``maps``. Replicate padding equals -inf padding here: the replicated edge value is already
     inside every edge window."""
@@ -48,7 +48,7 @@ def blend_mask(xp, maps_sum, token_weights, latent_hw: tuple[int, int], threshol
     each item's maximum, threshold, and take the union with the source's mask.
     """
     maps = xp.sum(maps_sum * token_weights[:, :, None, None], axis=1)  # [1+K, hb, wb]
-    maps = nearest_resize(xp, max_pool3(xp, maps, dilation), latent_hw)
+    maps = nearest_resize(xp, max_pool(xp, maps, dilation), latent_hw)
     peak = xp.max(xp.reshape(maps, (maps.shape[0], -1)), axis=1)
     peak = xp.where(peak > 0, peak, xp.ones_like(peak))  # a word with no attention at all: empty mask
     maps = maps / peak[:, None, None]

@@ -105,11 +105,12 @@ def parse_params(text: str, engine) -> EditSettings:
         SamplerConfig(steps=steps, guidance=guidance)
         InversionConfig(null_inner_steps=raw.get("null_inner_steps", InversionConfig.null_inner_steps))
         method = engine.check_inversion_method(raw.get("inversion"))
-        ControlConfig(**control).check_inversion(method)
+        control_config = ControlConfig(**control)
+        control_config.check_inversion(method)
         fit = Fit(raw.get("fit", Fit.RESIZE.value))
         settings = EditSettings(method=method, steps=steps, guidance=guidance, fit=fit,
                                 null_inner_steps=raw.get("null_inner_steps", InversionConfig.null_inner_steps),
-                                control=ControlConfig(**control), seed=int(raw.get("seed", 0)))
+                                control=control_config, seed=int(raw.get("seed", 0)))
         hash(settings)  # the group key: a nested list where a word or number belongs is refused here
         return settings
     except (PrismError, ValueError, TypeError) as exc:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prism_rt.blend import apply_blend, blend_mask, max_pool3, nearest_resize
+from prism_rt.blend import apply_blend, blend_mask, max_pool, nearest_resize
 
 
 def torch_reference(maps_sum, weights, size, threshold, k=1):
@@ -49,7 +49,7 @@ def test_blend_dilation_is_the_pool_radius(xp, conv, dilation):
 def test_max_pool_and_resize_by_hand():
     x = np.zeros((1, 3, 3), np.float32)
     x[0, 0, 0] = 1
-    np.testing.assert_array_equal(max_pool3(xnp, x)[0], [[1, 1, 0], [1, 1, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(max_pool(xnp, x)[0], [[1, 1, 0], [1, 1, 0], [0, 0, 0]])
     y = np.arange(4, dtype=np.float32).reshape(1, 2, 2)
     np.testing.assert_array_equal(nearest_resize(xnp, y, (4, 4))[0], [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
 

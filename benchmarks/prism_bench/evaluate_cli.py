@@ -302,10 +302,10 @@ def run_evaluate(args) -> int:
                             f"(--composite: distinct, in [0, 1)); got {args.self_replace!r}, "
                             f"{args.noise_blend_threshold!r}, {args.composite!r} ({exc})") from None
     blend = {"blend_threshold": args.blend_threshold, "blend_dilation": args.blend_dilation}
-    ControlConfig(**blend)  # checked before any work
+    checked = ControlConfig(edit_negative=args.edit_negative, **blend)  # before any work
     for config in configs:
         if config != "legacy":
-            ControlConfig(edit_negative=args.edit_negative).check_inversion(config.split("+")[0])
+            checked.check_inversion(config.split("+")[0])
     try:
         import skimage  # noqa: F401
     except ImportError:

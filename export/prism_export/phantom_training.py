@@ -60,6 +60,11 @@ class TrainConfig:
     # pixel grounding loss) instead of a fresh initialisation; needs vae_from (the latents must match)
     unet_from: str | None = None
 
+    @property
+    def grounded(self) -> bool:
+        """Whether a word-grounding loss is trained (the regions' masks are then rendered)."""
+        return self.attention_loss > 0 or self.attention_pixel_loss > 0
+
 
 def log_line(msg: str) -> None:
     """The training's progress line, time-stamped."""

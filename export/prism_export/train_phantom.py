@@ -155,7 +155,7 @@ def train_unet(cfg: TrainConfig, unet, text_encoder, tokenizer, latents, caption
     live_params = params_u + params_t
     for p in ema_params:
         p.requires_grad_(False)
-    grounding = (cfg.attention_loss > 0 or cfg.attention_pixel_loss > 0) and region_masks is not None
+    grounding = cfg.grounded and region_masks is not None
     if grounding or held_region_masks is not None:
         from . import attention_grounding as ag
         from .phantom import ATTRIBUTES
@@ -288,7 +288,7 @@ def run(cfg: TrainConfig, log=log_line) -> Path:
     t = time.perf_counter()
     log(f"rendering {cfg.n_train} training + {cfg.n_heldout} held-out phantoms at {cfg.size} px")
     images, labels, captions, train_regions = render_set(range(cfg.n_train), cfg.size, cfg.prevalence,
-                                                         with_masks=cfg.attention_loss > 0 or cfg.attention_pixel_loss > 0)
+                                                         with_masks=cfg.grounded)
     held, held_labels, held_captions, held_regions = render_set(range(HELDOUT_SEED0, HELDOUT_SEED0 + cfg.n_heldout),
                                                                 cfg.size, cfg.prevalence, with_masks=True)
     # the devices' masks of the patients that have them (the VAE's device-region error)
